@@ -1,0 +1,565 @@
+"""Router overhead benchmark: what does putting kubeforge's router in front of replicas cost?
+
+Starts three no-op replicas (``examples.echo:Echo``) and drives the same tiny request
+(``POST /v1/call/echo`` with ``{"args": ["x"], "kwargs": {}}``) with wrk against:
+
+* direct       -- the replicas themselves (one wrk per replica, connections split three ways);
+                  the floor any proxy is measured against;
+* nginx        -- nginx as a plain reverse proxy (least_conn, upstream keepalive), the
+                  "boring, well-tuned" baseline for a proxy hop;
+* kf-router    -- ``python -m kubeforge.router`` over the same replicas;
+* vllm-router  -- the Rust router from PyPI (``vllm-router``), if installed, as a second
+                  point of comparison.
+
+Targets run one after the other (never concurrently, the box has two cores), each with a 1 s
+warm-up before every measurement. It prints a table, the ratios router/nginx, router/direct and
+vllm-router/nginx in req/s, the p50 latency the router adds over direct, and one JSON line
+prefixed ``RESULT `` with the same figures. Non-2xx responses and socket errors are printed
+per row: a target that answers errors quickly must not look fast.
+
+Usage: ``.venv/bin/python bench/router_overhead.py [--duration 10] [--connections 16,64]
+[--quick] [--threads 1] [--token T]``. Needs ``wrk`` and ``nginx`` on PATH
+(Debian: ``apt-get install -y wrk nginx-light``) and optionally ``pip install vllm-router``.
+
+Notes on the external tools (checked with wrk 4.1.0, nginx 1.22.1, vllm-router 0.1.17):
+
+* vllm-router ships a console script ``vllm-router`` and the module
+  ``vllm_router.launch_router`` (a thin Python wrapper around the Rust ``vllm_router_rs``
+  extension). As a plain HTTP load balancer over static workers::
+
+      python -m vllm_router.launch_router --worker-urls http://127.0.0.1:P1 http://... \\
+          --host 127.0.0.1 --port P --policy round_robin \\
+          --worker-startup-check-interval 1 --prometheus-port FREE_PORT --log-level warning
+
+  ``--worker-urls`` takes several URLs after one flag. Before it binds its port it polls
+  ``GET /health`` on every worker every ``--worker-startup-check-interval`` seconds (default
+  30: set 1 or start-up takes up to 30 s; ``--worker-startup-timeout-secs`` defaults to 600).
+  It is ready once its own ``GET /health`` answers 200 ("All servers healthy"); the port is
+  only opened after all workers were seen healthy. It always starts a Prometheus exporter on
+  ``--prometheus-port`` (default 29000, so give it a free port). Unknown paths such as
+  ``POST /v1/call/echo`` (and ``GET /readyz``) are forwarded verbatim to a worker, request
+  headers (``Authorization``) included. Its default policy is ``cache_aware``; round_robin
+  is the cheapest plain balancer. Runtime health checks run every 60 s by default.
+* nginx runs in the foreground from a throwaway prefix:
+  ``nginx -p TMP -c TMP/nginx.conf -g 'daemon off;'``; pid file, temp paths and error log
+  all point into TMP, so nothing under /etc/nginx or /var is used and nothing is left running.
+  ``user root;`` is set when run as root so workers can use the temp dir.
+* wrk: ``wrk -t T -c C -d Ds --latency --timeout 10s -s req.lua URL``; the Lua script sets
+  ``wrk.method``, ``wrk.body`` and ``wrk.headers``. ``--latency`` prints the 50/75/90/99%
+  lines (units us/ms/s/m); non-2xx-or-3xx answers appear as "Non-2xx or 3xx responses: N" and
+  transport failures as "Socket errors: connect N, read N, write N, timeout N".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+N_REPLICAS = 3
+CALL_PATH = "/v1/call/echo"
+CALL_BODY = '{"args": ["x"], "kwargs": {}}'
+WARMUP_S = 1
+WRK_TIMEOUT = "10s"
+
+NGINX_CONF = """\
+{user}worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    upstream replicas {{
+        least_conn;
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://replicas;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+class StartError(RuntimeError):
+    """A process under test did not become ready."""
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non2xx: int
+    socket_errors: int
+
+    @property
+    def errors(self) -> int:
+        return self.non2xx + self.socket_errors
+
+
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _to_ms(value: str, unit: str) -> float:
+    return float(value) * _UNIT_MS[unit]
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """Parse ``wrk --latency`` output."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    if rps is None:
+        raise ValueError(f"no Requests/sec in wrk output:\n{text}")
+    lat: dict[str, float] = {}
+    for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M):
+        lat[pct] = _to_ms(value, unit)
+    total = re.search(r"^\s+(\d+) requests in", text, re.M)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    return WrkResult(
+        rps=float(rps.group(1)),
+        p50_ms=lat.get("50", float("nan")),
+        p99_ms=lat.get("99", float("nan")),
+        requests=int(total.group(1)) if total else 0,
+        non2xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=sum(int(g) for g in sock.groups()) if sock else 0,
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Procs:
+    """Processes started by the benchmark, each in its own process group."""
+
+    def __init__(self, logdir: Path, env: dict[str, str]) -> None:
+        self.logdir = logdir
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the proc
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.logdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+            # The leader is gone; make sure nothing else in its group survives it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def wait_ready(
+        self, name: str, url: str, timeout_s: float, headers: dict[str, str] | None = None
+    ) -> None:
+        proc = self.procs[name]
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StartError(
+                    f"{name} exited with code {proc.returncode} before ready; log tail:\n"
+                    + self.log_tail(name)
+                )
+            req = urllib.request.Request(url, headers=headers or {})
+            try:
+                with urllib.request.urlopen(req, timeout=1.0) as resp:
+                    if resp.status == 200:
+                        return
+                    last = f"HTTP {resp.status}"
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}"
+            except (OSError, urllib.error.URLError) as e:
+                last = str(e)
+            time.sleep(0.1)
+        raise StartError(
+            f"{name} not ready at {url} after {timeout_s:.0f}s ({last}); log tail:\n"
+            + self.log_tail(name)
+        )
+
+
+def write_lua(path: Path, token: str | None) -> None:
+    lines = [
+        'wrk.method = "POST"',
+        f"wrk.body = [[{CALL_BODY}]]",
+        'wrk.headers["Content-Type"] = "application/json"',
+    ]
+    if token:
+        lines.append(f'wrk.headers["Authorization"] = "Bearer {token}"')
+    path.write_text("\n".join(lines) + "\n")
+
+
+def wrk_argv(url: str, conns: int, threads: int, duration: int, script: Path) -> list[str]:
+    return [
+        "wrk",
+        f"-t{max(1, min(threads, conns))}",
+        f"-c{conns}",
+        f"-d{duration}s",
+        "--latency",
+        "--timeout",
+        WRK_TIMEOUT,
+        "-s",
+        str(script),
+        url + CALL_PATH,
+    ]
+
+
+def run_wrk_many(
+    urls: Sequence[str], conns: Sequence[int], threads: int, duration: int, script: Path
+) -> list[WrkResult]:
+    """Run one wrk per URL concurrently and parse each."""
+    procs = [
+        subprocess.Popen(
+            wrk_argv(u, c, threads, duration, script),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for u, c in zip(urls, conns, strict=True)
+    ]
+    outs: list[str] = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=duration + 30)
+            outs.append(out.decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return [parse_wrk(o) for o in outs]
+
+
+def split_connections(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [max(1, base + (1 if i < extra else 0)) for i in range(parts)]
+
+
+def measure(
+    urls: Sequence[str], total_conns: int, threads: int, duration: int, script: Path
+) -> WrkResult:
+    """Warm up, then measure. Several URLs: connections split, req/s summed, worst p50/p99."""
+    conns = split_connections(total_conns, len(urls))
+    run_wrk_many(urls, conns, threads, WARMUP_S, script)
+    results = run_wrk_many(urls, conns, threads, duration, script)
+    return WrkResult(
+        rps=sum(r.rps for r in results),
+        p50_ms=max(r.p50_ms for r in results),
+        p99_ms=max(r.p99_ms for r in results),
+        requests=sum(r.requests for r in results),
+        non2xx=sum(r.non2xx for r in results),
+        socket_errors=sum(r.socket_errors for r in results),
+    )
+
+
+def vllm_router_available() -> bool:
+    return (
+        importlib.util.find_spec("vllm_router") is not None
+        and importlib.util.find_spec("vllm_router_rs") is not None
+    )
+
+
+def ratio(a: WrkResult | None, b: WrkResult | None) -> float | None:
+    if a is None or b is None or b.rps <= 0:
+        return None
+    return a.rps / b.rps
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    p.add_argument("--connections", default="16,64", help="comma-separated connection counts")
+    p.add_argument("--quick", action="store_true", help="3 s measurements")
+    p.add_argument("--threads", type=int, default=1, choices=(1, 2), help="wrk threads")
+    p.add_argument("--token", default=None, help="KUBEFORGE_TOKEN for replicas and router")
+    p.add_argument("--actor", default="examples.echo:Echo", help="replica actor spec")
+    p.add_argument("--startup-timeout", type=float, default=60.0, help="seconds per process")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration = 3
+    args.conn_list = [int(c) for c in str(args.connections).split(",") if c.strip()]
+    if not args.conn_list or min(args.conn_list) < 1:
+        p.error("--connections needs positive integers")
+    if args.token is not None and not re.fullmatch(r"[A-Za-z0-9._~+/=:-]+", args.token):
+        p.error("--token: use letters, digits and ._~+/=:- only")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk not found on PATH (Debian: apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    nginx_bin = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+
+    env = {k: v for k, v in os.environ.items() if k != "KUBEFORGE_TOKEN"}
+    if args.token:
+        env["KUBEFORGE_TOKEN"] = args.token
+    auth = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    py = sys.executable
+    conn_list: list[int] = args.conn_list
+
+    # Turn SIGTERM into SystemExit so the finally-block below still cleans up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    results: dict[str, dict[int, WrkResult]] = {}
+    skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
+
+    with tempfile.TemporaryDirectory(prefix="kf-router-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        script = tmp / "req.lua"
+        write_lua(script, args.token)
+        procs = Procs(tmp, env)
+        try:
+            replica_urls: list[str] = []
+            for i in range(N_REPLICAS):
+                port = free_port()
+                name = f"replica{i}"
+                procs.start(
+                    name,
+                    [py, "-m", "kubeforge.replica", "--actor", args.actor,
+                     "--port", str(port), "--host", "127.0.0.1"],
+                )
+                replica_urls.append(f"http://127.0.0.1:{port}")
+            for i, url in enumerate(replica_urls):
+                procs.wait_ready(f"replica{i}", url + "/readyz", args.startup_timeout, auth)
+            print(f"replicas ready: {' '.join(replica_urls)}", flush=True)
+
+            def bench(target: str, urls: Sequence[str]) -> None:
+                results[target] = {}
+                for c in conn_list:
+                    r = measure(urls, c, args.threads, args.duration, script)
+                    results[target][c] = r
+                    print(
+                        f"  {target:<12} c={c:<4} {r.rps:>10.0f} req/s  p50 {r.p50_ms:.2f} ms"
+                        f"  p99 {r.p99_ms:.2f} ms  errors {r.errors}",
+                        flush=True,
+                    )
+
+            def proxied(target: str, argv: list[str], ready_path: str, port: int) -> None:
+                url = f"http://127.0.0.1:{port}"
+                try:
+                    procs.start(target, argv)
+                    procs.wait_ready(target, url + ready_path, args.startup_timeout, auth)
+                    bench(target, [url])
+                except StartError as e:
+                    failed[target] = str(e)
+                    print(f"{target}: FAILED: {e}", flush=True)
+                finally:
+                    procs.stop(target)
+
+            # (a) direct
+            bench("direct", replica_urls)
+
+            # (b) nginx
+            if nginx_bin is None:
+                skipped["nginx"] = "nginx not installed"
+                print("nginx not installed (Debian: apt-get install -y nginx-light)")
+            else:
+                port = free_port()
+                servers = "\n".join(
+                    f"        server {u.removeprefix('http://')};" for u in replica_urls
+                )
+                user = "user root;\n" if os.geteuid() == 0 else ""
+                conf = tmp / "nginx.conf"
+                conf.write_text(
+                    NGINX_CONF.format(user=user, tmp=tmp, servers=servers, port=port)
+                )
+                proxied(
+                    "nginx",
+                    [nginx_bin, "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"],
+                    "/readyz",
+                    port,
+                )
+
+            # (c) kubeforge router
+            port = free_port()
+            kf_argv = [py, "-m", "kubeforge.router"]
+            for u in replica_urls:
+                kf_argv += ["--replica", u]
+            kf_argv += ["--port", str(port), "--host", "127.0.0.1"]
+            proxied("kf-router", kf_argv, "/readyz", port)
+
+            # (d) vllm-router
+            if not vllm_router_available():
+                skipped["vllm-router"] = "vllm-router not installed"
+                print("vllm-router not installed (pip install vllm-router); skipping")
+            else:
+                port = free_port()
+                proxied(
+                    "vllm-router",
+                    [py, "-m", "vllm_router.launch_router", "--worker-urls", *replica_urls,
+                     "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
+                     "--worker-startup-check-interval", "1",
+                     "--prometheus-port", str(free_port()), "--log-level", "warning"],
+                    "/health",
+                    port,
+                )
+        except StartError as e:
+            print(f"FAILED: {e}", file=sys.stderr)
+            return 1
+        finally:
+            procs.stop_all()
+
+    report(args, results, skipped, failed)
+    # vllm-router is only a point of comparison: its failure alone doesn't fail the run.
+    return 1 if set(failed) - {"vllm-router"} else 0
+
+
+def report(
+    args: argparse.Namespace,
+    results: dict[str, dict[int, WrkResult]],
+    skipped: dict[str, str],
+    failed: dict[str, str],
+) -> None:
+    conn_list: list[int] = args.conn_list
+    print()
+    print(
+        f"POST {CALL_PATH}, {N_REPLICAS} echo replicas, wrk {args.threads} thread(s), "
+        f"{args.duration}s per point (+{WARMUP_S}s warm-up), auth={'on' if args.token else 'off'}"
+    )
+    print("direct: one wrk per replica, connections split, req/s summed, p50/p99 = worst replica")
+    header = (
+        f"{'target':<12} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'requests':>9} {'non-2xx':>8} {'sock err':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for target, per_conn in results.items():
+        for c, r in per_conn.items():
+            flag = "  <-- ERRORS" if r.errors else ""
+            print(
+                f"{target:<12} {c:>5} {r.rps:>10.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+                f"{r.requests:>9} {r.non2xx:>8} {r.socket_errors:>8}{flag}"
+            )
+    for target, why in {**skipped, **failed}.items():
+        print(f"{target:<12} {why.splitlines()[0]}")
+
+    def get(target: str, c: int) -> WrkResult | None:
+        return results.get(target, {}).get(c)
+
+    ratios: dict[str, dict[str, float | None]] = {}
+    print()
+    for c in conn_list:
+        router, direct = get("kf-router", c), get("direct", c)
+        vllm, nginx = get("vllm-router", c), get("nginx", c)
+        added = router.p50_ms - direct.p50_ms if router and direct else None
+        vllm_added = vllm.p50_ms - direct.p50_ms if vllm and direct else None
+        ratios[str(c)] = {
+            "router_over_nginx_rps": ratio(router, nginx),
+            "router_over_direct_rps": ratio(router, direct),
+            "vllm_router_over_nginx_rps": ratio(vllm, nginx),
+            "router_over_vllm_router_rps": ratio(router, vllm),
+            "router_added_p50_ms": added,
+            "vllm_router_added_p50_ms": vllm_added,
+        }
+        r = ratios[str(c)]
+        print(
+            f"c={c:<4} router/nginx {fmt(r['router_over_nginx_rps'], '.2f')}  "
+            f"router/direct {fmt(r['router_over_direct_rps'], '.2f')}  "
+            f"vllm-router/nginx {fmt(r['vllm_router_over_nginx_rps'], '.2f')}  "
+            f"router added p50 vs direct {fmt(added, '+.2f')} ms"
+        )
+    if 16 in conn_list:
+        print(
+            "router added p50 vs direct @16 connections: "
+            f"{fmt(ratios['16']['router_added_p50_ms'], '+.2f')} ms"
+        )
+    bad = [t for t, per in results.items() for r in per.values() if r.errors]
+    if bad:
+        print(f"WARNING: errors seen for {', '.join(sorted(set(bad)))}: figures are suspect")
+
+    out: dict[str, Any] = {
+        "request": f"POST {CALL_PATH}",
+        "replicas": N_REPLICAS,
+        "duration_s": args.duration,
+        "wrk_threads": args.threads,
+        "auth": bool(args.token),
+        "connections": conn_list,
+        "targets": {
+            t: {str(c): {**asdict(r), "errors": r.errors} for c, r in per.items()}
+            for t, per in results.items()
+        },
+        "ratios": ratios,
+        "skipped": skipped,
+        "failed": {t: why.splitlines()[0] for t, why in failed.items()},
+    }
+    print("RESULT " + json.dumps(out, sort_keys=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

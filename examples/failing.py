@@ -1,0 +1,18 @@
+"""An actor with an endpoint that raises: errors reach the caller, the replica stays up."""
+
+from kubeforge import Actor, endpoint
+
+
+class Failing(Actor):
+    def __init__(self, fail: bool = True) -> None:
+        self.fail = fail
+
+    @endpoint
+    async def maybe_fail(self, message: str = "boom") -> str:
+        if self.fail:
+            raise ValueError(message)
+        return "ok"
+
+    @endpoint
+    async def ping(self) -> str:
+        return "pong"

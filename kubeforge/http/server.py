@@ -1,0 +1,283 @@
+"""Server side: one `HttpProtocol` per connection, handing complete requests to a handler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from urllib.parse import unquote
+
+import httptools
+
+log = logging.getLogger("kubeforge.http")
+
+JSON_TYPE = b"application/json"
+
+
+class Request:
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[bytes, bytes],
+        body: bytes,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+
+
+class Response:
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: bytes = b"",
+        content_type: bytes = JSON_TYPE,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+ErrorRenderer = Callable[[int, str], Response]
+
+_STATUS_LINES = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus
+}
+
+
+def status_line(status: int) -> bytes:
+    return _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode()
+
+
+def render(resp: Response, keep_alive: bool) -> bytes:
+    head = [
+        status_line(resp.status),
+        b"content-type: ", resp.content_type,
+        b"\r\ncontent-length: ", str(len(resp.body)).encode(), b"\r\n",
+    ]
+    if resp.headers:
+        for name, value in resp.headers:
+            head += (name, b": ", value, b"\r\n")
+    if not keep_alive:
+        head.append(b"connection: close\r\n")
+    head.append(b"\r\n")
+    head.append(resp.body)
+    return b"".join(head)
+
+
+def default_error(status: int, message: str) -> Response:
+    import json
+
+    body = json.dumps({"error": {"type": "HTTPError", "message": message}}).encode()
+    return Response(status, body)
+
+
+class HttpProtocol(asyncio.Protocol):
+    """Parses requests with llhttp and answers them in order, one handler task at a time."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        connections: set[HttpProtocol],
+        max_body: int,
+        on_error: ErrorRenderer = default_error,
+    ) -> None:
+        self.handler = handler
+        self.connections = connections
+        self.max_body = max_body
+        self.on_error = on_error
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[Request] = deque()
+        self.busy = False
+        self.closing = False
+        self.paused = False
+        # Per-message parse state.
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._too_large = False
+
+    # asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        self.closing = True
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self._too_large:
+            return  # discarding the rest of an oversized body until we close
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            if not self._too_large:
+                self._fail(400, f"malformed HTTP request: {exc}")
+
+    # httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._body_len = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            self._too_large_reply()
+            return
+        if self._headers.get(b"expect", b"").lower() == b"100-continue" and self.transport:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self._too_large:
+            return
+        self._body_len += len(body)
+        if self._body_len > self.max_body:
+            self._too_large_reply()
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._too_large or self.closing:
+            return
+        url = self._url
+        path, _, query = url.partition(b"?")
+        req = Request(
+            self.parser.get_method().decode("latin-1"),
+            unquote(path.decode("latin-1")) if b"%" in path else path.decode("latin-1"),
+            query.decode("latin-1"),
+            self._headers,
+            b"".join(self._body) if len(self._body) != 1 else self._body[0],
+            self.parser.should_keep_alive(),
+        )
+        if self.busy:
+            self.pending.append(req)
+            if len(self.pending) > 32 and not self.paused and self.transport:
+                self.paused = True
+                self.transport.pause_reading()
+        else:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._serve(req))
+
+    # answering -----------------------------------------------------------------------------
+
+    async def _serve(self, req: Request | None) -> None:
+        while req is not None:
+            try:
+                resp = await self.handler(req)
+            except Exception as exc:  # a bug in a handler: answer, log, keep serving
+                log.exception("handler failed for %s %s", req.method, req.path)
+                resp = self.on_error(500, f"internal error: {type(exc).__name__}: {exc}")
+            if self.closing or self.transport is None:
+                return
+            self.transport.write(render(resp, req.keep_alive))
+            if not req.keep_alive:
+                self.close()
+                return
+            req = self.pending.popleft() if self.pending else None
+            if self.paused and len(self.pending) < 8:
+                self.paused = False
+                self.transport.resume_reading()
+        self.busy = False
+
+    def _too_large_reply(self) -> None:
+        """Answer 413 at once but keep reading (and dropping) the body for a moment.
+
+        Closing with unread data makes the kernel send RST, and a client still writing its
+        body would then lose the 413 and see only a reset.
+        """
+        self._too_large = True
+        if self.transport is None or self.closing:
+            return
+        self.transport.write(
+            render(self.on_error(413, f"request body exceeds {self.max_body} bytes"), False)
+        )
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        asyncio.get_running_loop().call_later(2.0, self.close)
+
+    def _fail(self, status: int, message: str) -> None:
+        """Answer a request that cannot be parsed or accepted, then close the connection."""
+        if self.transport and not self.closing:
+            self.transport.write(render(self.on_error(status, message), keep_alive=False))
+        self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport and not self.transport.is_closing():
+            self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy
+
+
+class HttpServer:
+    """Binds a handler to a host and port; `shutdown` stops accepting and closes idle peers."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        max_body: int,
+        on_error: ErrorRenderer = default_error,
+    ) -> None:
+        self.handler = handler
+        self.max_body = max_body
+        self.on_error = on_error
+        self.connections: set[HttpProtocol] = set()
+        self.server: asyncio.AbstractServer | None = None
+
+    def _protocol(self) -> HttpProtocol:
+        return HttpProtocol(self.handler, self.connections, self.max_body, self.on_error)
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._protocol, host, port, backlog=1024)
+        return self.server.sockets[0].getsockname()[1]
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting; let busy connections finish within `grace` seconds; close all."""
+        self.stop_accepting()
+        deadline = asyncio.get_running_loop().time() + grace
+        while any(not c.idle for c in self.connections):
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.close()
+        if self.server is not None:
+            await self.server.wait_closed()

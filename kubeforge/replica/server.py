@@ -1,0 +1,355 @@
+"""The replica server: hosts one actor instance and serves DESIGN §4 over the lean HTTP layer.
+
+Everything here is a translation between HTTP and the actor; the rules (admission, session
+bookkeeping, time windows) live in small classes beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+import os
+import secrets
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeforge import openapi, prom, wire
+from kubeforge.actor import endpoints_of
+from kubeforge.errors import (
+    DrainingError,
+    InvalidArgumentsError,
+    KubeforgeError,
+    RemoteError,
+    RequestTimeoutError,
+    UnauthorizedError,
+    UnknownEndpointError,
+    UnknownSessionError,
+)
+from kubeforge.http.server import HttpServer, Request, Response
+from kubeforge.metrics import SlidingWindow
+from kubeforge.replica.admission import Admission
+
+log = logging.getLogger("kubeforge.replica")
+
+_ENDED_MEMORY = 10_000  # ended session ids remembered, to say "ended" rather than "unknown"
+
+
+@dataclass
+class ReplicaConfig:
+    actor: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    host: str = "0.0.0.0"
+    port: int = 8000
+    name: str = ""
+    max_concurrent_requests: int = 10
+    max_queued_requests: int = 100
+    request_timeout: float = 60.0
+    session_ttl: float = 1800.0
+    drain_grace: float = 25.0
+    max_body: int = wire.DEFAULT_MAX_BODY
+    token: str | None = None
+    metrics_window: float = 60.0
+
+
+class Sessions:
+    """Live sessions of this replica with their last activity; ended ones are remembered."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, float] = {}
+        self.busy: dict[str, int] = {}
+        self.ended: OrderedDict[str, str] = OrderedDict()
+
+    def register(self, sid: str, now: float) -> None:
+        self.ended.pop(sid, None)
+        self.live[sid] = now
+
+    def touch(self, sid: str, now: float) -> None:
+        if sid not in self.live:
+            reason = self.ended.get(sid)
+            if reason:
+                raise UnknownSessionError(f"session {sid!r} has ended ({reason})", session_id=sid)
+            raise UnknownSessionError(
+                f"session {sid!r} is not known to this replica", session_id=sid
+            )
+        self.live[sid] = now
+
+    def end(self, sid: str, reason: str) -> bool:
+        if self.live.pop(sid, None) is None:
+            return False
+        self.ended[sid] = reason
+        while len(self.ended) > _ENDED_MEMORY:
+            self.ended.popitem(last=False)
+        return True
+
+    def idle_since(self, cutoff: float) -> list[str]:
+        return [s for s, t in self.live.items() if t < cutoff and not self.busy.get(s)]
+
+
+class ReplicaServer:
+    def __init__(self, config: ReplicaConfig, actor_cls: type) -> None:
+        self.config = config
+        self.actor_cls = actor_cls
+        self.endpoints = endpoints_of(actor_cls)
+        self.actor: Any = None
+        self.instance = secrets.token_hex(4)
+        self.name = config.name or f"{config.host}:{config.port}"
+        self.ready = False
+        self.draining = False
+        self.admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
+        self.sessions = Sessions()
+        self.window = SlidingWindow(time.monotonic(), config.metrics_window)
+        self.counts: dict[tuple[str, str], int] = {}
+        self.http = HttpServer(self.handle, config.max_body, on_error=wire.http_error)
+        self._auth = f"Bearer {config.token}".encode() if config.token else None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._openapi = wire.encode(openapi.document("kubeforge replica", self.endpoints, False))
+
+    # lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Bind first (so probes answer and say 'not ready'), then build the actor."""
+        port = await self.http.start(self.config.host, self.config.port)
+        self.config.port = port
+        if not self.config.name:
+            self.name = f"{self.config.host}:{port}"
+        self.actor = self.actor_cls(*self.config.args, **self.config.kwargs)
+        await self.actor.setup()
+        self.ready = True
+        self._spawn(self._expire_sessions())
+        return port
+
+    async def drain(self) -> None:
+        """SIGTERM: stop taking calls, finish the running and queued ones, end sessions."""
+        if self.draining:
+            return
+        self.draining = True
+        grace = self.config.drain_grace
+        log.info("draining: %d running, %d queued, grace %.1fs",
+                 self.admission.active, self.admission.queued, grace)
+        self.http.stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (self.admission.active or self.admission.queued) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self.admission.active or self.admission.queued:
+            log.warning("grace period over with %d calls still running",
+                        self.admission.active + self.admission.queued)
+        for sid in list(self.sessions.live):
+            if loop.time() >= deadline:
+                break
+            await self._end_session(sid, "replica shut down")
+        await self.http.close(grace=max(0.0, min(1.0, deadline - loop.time())))
+        for task in self._tasks:
+            task.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # HTTP translation ---------------------------------------------------------------------
+
+    async def handle(self, req: Request) -> Response:
+        try:
+            path = req.path
+            if path.startswith(wire.CALL_PREFIX) and req.method == "POST":
+                return await self._call(req, path[len(wire.CALL_PREFIX):])
+            if path in ("/healthz", "/health") and req.method == "GET":
+                return Response(200, wire.encode(self.health()))
+            if path == "/readyz" and req.method == "GET":
+                ok = self.ready and not self.draining
+                return Response(200 if ok else 503, wire.encode({"ready": ok}))
+            if path == "/metrics" and req.method == "GET":
+                return Response(200, self.prometheus(), prom.CONTENT_TYPE)
+            if path.startswith(wire.SESSIONS_PATH + "/"):
+                self._check_token(req)
+                return await self._session(req, path[len(wire.SESSIONS_PATH) + 1:])
+            if path == "/v1/endpoints" and req.method == "GET":
+                return Response(200, wire.encode([e.describe() for e in self.endpoints.values()]))
+            if path == "/openapi.json" and req.method == "GET":
+                return Response(200, self._openapi)
+            return wire.http_error(404, f"no route for {req.method} {path}")
+        except KubeforgeError as err:
+            return wire.error_response(err, req.headers.get(wire.H_CONTENT_TYPE))
+
+    def _check_token(self, req: Request) -> None:
+        if self._auth is not None:
+            got = req.headers.get(wire.H_AUTH)
+            if got is None:
+                raise UnauthorizedError("missing 'Authorization: Bearer <token>' header")
+            if not hmac.compare_digest(got, self._auth):
+                raise UnauthorizedError("wrong token")
+
+    async def _session(self, req: Request, sid: str) -> Response:
+        now = time.monotonic()
+        if req.method == "POST":
+            self.sessions.register(sid, now)
+            return Response(201, wire.encode({"session_id": sid}))
+        if req.method == "DELETE":
+            if not await self._end_session(sid, "terminated by the caller"):
+                self.sessions.touch(sid, now)  # raises UnknownSessionError with the reason
+            return Response(200, wire.encode({"session_id": sid, "ended": True}))
+        return wire.http_error(405, f"{req.method} not allowed on sessions")
+
+    async def _end_session(self, sid: str, reason: str) -> bool:
+        if not self.sessions.end(sid, reason):
+            return False
+        log.info("session %s ended: %s", sid, reason)
+        try:
+            await self.actor.on_session_end(sid)
+        except Exception:
+            log.exception("on_session_end(%r) raised", sid)
+        return True
+
+    async def _call(self, req: Request, name: str) -> Response:
+        self._check_token(req)
+        if self.draining:
+            raise DrainingError("replica is shutting down")
+        info = self.endpoints.get(name)
+        if info is None:
+            raise UnknownEndpointError(
+                f"actor {self.actor_cls.__name__} has no endpoint {name!r}; "
+                f"endpoints: {sorted(self.endpoints)}"
+            )
+        if not self.ready:
+            raise DrainingError("replica is still starting (setup() has not finished)")
+        use_msgpack = wire.is_msgpack(req.headers.get(wire.H_CONTENT_TYPE))
+        args, kwargs = wire.parse_call_body(req.body, use_msgpack)
+        timeout = self.config.request_timeout
+        asked = req.headers.get(wire.H_TIMEOUT)
+        if asked:
+            try:
+                timeout = min(timeout, float(asked))
+            except ValueError:
+                raise InvalidArgumentsError(f"bad X-Kubeforge-Timeout {asked!r}") from None
+        sid_raw = req.headers.get(wire.H_SESSION)
+        sid = sid_raw.decode() if sid_raw else None
+        started = time.monotonic()
+        if sid is not None:
+            self.sessions.touch(sid, started)
+            self.sessions.busy[sid] = self.sessions.busy.get(sid, 0) + 1
+        ok = False
+        try:
+            result = await self._run(info.name, info.is_async, args, kwargs, timeout, started)
+            ok = True
+            return Response(
+                200,
+                wire.encode({"result": result}, use_msgpack),
+                wire.MSGPACK if use_msgpack else wire.JSON,
+            )
+        finally:
+            now = time.monotonic()
+            self.window.record(now, now - started, ok)
+            outcome = "ok" if ok else "error"
+            key = (name, outcome)
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if sid is not None:
+                left = self.sessions.busy.pop(sid, 1) - 1
+                if left:
+                    self.sessions.busy[sid] = left
+                if sid in self.sessions.live:
+                    self.sessions.live[sid] = now
+
+    async def _run(
+        self, name: str, is_async: bool, args: list[Any], kwargs: dict[str, Any],
+        timeout: float, started: float,
+    ) -> Any:
+        fn = getattr(self.actor, name)
+        if not is_async:
+            try:
+                self.endpoints[name].signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise InvalidArgumentsError(f"TypeError: {exc}") from None
+        await self.admission.acquire(timeout)
+        remaining = timeout - (time.monotonic() - started)
+        if is_async:
+            try:
+                coro = fn(*args, **kwargs)
+            except TypeError as exc:  # binding happens at call time, before the body runs
+                self.admission.release()
+                raise InvalidArgumentsError(f"TypeError: {exc}") from None
+            try:
+                async with asyncio.timeout(remaining):
+                    return await coro
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"endpoint {name!r} did not finish within {timeout:g}s", timeout=timeout
+                ) from None
+            except KubeforgeError:
+                raise
+            except Exception as exc:
+                raise _remote(exc) from None
+            finally:
+                self.admission.release()
+        # Sync endpoints run in a thread. A thread cannot be cancelled, so on timeout the caller
+        # gets its error at once while the slot stays taken until the thread really returns.
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(fn, *args, **kwargs)
+        )
+        fut.add_done_callback(lambda _f: self.admission.release())
+        try:
+            async with asyncio.timeout(remaining):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"endpoint {name!r} did not finish within {timeout:g}s", timeout=timeout
+            ) from None
+        except KubeforgeError:
+            raise
+        except Exception as exc:
+            raise _remote(exc) from None
+
+    async def _expire_sessions(self) -> None:
+        ttl = self.config.session_ttl
+        while True:
+            await asyncio.sleep(min(max(ttl / 4, 0.05), 5.0))
+            for sid in self.sessions.idle_since(time.monotonic() - ttl):
+                await self._end_session(sid, f"idle for more than {ttl:g}s")
+
+    # reports ------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "name": self.name,
+            "instance": self.instance,
+            "ready": self.ready and not self.draining,
+            "draining": self.draining,
+            "in_flight": self.admission.active,
+            "queued": self.admission.queued,
+            "sessions": len(self.sessions.live),
+            "max_concurrent_requests": self.config.max_concurrent_requests,
+            "pid": os.getpid(),
+        }
+
+    def prometheus(self) -> bytes:
+        stats = self.window.stats(time.monotonic())
+        exp = prom.Exposition()
+        exp.family(
+            "kubeforge_replica_requests_total", "counter", "Calls handled, by endpoint and outcome",
+            [({"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(self.counts.items())],
+        )
+        exp.one("kubeforge_replica_in_flight", "gauge", "Calls running now", self.admission.active)
+        exp.one("kubeforge_replica_queued", "gauge", "Calls waiting for a slot",
+                self.admission.queued)
+        exp.one("kubeforge_replica_sessions", "gauge", "Live sessions", len(self.sessions.live))
+        exp.one("kubeforge_replica_ready", "gauge", "1 when taking calls", int(self.ready))
+        exp.family(
+            "kubeforge_replica_latency_seconds", "summary",
+            f"Call latency including queue wait over the last {stats.window_s:g}s",
+            [({"quantile": "0.5"}, stats.p50), ({"quantile": "0.95"}, stats.p95),
+             ({"quantile": "0.99"}, stats.p99)],
+        )
+        return exp.render()
+
+
+def _remote(exc: BaseException) -> RemoteError:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return RemoteError(type(exc).__name__, str(exc), tb)
+

@@ -1,0 +1,1 @@
+"""The router: session affinity, least-loaded routing and broadcast over replicas."""

@@ -1,0 +1,230 @@
+"""The routing core: replica states, least-loaded choice, session placement. Pure: no I/O.
+
+The router server feeds it health reports and call outcomes and asks it where to send calls.
+Load of a replica = this router's own calls in flight to it + the load other callers put on it
+(what the replica last reported, less our own share at that moment). Ties are broken by a
+rotating start, so equal replicas take turns instead of the first one taking everything.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeforge.errors import NoHealthyReplicasError
+from kubeforge.metrics import SlidingWindow
+from kubeforge.router.sessions import SessionCodec
+
+log = logging.getLogger("kubeforge.router")
+
+_ALIAS_MEMORY = 100_000
+
+
+class ReplicaState(enum.StrEnum):
+    STARTING = "STARTING"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    STOPPED = "STOPPED"
+
+
+@dataclass(eq=False)
+class Replica:
+    index: int
+    name: str
+    url: str
+    window: SlidingWindow
+    state: ReplicaState = ReplicaState.STARTING
+    instance: str | None = None
+    in_flight: int = 0  # this router's calls to it, now
+    external: int = 0  # everyone else's running + queued calls, as last reported
+    active: int = 0  # calls running on it, as last reported
+    queued: int = 0  # queue depth it last reported
+    sessions_reported: int = 0
+    sessions_added: int = 0  # sessions this router placed on it since its last report
+    max_concurrent: int = 1
+    total_requests: int = 0
+    successful_requests: int = 0
+    failed_requests: int = 0
+    reason: str = ""  # why it is not HEALTHY, for status tables
+    endpoint_cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def load(self) -> int:
+        return self.in_flight + self.external
+
+    @property
+    def sessions(self) -> int:
+        return self.sessions_reported + self.sessions_added
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a session call goes.
+
+    `session_id` is the id to use from now on: a new one when the session was re-pinned
+    (`moved_from` then names the lost replica). `fresh` says the replica has not yet been told
+    about this id and must register it before the call.
+    """
+
+    replica: Replica
+    session_id: str
+    moved_from: int | None = None
+    fresh: bool = False
+
+
+class RoutingTable:
+    def __init__(self, codec: SessionCodec) -> None:
+        self.codec = codec
+        self.replicas: dict[int, Replica] = {}
+        self.healthy: list[Replica] = []  # HEALTHY replicas in index order
+        self.aliases: OrderedDict[str, str] = OrderedDict()  # re-pinned session -> new id
+        self.sessions_moved = 0
+        self._turn = 0
+
+    # membership and health ----------------------------------------------------------------
+
+    def add(self, replica: Replica) -> None:
+        self.replicas[replica.index] = replica
+        self._refresh()
+
+    def remove(self, index: int) -> Replica | None:
+        replica = self.replicas.pop(index, None)
+        if replica is not None:
+            replica.state = ReplicaState.STOPPED
+            self._refresh()
+        return replica
+
+    def _refresh(self) -> None:
+        self.healthy = sorted(
+            (r for r in self.replicas.values() if r.state is ReplicaState.HEALTHY),
+            key=lambda r: r.index,
+        )
+
+    def set_state(self, replica: Replica, state: ReplicaState, reason: str = "") -> None:
+        if replica.state is not state:
+            log.info("replica %s: %s -> %s%s", replica.name, replica.state.value, state.value,
+                     f" ({reason})" if reason else "")
+            replica.state = state
+            self._refresh()
+        replica.reason = reason
+
+    def report(self, replica: Replica, health: dict[str, Any] | None, error: str = "") -> None:
+        """Apply one health poll: the replica's /healthz body, or None when the poll failed."""
+        if health is None:
+            self.set_state(replica, ReplicaState.UNHEALTHY, error or "health check failed")
+            return
+        instance = str(health.get("instance", ""))
+        if replica.instance is not None and instance != replica.instance:
+            log.warning("replica %s restarted (instance %s -> %s): its sessions are lost",
+                        replica.name, replica.instance, instance)
+        replica.instance = instance
+        running = int(health.get("in_flight", 0)) + int(health.get("queued", 0))
+        replica.external = max(0, running - replica.in_flight)
+        replica.active = int(health.get("in_flight", 0))
+        replica.queued = int(health.get("queued", 0))
+        replica.sessions_reported = int(health.get("sessions", 0))
+        replica.sessions_added = 0
+        replica.max_concurrent = max(1, int(health.get("max_concurrent_requests", 1)))
+        if health.get("ready"):
+            self.set_state(replica, ReplicaState.HEALTHY)
+        elif health.get("draining"):
+            self.set_state(replica, ReplicaState.UNHEALTHY, "draining")
+        elif replica.state is ReplicaState.STARTING:
+            replica.reason = "setup() running"
+        else:
+            self.set_state(replica, ReplicaState.UNHEALTHY, "not ready")
+
+    def connection_failed(self, replica: Replica, error: str) -> None:
+        """Passive detection: a call could not reach the replica."""
+        self.set_state(replica, ReplicaState.UNHEALTHY, error)
+
+    # choosing -----------------------------------------------------------------------------
+
+    def pick(self, exclude: frozenset[int] = frozenset()) -> Replica:
+        """Least-loaded healthy replica for a call without a session."""
+        return self._least(lambda r: r.load, exclude)
+
+    def pick_for_session(self, exclude: frozenset[int] = frozenset()) -> Replica:
+        """Least-loaded, then fewest sessions: where a new or re-pinned session goes."""
+        return self._least(lambda r: (r.load, r.sessions), exclude)
+
+    def _least(self, key: Any, exclude: frozenset[int]) -> Replica:
+        pool = self.healthy
+        n = len(pool)
+        if n == 0:
+            raise NoHealthyReplicasError(self._no_healthy_message())
+        self._turn = (self._turn + 1) % n
+        best: Replica | None = None
+        best_key: Any = None
+        for i in range(n):
+            r = pool[(self._turn + i) % n]
+            if r.index in exclude:
+                continue
+            k = key(r)
+            if best is None or k < best_key:
+                best, best_key = r, k
+        if best is None:
+            raise NoHealthyReplicasError(
+                f"no healthy replica left to try ({len(exclude)} tried and failed)"
+            )
+        return best
+
+    def _no_healthy_message(self) -> str:
+        if not self.replicas:
+            return "no healthy replicas: the service has no replicas"
+        states = ", ".join(
+            f"{r.name}={r.state.value}{f' ({r.reason})' if r.reason else ''}"
+            for r in sorted(self.replicas.values(), key=lambda r: r.index)
+        )
+        return f"no healthy replicas: {states}"
+
+    # sessions -----------------------------------------------------------------------------
+
+    def new_session(self, exclude: frozenset[int] = frozenset()) -> Placement:
+        replica = self.pick_for_session(exclude)
+        replica.sessions_added += 1
+        return Placement(replica, self.codec.new(replica.index, replica.instance or ""), fresh=True)
+
+    def place(self, session_id: str) -> Placement:
+        """Where a call in `session_id` goes; re-pins the session when its replica is gone."""
+        ref = self.codec.parse(session_id)  # UnknownSessionError for ids we never issued
+        replica = self.replicas.get(ref.index)
+        if (replica is not None and replica.state is ReplicaState.HEALTHY
+                and replica.instance == ref.instance):
+            return Placement(replica, session_id)
+        alias = self.aliases.get(session_id)
+        if alias is not None:
+            placed = self.place(alias)
+            return Placement(placed.replica, placed.session_id, ref.index, placed.fresh)
+        return self.move(session_id, ref.index)
+
+    def move(self, session_id: str, from_index: int,
+             exclude: frozenset[int] = frozenset()) -> Placement:
+        target = self.pick_for_session(exclude)
+        target.sessions_added += 1
+        new_id = self.codec.new(target.index, target.instance or "")
+        self.aliases[session_id] = new_id
+        while len(self.aliases) > _ALIAS_MEMORY:
+            self.aliases.popitem(last=False)
+        self.sessions_moved += 1
+        lost = self.replicas.get(from_index)
+        log.warning("session %s moved from replica %s to %s as %s", session_id,
+                    lost.name if lost else from_index, target.name, new_id)
+        return Placement(target, new_id, from_index, fresh=True)
+
+    def current(self, session_id: str) -> Replica | None:
+        """The replica holding a session now, without moving it (None when it is lost)."""
+        ref = self.codec.parse(session_id)
+        alias = self.aliases.get(session_id)
+        if alias is not None:
+            return self.current(alias)
+        replica = self.replicas.get(ref.index)
+        if replica is None or replica.instance != ref.instance:
+            return None
+        return replica
+
+    def forget(self, session_id: str) -> None:
+        self.aliases.pop(session_id, None)

@@ -1,0 +1,124 @@
+"""What the router tells about itself: JSON metrics, torchforge's summary, Prometheus text.
+
+Pure functions of the routing table and windows at a given instant, so they are tested
+without sockets and the same numbers reach `/v1/metrics`, `/metrics` and the resource status.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kubeforge import prom
+from kubeforge.router.core import Replica, ReplicaState
+
+if TYPE_CHECKING:
+    from kubeforge.router.server import RouterServer
+
+
+def replica_entry(r: Replica, now: float) -> dict[str, Any]:
+    """One replica with torchforge's per-replica keys, plus state and percentiles."""
+    stats = r.window.stats(now)
+    active = r.active
+    return {
+        "index": r.index,
+        "name": r.name,
+        "url": r.url,
+        "state": r.state.value,
+        "reason": r.reason,
+        "instance": r.instance,
+        "total_requests": r.total_requests,
+        "successful_requests": r.successful_requests,
+        "failed_requests": r.failed_requests,
+        "request_rate": stats.rate,
+        "error_rate": stats.error_rate,
+        "avg_latency": stats.avg_latency,
+        "p50_latency": stats.p50,
+        "p95_latency": stats.p95,
+        "p99_latency": stats.p99,
+        "active_requests": active,
+        "in_flight": r.in_flight,
+        "queue_depth": r.queued,
+        "assigned_sessions": r.sessions,
+        "capacity_utilization": min(1.0, active / r.max_concurrent),
+    }
+
+
+def summary(router: RouterServer, now: float) -> dict[str, Any]:
+    """torchforge's `get_metrics_summary()` shape: `service` totals and `replicas[idx]`."""
+    entries = [replica_entry(r, now) for r in _ordered(router)]
+    healthy = [e for e in entries if e["state"] == ReplicaState.HEALTHY.value]
+    total_sessions = sum(e["assigned_sessions"] for e in entries)
+    stats = router.window.stats(now)
+    service = {
+        "total_sessions": total_sessions,
+        "healthy_replicas": len(healthy),
+        "total_replicas": len(entries),
+        "total_request_rate": sum(e["request_rate"] for e in entries),
+        "avg_queue_depth": _mean([e["queue_depth"] for e in healthy]),
+        "avg_capacity_utilization": _mean([e["capacity_utilization"] for e in healthy]),
+        "sessions_per_replica": total_sessions / len(entries) if entries else 0.0,
+        "error_rate": stats.error_rate,
+        "p50_latency": stats.p50,
+        "p95_latency": stats.p95,
+        "p99_latency": stats.p99,
+        "sessions_moved": router.table.sessions_moved,
+        "retries": router.retries_total,
+        "window_seconds": stats.window_s,
+    }
+    return {"service": service, "replicas": {e["index"]: e for e in entries}}
+
+
+def metrics(router: RouterServer, now: float) -> dict[str, Any]:
+    """Everything: the summary plus the service-wide window as measured at the router."""
+    out = summary(router, now)
+    out["window"] = router.window.stats(now).as_dict()
+    return out
+
+
+def replicas(router: RouterServer, now: float) -> list[dict[str, Any]]:
+    return [replica_entry(r, now) for r in _ordered(router)]
+
+
+def prometheus(router: RouterServer, now: float) -> bytes:
+    entries = [replica_entry(r, now) for r in _ordered(router)]
+    exp = prom.Exposition()
+
+    def per_replica(name: str, kind: str, help_text: str, key: str) -> None:
+        exp.family(name, kind, help_text, [({"replica": e["name"]}, e[key]) for e in entries])
+
+    exp.family(
+        "kubeforge_router_requests_total", "counter", "Calls relayed, by replica and outcome",
+        [({"replica": e["name"], "outcome": o}, e[k]) for e in entries
+         for o, k in (("ok", "successful_requests"), ("error", "failed_requests"))],
+    )
+    per_replica("kubeforge_router_request_rate", "gauge", "Calls per second over the window",
+                "request_rate")
+    per_replica("kubeforge_router_in_flight", "gauge", "Calls this router has open", "in_flight")
+    per_replica("kubeforge_router_queue_depth", "gauge", "Queue depth the replica reported",
+                "queue_depth")
+    per_replica("kubeforge_router_sessions", "gauge", "Sessions held", "assigned_sessions")
+    exp.family(
+        "kubeforge_router_replica_healthy", "gauge", "1 when the replica takes traffic",
+        [({"replica": e["name"], "state": e["state"]}, int(e["state"] == "HEALTHY"))
+         for e in entries],
+    )
+    exp.family(
+        "kubeforge_router_latency_seconds", "summary",
+        "Call latency as the router saw it (queue wait included), over the window",
+        [({"replica": e["name"], "quantile": q}, e[k]) for e in entries
+         for q, k in (("0.5", "p50_latency"), ("0.95", "p95_latency"), ("0.99", "p99_latency"))],
+    )
+    exp.one("kubeforge_router_sessions_moved_total", "counter",
+            "Sessions re-pinned because their replica was lost", router.table.sessions_moved)
+    exp.one("kubeforge_router_retries_total", "counter",
+            "Calls retried on another replica after they failed to reach one",
+            router.retries_total)
+    return exp.render()
+
+
+def _ordered(router: RouterServer) -> list[Replica]:
+    return sorted(router.table.replicas.values(), key=lambda r: r.index)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

@@ -1,0 +1,117 @@
+"""The wire protocol shared by router and replica (DESIGN §4): paths, headers, codecs.
+
+JSON is the default body format; msgpack is used when the request says so in Content-Type
+(and the reply follows the request's format). Pickle is never used.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+
+from kubeforge.errors import BadRequestError, KubeforgeError
+from kubeforge.http.server import Response
+
+CALL_PREFIX = "/v1/call/"
+CALL_ALL_PREFIX = "/v1/call_all/"
+SESSIONS_PATH = "/v1/sessions"
+
+# Header names as the lower-case bytes the parser hands over.
+H_SESSION = b"x-kubeforge-session"
+H_SESSION_MOVED = b"x-kubeforge-session-moved"  # request: "error" to get SessionMovedError
+H_TIMEOUT = b"x-kubeforge-timeout"  # request: seconds the caller is willing to wait
+H_AUTH = b"authorization"
+H_CONTENT_TYPE = b"content-type"
+# response: the call never reached the actor (overloaded, draining); the router may go elsewhere
+H_RETRYABLE = b"x-kubeforge-retryable"
+
+JSON = b"application/json"
+MSGPACK = b"application/msgpack"
+
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+
+def is_msgpack(content_type: bytes | None) -> bool:
+    return bool(content_type) and content_type.split(b";")[0].strip().lower() in (
+        MSGPACK,
+        b"application/x-msgpack",
+    )
+
+
+def encode(obj: Any, msgpack_format: bool = False) -> bytes:
+    if msgpack_format:
+        return msgpack.packb(obj, use_bin_type=True)
+    return json.dumps(obj, separators=(",", ":"), default=_json_default).encode()
+
+
+def decode(body: bytes, msgpack_format: bool = False) -> Any:
+    try:
+        if msgpack_format:
+            return msgpack.unpackb(body, raw=False)
+        return json.loads(body)
+    except (ValueError, msgpack.UnpackException, msgpack.ExtraData) as exc:
+        fmt = "msgpack" if msgpack_format else "JSON"
+        raise BadRequestError(f"malformed {fmt} body: {exc}") from None
+
+
+def _json_default(obj: Any) -> Any:
+    """Values JSON lacks but users return all the time (tuples work already)."""
+    if isinstance(obj, set | frozenset):
+        return list(obj)
+    if isinstance(obj, bytes):
+        return obj.decode("latin-1")
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors on CPU
+        return obj.tolist()
+    if hasattr(obj, "model_dump"):  # pydantic models
+        return obj.model_dump()
+    raise TypeError(f"result of type {type(obj).__name__} is not JSON serializable")
+
+
+def parse_call_body(body: bytes, msgpack_format: bool = False) -> tuple[list[Any], dict[str, Any]]:
+    """`{"args": [...], "kwargs": {...}}` with both keys optional; anything else is a 400."""
+    if not body:
+        return [], {}
+    data = decode(body, msgpack_format)
+    if not isinstance(data, dict):
+        raise BadRequestError('call body must be an object {"args": [...], "kwargs": {...}}')
+    unknown = set(data) - {"args", "kwargs"}
+    if unknown:
+        raise BadRequestError(f"unknown keys in call body: {sorted(unknown)}")
+    args = data.get("args", [])
+    kwargs = data.get("kwargs", {})
+    if not isinstance(args, list):
+        raise BadRequestError('"args" must be a list')
+    if not isinstance(kwargs, dict):
+        raise BadRequestError('"kwargs" must be an object')
+    return args, kwargs
+
+
+def call_body(args: Any = (), kwargs: dict[str, Any] | None = None) -> bytes:
+    return encode({"args": list(args), "kwargs": kwargs or {}})
+
+
+def error_body(err: KubeforgeError, msgpack_format: bool = False) -> bytes:
+    return encode({"error": err.to_wire()}, msgpack_format)
+
+
+def error_response(err: KubeforgeError, request_content_type: bytes | None = None) -> Response:
+    """The HTTP answer for an error, in the request's body format."""
+    use_msgpack = is_msgpack(request_content_type)
+    return Response(
+        err.status,
+        error_body(err, use_msgpack),
+        MSGPACK if use_msgpack else JSON,
+        [(H_RETRYABLE, type(err).__name__.encode())] if err.retryable else None,
+    )
+
+
+_HTTP_ERROR_TYPES = {400: "BadRequestError", 404: "NotFound", 405: "MethodNotAllowed",
+                     413: "PayloadTooLargeError"}
+
+
+def http_error(status: int, message: str) -> Response:
+    """An error the HTTP layer itself raises (no route, unparsable request, body too large)."""
+    kind = _HTTP_ERROR_TYPES.get(status, "HTTPError")
+    return Response(status, encode({"error": {"type": kind, "message": message}}))
