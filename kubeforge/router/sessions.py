@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from kubeforge.errors import UnknownSessionError
 
-_FORM = re.compile(r"^(\d{1,6})\.([0-9a-f]{1,32})\.([0-9a-f]{12})\.([0-9a-f]{16})$")
+_FORM = re.compile(r"^(\d{1,6})\.([0-9A-Za-z-]{1,64})\.([0-9a-f]{12})\.([0-9a-f]{16})$")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,55 @@
+import pytest
+
+from kubeforge.metrics import SlidingWindow, _bucket_of, _value_of, percentiles
+
+
+def test_rate_counts_only_calls_inside_the_window() -> None:
+    w = SlidingWindow(start=0.0, window_s=10.0, bucket_s=1.0)
+    for i in range(100):  # 10 calls/s for 10 s
+        w.record(i * 0.1, 0.001)
+    assert w.stats(9.99).count == 100
+    assert w.stats(9.99).rate == pytest.approx(10.0, rel=0.02)
+    # 15 s later, nothing left: old buckets fall out of the window, whatever their count.
+    assert w.stats(25.0).count == 0
+    assert w.stats(25.0).rate == 0.0
+
+
+def test_young_window_rate_uses_elapsed_time_not_window_length() -> None:
+    w = SlidingWindow(start=100.0, window_s=60.0)
+    for i in range(20):
+        w.record(100.0 + i * 0.1, 0.001)
+    assert w.stats(102.0).rate == pytest.approx(10.0, rel=0.01)
+
+
+def test_no_sample_cap() -> None:
+    w = SlidingWindow(start=0.0, window_s=60.0)
+    for i in range(200_000):
+        w.record(1.0 + i * 1e-5, 0.002)
+    assert w.stats(3.0).count == 200_000
+
+
+def test_percentiles_and_errors() -> None:
+    w = SlidingWindow(start=0.0, window_s=60.0)
+    for i in range(1, 101):  # latencies 1..100 ms, every 10th fails
+        w.record(1.0, i / 1000, ok=i % 10 != 0)
+    s = w.stats(2.0)
+    assert s.errors == 10 and s.error_rate == pytest.approx(0.1)
+    assert s.p50 == pytest.approx(0.050, rel=0.07)
+    assert s.p95 == pytest.approx(0.095, rel=0.07)
+    assert s.p99 == pytest.approx(0.099, rel=0.07)
+    assert s.avg_latency == pytest.approx(0.0505, rel=1e-6)
+
+
+def test_histogram_resolution_is_within_seven_percent() -> None:
+    for micros in (1.5, 37, 999, 12_345, 2_000_000):
+        seconds = micros / 1e6
+        assert _value_of(_bucket_of(seconds)) == pytest.approx(seconds, rel=0.07)
+
+
+def test_percentiles_of_nothing_are_zero() -> None:
+    assert percentiles({}, 0, (0.5, 0.99)) == [0.0, 0.0]
+
+
+def test_bad_window_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        SlidingWindow(0.0, window_s=1.0, bucket_s=2.0)
