@@ -132,7 +132,8 @@ class ReplicaServer:
         grace = self.config.drain_grace
         log.info("draining: %d running, %d queued, grace %.1fs",
                  self.admission.active, self.admission.queued, grace)
-        self.http.stop_accepting()
+        # Keep accepting while draining: probes see 503 on /readyz and late calls get a
+        # retryable DrainingError, which says more than a refused connection.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while (self.admission.active or self.admission.queued) and loop.time() < deadline:

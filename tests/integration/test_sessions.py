@@ -1,0 +1,88 @@
+"""Session affinity, spreading, ending and expiry on real replica and router processes."""
+
+import asyncio
+import json
+
+import aiohttp
+
+from tests.integration.conftest import call, start_session
+from tests.integration.procs import Procs, http_get
+
+
+async def test_ten_calls_in_a_session_hit_one_replica(procs: Procs,
+                                                      http: aiohttp.ClientSession) -> None:
+    router = procs.router(procs.replicas("examples.counter:Counter", 3))
+    sid = await start_session(http, router.url)
+    results = [(await call(http, router.url, "incr", session=sid))[1]["result"]
+               for _ in range(10)]
+    assert results == list(range(1, 11))  # one counter, counting up by one each call
+    pids = {(await call(http, router.url, "whoami", session=sid))[1]["result"]["pid"]
+            for _ in range(5)}
+    assert len(pids) == 1
+
+
+async def test_thirty_idle_sessions_spread_within_one(procs: Procs,
+                                                      http: aiohttp.ClientSession) -> None:
+    replicas = procs.replicas("examples.counter:Counter", 3)
+    router = procs.router(replicas)
+    await asyncio.gather(*(start_session(http, router.url) for _ in range(30)))
+    # Ask the replicas themselves: they hold the registered sessions.
+    counts = [http_get(r.url + "/healthz")[1]["sessions"] for r in replicas]
+    assert sum(counts) == 30
+    assert max(counts) - min(counts) <= 1, counts
+
+
+async def test_terminate_reaches_on_session_end_on_the_holding_replica(
+        procs: Procs, http: aiohttp.ClientSession) -> None:
+    router = procs.router(procs.replicas("examples.counter:Counter", 3))
+    sid = await start_session(http, router.url)
+    holder = (await call(http, router.url, "whoami", session=sid))[1]["result"]["replica"]
+    async with http.delete(f"{router.url}/v1/sessions/{sid}") as resp:
+        assert resp.status == 200
+    async with http.post(f"{router.url}/v1/call_all/ended", json={}) as resp:
+        body = await resp.json()
+    ended = dict(zip(body["replicas"], body["results"], strict=True))
+    assert [name for name, sids in ended.items() if sid in sids] == [f"replica-{holder[1:]}"]
+    # A call in an ended session is a clear 4xx, not a silent new session.
+    status, body, _ = await call(http, router.url, "incr", session=sid)
+    assert status == 404 and "ended" in body["error"]["message"]
+
+
+async def test_idle_sessions_expire_and_the_actor_is_told(procs: Procs,
+                                                         http: aiohttp.ClientSession) -> None:
+    replica = procs.replica("examples.counter:Counter", "--session-ttl", "300ms")
+    router = procs.router([replica])
+    sid = await start_session(http, router.url)
+    await call(http, router.url, "incr", session=sid)
+    await asyncio.sleep(1.0)
+    status, body, _ = await call(http, router.url, "ended")
+    assert sid in body["result"]
+    status, body, _ = await call(http, router.url, "incr", session=sid)
+    assert status == 404 and "idle" in body["error"]["message"]
+
+
+async def test_two_routers_and_a_restarted_router_agree_on_a_session(
+        procs: Procs, http: aiohttp.ClientSession) -> None:
+    replicas = procs.replicas("examples.counter:Counter", 3)
+    a = procs.router(replicas)
+    b = procs.router(replicas)
+    sid = await start_session(http, a.url)
+    seen = []
+    for i in range(6):
+        base = (a, b)[i % 2].url
+        seen.append((await call(http, base, "incr", session=sid))[1]["result"])
+    assert seen == [1, 2, 3, 4, 5, 6]
+    a.kill9()
+    a2 = procs.router(replicas, port=a.port)  # a fresh process: it knows nothing of the session
+    async with aiohttp.ClientSession() as fresh:  # the old pooled connections died with `a`
+        assert (await call(fresh, a2.url, "incr", session=sid))[1]["result"] == 7
+
+
+async def test_unknown_session_ids_are_rejected(procs: Procs,
+                                                http: aiohttp.ClientSession) -> None:
+    router = procs.router(procs.replicas("examples.counter:Counter", 1))
+    status, body, _ = await call(http, router.url, "incr", session="0.abc.123.456")
+    assert status == 404 and body["error"]["type"] == "UnknownSessionError"
+    async with http.delete(f"{router.url}/v1/sessions/garbage") as resp:
+        assert resp.status == 404
+        assert json.loads(await resp.text())["error"]["type"] == "UnknownSessionError"
