@@ -145,9 +145,7 @@ def parse_wrk(text: str) -> WrkResult:
         lat[pct] = _to_ms(value, unit)
     total = re.search(r"^\s+(\d+) requests in", text, re.M)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    sock = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
-    )
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     return WrkResult(
         rps=float(rps.group(1)),
         p50_ms=lat.get("50", float("nan")),
@@ -391,8 +389,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name = f"replica{i}"
                 procs.start(
                     name,
-                    [py, "-m", "kubeforge.replica", "--actor", args.actor,
-                     "--port", str(port), "--host", "127.0.0.1"],
+                    [
+                        py,
+                        "-m",
+                        "kubeforge.replica",
+                        "--actor",
+                        args.actor,
+                        "--port",
+                        str(port),
+                        "--host",
+                        "127.0.0.1",
+                    ],
                 )
                 replica_urls.append(f"http://127.0.0.1:{port}")
             for i, url in enumerate(replica_urls):
@@ -436,9 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 user = "user root;\n" if os.geteuid() == 0 else ""
                 conf = tmp / "nginx.conf"
-                conf.write_text(
-                    NGINX_CONF.format(user=user, tmp=tmp, servers=servers, port=port)
-                )
+                conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, servers=servers, port=port))
                 proxied(
                     "nginx",
                     [nginx_bin, "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"],
@@ -462,10 +467,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 port = free_port()
                 proxied(
                     "vllm-router",
-                    [py, "-m", "vllm_router.launch_router", "--worker-urls", *replica_urls,
-                     "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
-                     "--worker-startup-check-interval", "1",
-                     "--prometheus-port", str(free_port()), "--log-level", "warning"],
+                    [
+                        py,
+                        "-m",
+                        "vllm_router.launch_router",
+                        "--worker-urls",
+                        *replica_urls,
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--policy",
+                        "round_robin",
+                        "--worker-startup-check-interval",
+                        "1",
+                        "--prometheus-port",
+                        str(free_port()),
+                        "--log-level",
+                        "warning",
+                    ],
                     "/health",
                     port,
                 )

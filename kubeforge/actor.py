@@ -57,8 +57,10 @@ def endpoints_of(cls: type) -> dict[str, EndpointInfo]:
             continue
         sig = inspect.signature(getattr(cls, name))
         params = list(sig.parameters.values())
-        if params and params[0].name == "self" and not isinstance(
-            inspect.getattr_static(cls, name), staticmethod | classmethod
+        if (
+            params
+            and params[0].name == "self"
+            and not isinstance(inspect.getattr_static(cls, name), staticmethod | classmethod)
         ):
             sig = sig.replace(parameters=params[1:])
         found[name] = EndpointInfo(name, inspect.iscoroutinefunction(fn), sig)
@@ -85,4 +87,3 @@ def load_actor_class(path: str) -> type:
     if not endpoints_of(obj):
         raise ValueError(f"actor {path!r} has no @endpoint methods")
     return obj
-

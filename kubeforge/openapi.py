@@ -76,13 +76,18 @@ def document(
             }
         }
         paths["/v1/sessions"] = {
-            "post": {"summary": "Start a session", "responses": {
-                "201": {"description": "session"}, **_errors(401, 503)}}
+            "post": {
+                "summary": "Start a session",
+                "responses": {"201": {"description": "session"}, **_errors(401, 503)},
+            }
         }
         sid = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
         paths["/v1/sessions/{session_id}"] = {
-            "delete": {"summary": "End a session", "parameters": [sid], "responses": {
-                "200": {"description": "ended"}, **_errors(401, 404)}}
+            "delete": {
+                "summary": "End a session",
+                "parameters": [sid],
+                "responses": {"200": {"description": "ended"}, **_errors(401, 404)},
+            }
         }
         for p in ("/v1/metrics", "/v1/metrics/summary", "/v1/replicas"):
             paths[p] = _get(p.rsplit("/", 1)[-1])

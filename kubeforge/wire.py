@@ -107,8 +107,12 @@ def error_response(err: KubeforgeError, request_content_type: bytes | None = Non
     )
 
 
-_HTTP_ERROR_TYPES = {400: "BadRequestError", 404: "NotFound", 405: "MethodNotAllowed",
-                     413: "PayloadTooLargeError"}
+_HTTP_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "PayloadTooLargeError",
+}
 
 
 def http_error(status: int, message: str) -> Response:

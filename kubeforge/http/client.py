@@ -132,10 +132,21 @@ class Upstream:
         waiter: asyncio.Future[ClientResponse] = loop.create_future()
         conn.waiter = waiter
         conn.transport.write(  # type: ignore[union-attr]
-            b"".join((
-                method, b" ", path, b" HTTP/1.1\r\nhost: ", self.host_header,
-                b"\r\ncontent-length: ", str(len(body)).encode(), b"\r\n", headers, b"\r\n", body,
-            ))
+            b"".join(
+                (
+                    method,
+                    b" ",
+                    path,
+                    b" HTTP/1.1\r\nhost: ",
+                    self.host_header,
+                    b"\r\ncontent-length: ",
+                    str(len(body)).encode(),
+                    b"\r\n",
+                    headers,
+                    b"\r\n",
+                    body,
+                )
+            )
         )
         timer = loop.call_later(timeout, _expire, conn, waiter, timeout)
         try:

@@ -55,9 +55,7 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 ErrorRenderer = Callable[[int, str], Response]
 
-_STATUS_LINES = {
-    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus
-}
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
 def status_line(status: int) -> bytes:
@@ -67,8 +65,11 @@ def status_line(status: int) -> bytes:
 def render(resp: Response, keep_alive: bool) -> bytes:
     head = [
         status_line(resp.status),
-        b"content-type: ", resp.content_type,
-        b"\r\ncontent-length: ", str(len(resp.body)).encode(), b"\r\n",
+        b"content-type: ",
+        resp.content_type,
+        b"\r\ncontent-length: ",
+        str(len(resp.body)).encode(),
+        b"\r\n",
     ]
     if resp.headers:
         for name, value in resp.headers:

@@ -33,19 +33,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--actor", required=True, help="the actor class, as package.module:Class")
     p.add_argument("--args", type=_json_arg(list), default=[], help="JSON list of init args")
     p.add_argument("--kwargs", type=_json_arg(dict), default={}, help="JSON object of kwargs")
-    p.add_argument("--host", default=None, help="bind address (default $KUBEFORGE_BIND_HOST "
-                   "or 0.0.0.0)")
+    p.add_argument(
+        "--host", default=None, help="bind address (default $KUBEFORGE_BIND_HOST or 0.0.0.0)"
+    )
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--name", default=os.environ.get("KUBEFORGE_REPLICA_NAME", ""),
-                   help="replica name in metrics and logs (default $KUBEFORGE_REPLICA_NAME)")
+    p.add_argument(
+        "--name",
+        default=os.environ.get("KUBEFORGE_REPLICA_NAME", ""),
+        help="replica name in metrics and logs (default $KUBEFORGE_REPLICA_NAME)",
+    )
     p.add_argument("--max-concurrent-requests", type=int, default=10)
     p.add_argument("--max-queued-requests", type=int, default=100)
-    p.add_argument("--request-timeout", type=_runtime.duration, default=60.0,
-                   help="per-call limit including queue wait, e.g. 30s")
-    p.add_argument("--session-ttl", type=_runtime.duration, default=1800.0,
-                   help="idle sessions end after this long, e.g. 30m")
-    p.add_argument("--drain-grace", type=_runtime.duration, default=25.0,
-                   help="SIGTERM waits this long for running calls")
+    p.add_argument(
+        "--request-timeout",
+        type=_runtime.duration,
+        default=60.0,
+        help="per-call limit including queue wait, e.g. 30s",
+    )
+    p.add_argument(
+        "--session-ttl",
+        type=_runtime.duration,
+        default=1800.0,
+        help="idle sessions end after this long, e.g. 30m",
+    )
+    p.add_argument(
+        "--drain-grace",
+        type=_runtime.duration,
+        default=25.0,
+        help="SIGTERM waits this long for running calls",
+    )
     p.add_argument("--max-body", type=int, default=wire.DEFAULT_MAX_BODY, help="bytes")
     return p
 
@@ -59,21 +75,37 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         sys.exit(f"kubeforge.replica: {exc}")
     if ns.max_concurrent_requests < 1 or ns.max_queued_requests < 0:
-        sys.exit("kubeforge.replica: --max-concurrent-requests must be >= 1, "
-                 "--max-queued-requests >= 0")
+        sys.exit(
+            "kubeforge.replica: --max-concurrent-requests must be >= 1, --max-queued-requests >= 0"
+        )
     config = ReplicaConfig(
-        actor=ns.actor, args=ns.args, kwargs=ns.kwargs, host=_runtime.bind_host(ns.host),
-        port=ns.port, name=ns.name, max_concurrent_requests=ns.max_concurrent_requests,
-        max_queued_requests=ns.max_queued_requests, request_timeout=ns.request_timeout,
-        session_ttl=ns.session_ttl, drain_grace=ns.drain_grace, max_body=ns.max_body,
+        actor=ns.actor,
+        args=ns.args,
+        kwargs=ns.kwargs,
+        host=_runtime.bind_host(ns.host),
+        port=ns.port,
+        name=ns.name,
+        max_concurrent_requests=ns.max_concurrent_requests,
+        max_queued_requests=ns.max_queued_requests,
+        request_timeout=ns.request_timeout,
+        session_ttl=ns.session_ttl,
+        drain_grace=ns.drain_grace,
+        max_body=ns.max_body,
         token=os.environ.get("KUBEFORGE_TOKEN") or None,
     )
     server = ReplicaServer(config, actor_cls)
 
     async def start() -> None:
         port = await server.start()
-        log.info("replica %s of %s ready on %s:%d (instance %s, endpoints %s)", server.name,
-                 ns.actor, config.host, port, server.instance, sorted(server.endpoints))
+        log.info(
+            "replica %s of %s ready on %s:%d (instance %s, endpoints %s)",
+            server.name,
+            ns.actor,
+            config.host,
+            port,
+            server.instance,
+            sorted(server.endpoints),
+        )
 
     _runtime.run(start, server.drain)
 

@@ -130,8 +130,12 @@ class ReplicaServer:
             return
         self.draining = True
         grace = self.config.drain_grace
-        log.info("draining: %d running, %d queued, grace %.1fs",
-                 self.admission.active, self.admission.queued, grace)
+        log.info(
+            "draining: %d running, %d queued, grace %.1fs",
+            self.admission.active,
+            self.admission.queued,
+            grace,
+        )
         # Keep accepting while draining: probes see 503 on /readyz and late calls get a
         # retryable DrainingError, which says more than a refused connection.
         loop = asyncio.get_running_loop()
@@ -139,8 +143,10 @@ class ReplicaServer:
         while (self.admission.active or self.admission.queued) and loop.time() < deadline:
             await asyncio.sleep(0.02)
         if self.admission.active or self.admission.queued:
-            log.warning("grace period over with %d calls still running",
-                        self.admission.active + self.admission.queued)
+            log.warning(
+                "grace period over with %d calls still running",
+                self.admission.active + self.admission.queued,
+            )
         for sid in list(self.sessions.live):
             if loop.time() >= deadline:
                 break
@@ -160,7 +166,7 @@ class ReplicaServer:
         try:
             path = req.path
             if path.startswith(wire.CALL_PREFIX) and req.method == "POST":
-                return await self._call(req, path[len(wire.CALL_PREFIX):])
+                return await self._call(req, path[len(wire.CALL_PREFIX) :])
             if path in ("/healthz", "/health") and req.method == "GET":
                 return Response(200, wire.encode(self.health()))
             if path == "/readyz" and req.method == "GET":
@@ -170,7 +176,7 @@ class ReplicaServer:
                 return Response(200, self.prometheus(), prom.CONTENT_TYPE)
             if path.startswith(wire.SESSIONS_PATH + "/"):
                 self._check_token(req)
-                return await self._session(req, path[len(wire.SESSIONS_PATH) + 1:])
+                return await self._session(req, path[len(wire.SESSIONS_PATH) + 1 :])
             if path == "/v1/endpoints" and req.method == "GET":
                 return Response(200, wire.encode([e.describe() for e in self.endpoints.values()]))
             if path == "/openapi.json" and req.method == "GET":
@@ -258,8 +264,13 @@ class ReplicaServer:
                     self.sessions.live[sid] = now
 
     async def _run(
-        self, name: str, is_async: bool, args: list[Any], kwargs: dict[str, Any],
-        timeout: float, started: float,
+        self,
+        name: str,
+        is_async: bool,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        timeout: float,
+        started: float,
     ) -> Any:
         fn = getattr(self.actor, name)
         if not is_async:
@@ -333,19 +344,26 @@ class ReplicaServer:
         stats = self.window.stats(time.monotonic())
         exp = prom.Exposition()
         exp.family(
-            "kubeforge_replica_requests_total", "counter", "Calls handled, by endpoint and outcome",
+            "kubeforge_replica_requests_total",
+            "counter",
+            "Calls handled, by endpoint and outcome",
             [({"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(self.counts.items())],
         )
         exp.one("kubeforge_replica_in_flight", "gauge", "Calls running now", self.admission.active)
-        exp.one("kubeforge_replica_queued", "gauge", "Calls waiting for a slot",
-                self.admission.queued)
+        exp.one(
+            "kubeforge_replica_queued", "gauge", "Calls waiting for a slot", self.admission.queued
+        )
         exp.one("kubeforge_replica_sessions", "gauge", "Live sessions", len(self.sessions.live))
         exp.one("kubeforge_replica_ready", "gauge", "1 when taking calls", int(self.ready))
         exp.family(
-            "kubeforge_replica_latency_seconds", "summary",
+            "kubeforge_replica_latency_seconds",
+            "summary",
             f"Call latency including queue wait over the last {stats.window_s:g}s",
-            [({"quantile": "0.5"}, stats.p50), ({"quantile": "0.95"}, stats.p95),
-             ({"quantile": "0.99"}, stats.p99)],
+            [
+                ({"quantile": "0.5"}, stats.p50),
+                ({"quantile": "0.95"}, stats.p95),
+                ({"quantile": "0.99"}, stats.p99),
+            ],
         )
         return exp.render()
 
@@ -353,4 +371,3 @@ class ReplicaServer:
 def _remote(exc: BaseException) -> RemoteError:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return RemoteError(type(exc).__name__, str(exc), tb)
-

@@ -16,20 +16,38 @@ log = logging.getLogger("kubeforge.router")
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kubeforge.router", description=__doc__)
-    p.add_argument("--replica", action="append", default=[], metavar="URL",
-                   help="a replica's base URL (repeat; the order fixes replica indexes)")
+    p.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a replica's base URL (repeat; the order fixes replica indexes)",
+    )
     p.add_argument("--service", help="Kubernetes discovery: the kubeforge Service's name")
     p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
-    p.add_argument("--host", default=None,
-                   help="bind address (default $KUBEFORGE_BIND_HOST or 0.0.0.0)")
+    p.add_argument(
+        "--host", default=None, help="bind address (default $KUBEFORGE_BIND_HOST or 0.0.0.0)"
+    )
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--health-poll-rate", type=_runtime.duration, default=0.2,
-                   help="seconds between health checks of each replica, e.g. 200ms")
+    p.add_argument(
+        "--health-poll-rate",
+        type=_runtime.duration,
+        default=0.2,
+        help="seconds between health checks of each replica, e.g. 200ms",
+    )
     p.add_argument("--health-timeout", type=_runtime.duration, default=2.0)
-    p.add_argument("--request-timeout", type=_runtime.duration, default=120.0,
-                   help="longest a relayed call may take, e.g. 2m")
-    p.add_argument("--retries", type=int, default=3,
-                   help="extra attempts for calls that never reached an actor")
+    p.add_argument(
+        "--request-timeout",
+        type=_runtime.duration,
+        default=120.0,
+        help="longest a relayed call may take, e.g. 2m",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="extra attempts for calls that never reached an actor",
+    )
     p.add_argument("--max-body", type=int, default=wire.DEFAULT_MAX_BODY, help="bytes")
     return p
 
@@ -38,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser().parse_args(argv)
     _runtime.setup_logging("router")
     if ns.service:
-        sys.exit("kubeforge.router: Kubernetes discovery (--service) is not built yet; "
-                 "use --replica URL")
+        sys.exit(
+            "kubeforge.router: Kubernetes discovery (--service) is not built yet; use --replica URL"
+        )
     if not ns.replica:
         sys.exit("kubeforge.router: give at least one --replica URL")
     try:
@@ -47,17 +66,26 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         sys.exit(f"kubeforge.router: {exc}")
     config = RouterConfig(
-        host=_runtime.bind_host(ns.host), port=ns.port, health_poll_rate=ns.health_poll_rate,
-        health_timeout=ns.health_timeout, request_timeout=ns.request_timeout,
-        retries=ns.retries, max_body=ns.max_body,
+        host=_runtime.bind_host(ns.host),
+        port=ns.port,
+        health_poll_rate=ns.health_poll_rate,
+        health_timeout=ns.health_timeout,
+        request_timeout=ns.request_timeout,
+        retries=ns.retries,
+        max_body=ns.max_body,
         token=os.environ.get("KUBEFORGE_TOKEN") or None,
     )
     server = RouterServer(config, discovery)
 
     async def start() -> None:
         port = await server.start()
-        log.info("router on %s:%d over %d replicas (%d healthy)", config.host, port,
-                 len(ns.replica), len(server.table.healthy))
+        log.info(
+            "router on %s:%d over %d replicas (%d healthy)",
+            config.host,
+            port,
+            len(ns.replica),
+            len(server.table.healthy),
+        )
 
     _runtime.run(start, server.stop)
 

@@ -105,8 +105,13 @@ class RoutingTable:
 
     def set_state(self, replica: Replica, state: ReplicaState, reason: str = "") -> None:
         if replica.state is not state:
-            log.info("replica %s: %s -> %s%s", replica.name, replica.state.value, state.value,
-                     f" ({reason})" if reason else "")
+            log.info(
+                "replica %s: %s -> %s%s",
+                replica.name,
+                replica.state.value,
+                state.value,
+                f" ({reason})" if reason else "",
+            )
             replica.state = state
             self._refresh()
         replica.reason = reason
@@ -118,8 +123,12 @@ class RoutingTable:
             return
         instance = str(health.get("instance", ""))
         if replica.instance is not None and instance != replica.instance:
-            log.warning("replica %s restarted (instance %s -> %s): its sessions are lost",
-                        replica.name, replica.instance, instance)
+            log.warning(
+                "replica %s restarted (instance %s -> %s): its sessions are lost",
+                replica.name,
+                replica.instance,
+                instance,
+            )
         replica.instance = instance
         running = int(health.get("in_flight", 0)) + int(health.get("queued", 0))
         replica.external = max(0, running - replica.in_flight)
@@ -192,8 +201,11 @@ class RoutingTable:
         """Where a call in `session_id` goes; re-pins the session when its replica is gone."""
         ref = self.codec.parse(session_id)  # UnknownSessionError for ids we never issued
         replica = self.replicas.get(ref.index)
-        if (replica is not None and replica.state is ReplicaState.HEALTHY
-                and replica.instance == ref.instance):
+        if (
+            replica is not None
+            and replica.state is ReplicaState.HEALTHY
+            and replica.instance == ref.instance
+        ):
             return Placement(replica, session_id)
         alias = self.aliases.get(session_id)
         if alias is not None:
@@ -201,8 +213,9 @@ class RoutingTable:
             return Placement(placed.replica, placed.session_id, ref.index, placed.fresh)
         return self.move(session_id, ref.index)
 
-    def move(self, session_id: str, from_index: int,
-             exclude: frozenset[int] = frozenset()) -> Placement:
+    def move(
+        self, session_id: str, from_index: int, exclude: frozenset[int] = frozenset()
+    ) -> Placement:
         target = self.pick_for_session(exclude)
         target.sessions_added += 1
         new_id = self.codec.new(target.index, target.instance or "")
@@ -211,8 +224,13 @@ class RoutingTable:
             self.aliases.popitem(last=False)
         self.sessions_moved += 1
         lost = self.replicas.get(from_index)
-        log.warning("session %s moved from replica %s to %s as %s", session_id,
-                    lost.name if lost else from_index, target.name, new_id)
+        log.warning(
+            "session %s moved from replica %s to %s as %s",
+            session_id,
+            lost.name if lost else from_index,
+            target.name,
+            new_id,
+        )
         return Placement(target, new_id, from_index, fresh=True)
 
     def current(self, session_id: str) -> Replica | None:

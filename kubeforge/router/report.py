@@ -87,32 +87,54 @@ def prometheus(router: RouterServer, now: float) -> bytes:
         exp.family(name, kind, help_text, [({"replica": e["name"]}, e[key]) for e in entries])
 
     exp.family(
-        "kubeforge_router_requests_total", "counter", "Calls relayed, by replica and outcome",
-        [({"replica": e["name"], "outcome": o}, e[k]) for e in entries
-         for o, k in (("ok", "successful_requests"), ("error", "failed_requests"))],
+        "kubeforge_router_requests_total",
+        "counter",
+        "Calls relayed, by replica and outcome",
+        [
+            ({"replica": e["name"], "outcome": o}, e[k])
+            for e in entries
+            for o, k in (("ok", "successful_requests"), ("error", "failed_requests"))
+        ],
     )
-    per_replica("kubeforge_router_request_rate", "gauge", "Calls per second over the window",
-                "request_rate")
+    per_replica(
+        "kubeforge_router_request_rate", "gauge", "Calls per second over the window", "request_rate"
+    )
     per_replica("kubeforge_router_in_flight", "gauge", "Calls this router has open", "in_flight")
-    per_replica("kubeforge_router_queue_depth", "gauge", "Queue depth the replica reported",
-                "queue_depth")
+    per_replica(
+        "kubeforge_router_queue_depth", "gauge", "Queue depth the replica reported", "queue_depth"
+    )
     per_replica("kubeforge_router_sessions", "gauge", "Sessions held", "assigned_sessions")
     exp.family(
-        "kubeforge_router_replica_healthy", "gauge", "1 when the replica takes traffic",
-        [({"replica": e["name"], "state": e["state"]}, int(e["state"] == "HEALTHY"))
-         for e in entries],
+        "kubeforge_router_replica_healthy",
+        "gauge",
+        "1 when the replica takes traffic",
+        [
+            ({"replica": e["name"], "state": e["state"]}, int(e["state"] == "HEALTHY"))
+            for e in entries
+        ],
     )
     exp.family(
-        "kubeforge_router_latency_seconds", "summary",
+        "kubeforge_router_latency_seconds",
+        "summary",
         "Call latency as the router saw it (queue wait included), over the window",
-        [({"replica": e["name"], "quantile": q}, e[k]) for e in entries
-         for q, k in (("0.5", "p50_latency"), ("0.95", "p95_latency"), ("0.99", "p99_latency"))],
+        [
+            ({"replica": e["name"], "quantile": q}, e[k])
+            for e in entries
+            for q, k in (("0.5", "p50_latency"), ("0.95", "p95_latency"), ("0.99", "p99_latency"))
+        ],
     )
-    exp.one("kubeforge_router_sessions_moved_total", "counter",
-            "Sessions re-pinned because their replica was lost", router.table.sessions_moved)
-    exp.one("kubeforge_router_retries_total", "counter",
-            "Calls retried on another replica after they failed to reach one",
-            router.retries_total)
+    exp.one(
+        "kubeforge_router_sessions_moved_total",
+        "counter",
+        "Sessions re-pinned because their replica was lost",
+        router.table.sessions_moved,
+    )
+    exp.one(
+        "kubeforge_router_retries_total",
+        "counter",
+        "Calls retried on another replica after they failed to reach one",
+        router.retries_total,
+    )
     return exp.render()
 
 

@@ -75,8 +75,9 @@ class RouterServer:
         if old is not None:
             old.close()
         self.upstreams[index] = Upstream(host, port)
-        self.table.add(Replica(index, name, url, SlidingWindow(time.monotonic(),
-                                                               self.config.metrics_window)))
+        self.table.add(
+            Replica(index, name, url, SlidingWindow(time.monotonic(), self.config.metrics_window))
+        )
 
     def replica_removed(self, index: int) -> None:
         self.table.remove(index)
@@ -122,13 +123,17 @@ class RouterServer:
         if upstream is None:
             return
         try:
-            resp = await upstream.request(b"GET", b"/healthz", b"", b"",
-                                          self.config.health_timeout)
+            resp = await upstream.request(b"GET", b"/healthz", b"", b"", self.config.health_timeout)
             if resp.status != 200:
                 raise ConnectionLost(f"/healthz answered {resp.status}")
             health = wire.decode(resp.body)
-        except (ConnectFailed, ConnectionLost, UpstreamTimeout, KubeforgeError,
-                TimeoutError) as exc:
+        except (
+            ConnectFailed,
+            ConnectionLost,
+            UpstreamTimeout,
+            KubeforgeError,
+            TimeoutError,
+        ) as exc:
             if replica.index in self.table.replicas:
                 self.table.report(replica, None, str(exc))
             return
@@ -147,11 +152,13 @@ class RouterServer:
                 self._check_token(req)
                 return await self._control(req, path)
             if path == "/healthz" and req.method == "GET":
-                return Response(200, wire.encode({"status": "ok",
-                                                  "healthy_replicas": len(self.table.healthy)}))
+                return Response(
+                    200, wire.encode({"status": "ok", "healthy_replicas": len(self.table.healthy)})
+                )
             if path == "/readyz" and req.method == "GET":
-                return Response(200 if self.polled_once else 503,
-                                wire.encode({"ready": self.polled_once}))
+                return Response(
+                    200 if self.polled_once else 503, wire.encode({"ready": self.polled_once})
+                )
             if path == "/metrics" and req.method == "GET":
                 return Response(200, self.prometheus(), prom.CONTENT_TYPE)
             if path == "/openapi.json" and req.method == "GET":
@@ -171,11 +178,11 @@ class RouterServer:
     async def _control(self, req: Request, path: str) -> Response:
         method = req.method
         if path.startswith(wire.CALL_ALL_PREFIX) and method == "POST":
-            return await self._broadcast(req, path[len(wire.CALL_ALL_PREFIX):])
+            return await self._broadcast(req, path[len(wire.CALL_ALL_PREFIX) :])
         if path == wire.SESSIONS_PATH and method == "POST":
             return await self._start_session()
         if path.startswith(wire.SESSIONS_PATH + "/") and method == "DELETE":
-            return await self._end_session(path[len(wire.SESSIONS_PATH) + 1:])
+            return await self._end_session(path[len(wire.SESSIONS_PATH) + 1 :])
         if path == "/v1/metrics" and method == "GET":
             return Response(200, wire.encode(report.metrics(self, time.monotonic())))
         if path == "/v1/metrics/summary" and method == "GET":
@@ -207,13 +214,17 @@ class RouterServer:
             else:
                 placement = await self._place(sid_raw.decode(), frozenset(tried))
                 replica = placement.replica
-                if placement.moved_from is not None and headers.get(
-                        wire.H_SESSION_MOVED, b"").lower() == b"error":
+                if (
+                    placement.moved_from is not None
+                    and headers.get(wire.H_SESSION_MOVED, b"").lower() == b"error"
+                ):
                     raise SessionMovedError(
                         f"session {sid_raw.decode()!r} lost its replica and now lives on "
                         f"{replica.name} as {placement.session_id!r}; state kept on the old "
-                        "replica is gone", session_id=placement.session_id,
-                        replica=replica.name)
+                        "replica is gone",
+                        session_id=placement.session_id,
+                        replica=replica.name,
+                    )
                 line = extra + b"x-kubeforge-session: " + placement.session_id.encode() + b"\r\n"
             try:
                 resp = await self._send(replica, path_b, line, req.body)
@@ -223,7 +234,8 @@ class RouterServer:
                 attempt += 1
                 if attempt > self.config.retries:
                     raise NoHealthyReplicasError(
-                        f"call failed after {attempt} attempts; last: {exc}") from None
+                        f"call failed after {attempt} attempts; last: {exc}"
+                    ) from None
                 self.retries_total += 1
                 await asyncio.sleep(self._backoff(attempt))
                 continue
@@ -240,11 +252,12 @@ class RouterServer:
                     self.retries_total += 1
                     if len(tried) < len(self.table.replicas):
                         continue
-            out = Response(resp.status, resp.body,
-                           resp.headers.get(wire.H_CONTENT_TYPE, wire.JSON))
+            out = Response(resp.status, resp.body, resp.headers.get(wire.H_CONTENT_TYPE, wire.JSON))
             if placement is not None and placement.moved_from is not None:
-                out.headers = [(b"x-kubeforge-session", placement.session_id.encode()),
-                               (_MOVED_FROM, sid_raw)]
+                out.headers = [
+                    (b"x-kubeforge-session", placement.session_id.encode()),
+                    (_MOVED_FROM, sid_raw),
+                ]
             return out
 
     async def _send(self, replica: Replica, path: bytes, headers: bytes, body: bytes) -> Any:
@@ -254,19 +267,22 @@ class RouterServer:
         started = time.monotonic()
         ok = False
         try:
-            resp = await upstream.request(b"POST", path, headers, body,
-                                          self.config.request_timeout)
+            resp = await upstream.request(b"POST", path, headers, body, self.config.request_timeout)
             ok = resp.status < 400
             return resp
         except ConnectionLost as exc:
             self.table.connection_failed(replica, str(exc))
             raise ReplicaLostError(
                 f"replica {replica.name} was lost during the call ({exc}); "
-                "it may or may not have run", replica=replica.name) from None
+                "it may or may not have run",
+                replica=replica.name,
+            ) from None
         except UpstreamTimeout as exc:
             raise RequestTimeoutError(
                 f"replica {replica.name} did not answer within "
-                f"{self.config.request_timeout:g}s ({exc})", replica=replica.name) from None
+                f"{self.config.request_timeout:g}s ({exc})",
+                replica=replica.name,
+            ) from None
         finally:
             replica.in_flight -= 1
             now = time.monotonic()
@@ -283,9 +299,11 @@ class RouterServer:
 
     async def _place(self, session_id: str, exclude: frozenset[int]) -> Placement:
         """Where a session goes now; a fresh placement is registered with its replica first."""
-        placement = (self.table.place(session_id) if not exclude
-                     else self.table.move(session_id, self.table.codec.parse(session_id).index,
-                                          exclude))
+        placement = (
+            self.table.place(session_id)
+            if not exclude
+            else self.table.move(session_id, self.table.codec.parse(session_id).index, exclude)
+        )
         tried = set(exclude)
         while placement.fresh:
             try:
@@ -294,14 +312,17 @@ class RouterServer:
             except ConnectFailed as exc:
                 self.table.connection_failed(placement.replica, str(exc))
                 tried.add(placement.replica.index)
-                placement = self.table.move(session_id, placement.moved_from or 0,
-                                            frozenset(tried))
+                placement = self.table.move(session_id, placement.moved_from or 0, frozenset(tried))
         return placement
 
     async def _register(self, replica: Replica, session_id: str) -> None:
         resp = await self.upstreams[replica.index].request(
-            b"POST", f"{wire.SESSIONS_PATH}/{session_id}".encode(), self._auth_line, b"",
-            self.config.health_timeout)
+            b"POST",
+            f"{wire.SESSIONS_PATH}/{session_id}".encode(),
+            self._auth_line,
+            b"",
+            self.config.health_timeout,
+        )
         if resp.status >= 300:
             raise ConnectFailed(f"replica {replica.name} refused the session: {resp.status}")
 
@@ -323,17 +344,29 @@ class RouterServer:
         replica = self.table.current(session_id)
         self.table.forget(session_id)
         if replica is None or replica.state is not ReplicaState.HEALTHY:
-            return Response(200, wire.encode({"session_id": session_id, "ended": True,
-                                              "note": "its replica is gone"}))
+            return Response(
+                200,
+                wire.encode(
+                    {"session_id": session_id, "ended": True, "note": "its replica is gone"}
+                ),
+            )
         target = self.table.aliases.get(session_id, session_id)
         try:
             resp = await self.upstreams[replica.index].request(
-                b"DELETE", f"{wire.SESSIONS_PATH}/{target}".encode(), self._auth_line, b"",
-                self.config.request_timeout)
+                b"DELETE",
+                f"{wire.SESSIONS_PATH}/{target}".encode(),
+                self._auth_line,
+                b"",
+                self.config.request_timeout,
+            )
         except (ConnectFailed, ConnectionLost, UpstreamTimeout) as exc:
             self.table.connection_failed(replica, str(exc))
-            return Response(200, wire.encode({"session_id": session_id, "ended": True,
-                                              "note": "its replica is gone"}))
+            return Response(
+                200,
+                wire.encode(
+                    {"session_id": session_id, "ended": True, "note": "its replica is gone"}
+                ),
+            )
         if resp.status < 300 and replica.sessions_reported > 0:
             replica.sessions_reported -= 1
         return Response(resp.status, resp.body)
@@ -347,24 +380,33 @@ class RouterServer:
         headers = self._auth_line + (b"content-type: " + ctype + b"\r\n" if ctype else b"")
         path = (wire.CALL_PREFIX + endpoint).encode()
         outcomes = await asyncio.gather(
-            *(self._send(r, path, headers, req.body) for r in replicas), return_exceptions=True)
+            *(self._send(r, path, headers, req.body) for r in replicas), return_exceptions=True
+        )
         results: list[Any] = []
         errors: dict[str, Any] = {}
         statuses: set[int] = set()
         for replica, outcome in zip(replicas, outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                err = (outcome if isinstance(outcome, KubeforgeError)
-                       else ReplicaLostError(f"{type(outcome).__name__}: {outcome}"))
+                err = (
+                    outcome
+                    if isinstance(outcome, KubeforgeError)
+                    else ReplicaLostError(f"{type(outcome).__name__}: {outcome}")
+                )
                 errors[replica.name] = err.to_wire()
                 statuses.add(err.status)
                 results.append(None)
                 continue
             try:
-                body = wire.decode(outcome.body, wire.is_msgpack(
-                    outcome.headers.get(wire.H_CONTENT_TYPE)))
+                body = wire.decode(
+                    outcome.body, wire.is_msgpack(outcome.headers.get(wire.H_CONTENT_TYPE))
+                )
             except KubeforgeError:
-                body = {"error": {"type": "ReplicaLostError",
-                                  "message": f"unreadable reply ({outcome.status})"}}
+                body = {
+                    "error": {
+                        "type": "ReplicaLostError",
+                        "message": f"unreadable reply ({outcome.status})",
+                    }
+                }
             if outcome.status < 300:
                 results.append(body.get("result"))
             else:
@@ -374,14 +416,15 @@ class RouterServer:
         names = [r.name for r in replicas]
         if len(errors) == len(replicas) and len(statuses) == 1 and 400 <= min(statuses) < 500:
             # Every replica rejected the call the same way: the caller's mistake, say it once.
-            return Response(statuses.pop(), wire.encode({"error": next(iter(errors.values()))},
-                                                        use_msgpack))
+            return Response(
+                statuses.pop(), wire.encode({"error": next(iter(errors.values()))}, use_msgpack)
+            )
         body = {"results": results, "replicas": names, "errors": errors}
-        return Response(200, wire.encode(body, use_msgpack),
-                        wire.MSGPACK if use_msgpack else wire.JSON)
+        return Response(
+            200, wire.encode(body, use_msgpack), wire.MSGPACK if use_msgpack else wire.JSON
+        )
 
     # reports ------------------------------------------------------------------------------
 
     def prometheus(self) -> bytes:
         return report.prometheus(self, time.monotonic())
-

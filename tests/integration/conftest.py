@@ -23,15 +23,22 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def call(http: aiohttp.ClientSession, base: str, endpoint: str, *args: Any,
-               session: str | None = None, headers: dict[str, str] | None = None,
-               **kwargs: Any) -> tuple[int, Any, Any]:
+async def call(
+    http: aiohttp.ClientSession,
+    base: str,
+    endpoint: str,
+    *args: Any,
+    session: str | None = None,
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> tuple[int, Any, Any]:
     """POST /v1/call/{endpoint}; returns (status, decoded body, response headers)."""
     h = dict(headers or {})
     if session:
         h["X-Kubeforge-Session"] = session
-    async with http.post(f"{base}/v1/call/{endpoint}", json={"args": list(args),
-                         "kwargs": kwargs}, headers=h) as resp:
+    async with http.post(
+        f"{base}/v1/call/{endpoint}", json={"args": list(args), "kwargs": kwargs}, headers=h
+    ) as resp:
         return resp.status, await resp.json(content_type=None), resp.headers
 
 

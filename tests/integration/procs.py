@@ -72,32 +72,53 @@ class Procs:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
         popen = subprocess.Popen(
             [sys.executable, *args, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=full_env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         proc = Proc(popen, f"http://127.0.0.1:{port}", port, log)
         self.started.append(proc)
         return proc
 
-    def replica(self, actor: str, *flags: str, name: str = "", port: int | None = None,
-                env: dict[str, str] | None = None, wait: bool = True) -> Proc:
+    def replica(
+        self,
+        actor: str,
+        *flags: str,
+        name: str = "",
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> Proc:
         port = port or free_port()
         extra = {"KUBEFORGE_REPLICA_NAME": name} if name else {}
-        proc = self._spawn(["-m", "kubeforge.replica", "--actor", actor, *flags], port,
-                           "replica", {**extra, **(env or {})})
+        proc = self._spawn(
+            ["-m", "kubeforge.replica", "--actor", actor, *flags],
+            port,
+            "replica",
+            {**extra, **(env or {})},
+        )
         if wait:
             self.wait_ready(proc)
         return proc
 
     def replicas(self, actor: str, n: int, *flags: str, **kw: object) -> list[Proc]:
-        procs = [self.replica(actor, *flags, name=f"r{i}", wait=False, **kw)  # type: ignore[arg-type]
-                 for i in range(n)]
+        procs = [
+            self.replica(actor, *flags, name=f"r{i}", wait=False, **kw)  # type: ignore[arg-type]
+            for i in range(n)
+        ]
         for p in procs:
             self.wait_ready(p)
         return procs
 
-    def router(self, replicas: list[Proc], *flags: str, port: int | None = None,
-               env: dict[str, str] | None = None) -> Proc:
+    def router(
+        self,
+        replicas: list[Proc],
+        *flags: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
         port = port or free_port()
         args = ["-m", "kubeforge.router"]
         for r in replicas:

@@ -7,24 +7,36 @@ from tests.integration.procs import Procs, http_get
 
 
 async def test_broadcast_returns_one_result_per_replica_in_order(
-        procs: Procs, http: aiohttp.ClientSession) -> None:
-    replicas = [procs.replica("examples.counter:Counter", "--kwargs", f'{{"start": {i * 100}}}')
-                for i in range(3)]
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    replicas = [
+        procs.replica("examples.counter:Counter", "--kwargs", f'{{"start": {i * 100}}}')
+        for i in range(3)
+    ]
     router = procs.router(replicas)
     async with http.post(f"{router.url}/v1/call_all/incr", json={"args": [1]}) as resp:
         assert resp.status == 200
         body = await resp.json()
-    assert body == {"results": [1, 101, 201], "errors": {},
-                    "replicas": ["replica-0", "replica-1", "replica-2"]}
+    assert body == {
+        "results": [1, 101, 201],
+        "errors": {},
+        "replicas": ["replica-0", "replica-1", "replica-2"],
+    }
 
 
 async def test_broadcast_names_the_replica_whose_endpoint_raised(
-        procs: Procs, http: aiohttp.ClientSession) -> None:
-    replicas = [procs.replica("examples.failing:Failing", "--kwargs",
-                              f'{{"fail": {"true" if i == 1 else "false"}}}') for i in range(3)]
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    replicas = [
+        procs.replica(
+            "examples.failing:Failing", "--kwargs", f'{{"fail": {"true" if i == 1 else "false"}}}'
+        )
+        for i in range(3)
+    ]
     router = procs.router(replicas)
-    async with http.post(f"{router.url}/v1/call_all/maybe_fail",
-                         json={"kwargs": {"message": "replica says no"}}) as resp:
+    async with http.post(
+        f"{router.url}/v1/call_all/maybe_fail", json={"kwargs": {"message": "replica says no"}}
+    ) as resp:
         body = await resp.json()
     assert body["results"] == ["ok", None, "ok"]
     assert list(body["errors"]) == ["replica-1"]
@@ -33,7 +45,8 @@ async def test_broadcast_names_the_replica_whose_endpoint_raised(
 
 
 async def test_broadcast_with_only_caller_errors_is_one_4xx(
-        procs: Procs, http: aiohttp.ClientSession) -> None:
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
     router = procs.router(procs.replicas("examples.counter:Counter", 2))
     async with http.post(f"{router.url}/v1/call_all/nope", json={}) as resp:
         assert resp.status == 404
@@ -41,7 +54,8 @@ async def test_broadcast_with_only_caller_errors_is_one_4xx(
 
 
 async def test_endpoint_error_reaches_caller_and_replica_stays_in_rotation(
-        procs: Procs, http: aiohttp.ClientSession) -> None:
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
     replica = procs.replica("examples.failing:Failing")
     router = procs.router([replica])
     for _ in range(5):

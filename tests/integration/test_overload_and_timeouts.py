@@ -10,27 +10,31 @@ from tests.integration.procs import Procs
 
 
 async def test_calls_queue_beyond_the_limit_and_are_refused_beyond_the_queue(
-        procs: Procs, http: aiohttp.ClientSession) -> None:
-    replica = procs.replica("examples.slow:Slow", "--max-concurrent-requests", "2",
-                            "--max-queued-requests", "2")
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    replica = procs.replica(
+        "examples.slow:Slow", "--max-concurrent-requests", "2", "--max-queued-requests", "2"
+    )
     started = time.monotonic()
     outcomes = await asyncio.gather(*(call(http, replica.url, "work", 0.5) for _ in range(6)))
     elapsed = time.monotonic() - started
     statuses = sorted(o[0] for o in outcomes)
     assert statuses == [200, 200, 200, 200, 503, 503]
     refused = [o[1]["error"] for o in outcomes if o[0] == 503]
-    assert all(e["type"] == "OverloadedError" and "at capacity" in e["message"]
-               for e in refused)
-    assert all(o[2].get("X-Kubeforge-Retryable") == "OverloadedError"
-               for o in outcomes if o[0] == 503)
+    assert all(e["type"] == "OverloadedError" and "at capacity" in e["message"] for e in refused)
+    assert all(
+        o[2].get("X-Kubeforge-Retryable") == "OverloadedError" for o in outcomes if o[0] == 503
+    )
     # Two ran at once, two waited for them: about two delays in all, not one and not four.
     assert 0.9 < elapsed < 1.8
 
 
 async def test_router_sends_overflow_to_another_replica(
-        procs: Procs, http: aiohttp.ClientSession) -> None:
-    replicas = procs.replicas("examples.slow:Slow", 2, "--max-concurrent-requests", "1",
-                              "--max-queued-requests", "0")
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    replicas = procs.replicas(
+        "examples.slow:Slow", 2, "--max-concurrent-requests", "1", "--max-queued-requests", "0"
+    )
     router = procs.router(replicas)
     outcomes = await asyncio.gather(*(call(http, router.url, "work", 0.3) for _ in range(2)))
     assert [o[0] for o in outcomes] == [200, 200]
@@ -40,7 +44,8 @@ async def test_router_sends_overflow_to_another_replica(
 
 
 async def test_call_past_its_timeout_gets_a_timeout_error(
-        procs: Procs, http: aiohttp.ClientSession) -> None:
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
     replica = procs.replica("examples.slow:Slow", "--request-timeout", "300ms")
     router = procs.router([replica])
     for base in (replica.url, router.url):
@@ -52,15 +57,17 @@ async def test_call_past_its_timeout_gets_a_timeout_error(
     status, body, _ = await call(http, replica.url, "block", 1.0)
     assert status == 504
     # The caller can ask for less time than the replica's limit.
-    status, body, _ = await call(http, router.url, "work", 1.0,
-                                 headers={"X-Kubeforge-Timeout": "0.1"})
+    status, body, _ = await call(
+        http, router.url, "work", 1.0, headers={"X-Kubeforge-Timeout": "0.1"}
+    )
     assert status == 504
     status, body, _ = await call(http, router.url, "work", 0.01)
     assert status == 200
 
 
 async def test_sigterm_drains_running_calls_then_exits(
-        procs: Procs, http: aiohttp.ClientSession) -> None:
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
     replica = procs.replica("examples.slow:Slow", "--drain-grace", "5s")
     calls = [asyncio.create_task(call(http, replica.url, "work", 0.6)) for _ in range(3)]
     await asyncio.sleep(0.2)

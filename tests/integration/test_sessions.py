@@ -9,20 +9,22 @@ from tests.integration.conftest import call, start_session
 from tests.integration.procs import Procs, http_get
 
 
-async def test_ten_calls_in_a_session_hit_one_replica(procs: Procs,
-                                                      http: aiohttp.ClientSession) -> None:
+async def test_ten_calls_in_a_session_hit_one_replica(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
     router = procs.router(procs.replicas("examples.counter:Counter", 3))
     sid = await start_session(http, router.url)
-    results = [(await call(http, router.url, "incr", session=sid))[1]["result"]
-               for _ in range(10)]
+    results = [(await call(http, router.url, "incr", session=sid))[1]["result"] for _ in range(10)]
     assert results == list(range(1, 11))  # one counter, counting up by one each call
-    pids = {(await call(http, router.url, "whoami", session=sid))[1]["result"]["pid"]
-            for _ in range(5)}
+    pids = {
+        (await call(http, router.url, "whoami", session=sid))[1]["result"]["pid"] for _ in range(5)
+    }
     assert len(pids) == 1
 
 
-async def test_thirty_idle_sessions_spread_within_one(procs: Procs,
-                                                      http: aiohttp.ClientSession) -> None:
+async def test_thirty_idle_sessions_spread_within_one(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
     replicas = procs.replicas("examples.counter:Counter", 3)
     router = procs.router(replicas)
     await asyncio.gather(*(start_session(http, router.url) for _ in range(30)))
@@ -33,7 +35,8 @@ async def test_thirty_idle_sessions_spread_within_one(procs: Procs,
 
 
 async def test_terminate_reaches_on_session_end_on_the_holding_replica(
-        procs: Procs, http: aiohttp.ClientSession) -> None:
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
     router = procs.router(procs.replicas("examples.counter:Counter", 3))
     sid = await start_session(http, router.url)
     holder = (await call(http, router.url, "whoami", session=sid))[1]["result"]["replica"]
@@ -48,8 +51,9 @@ async def test_terminate_reaches_on_session_end_on_the_holding_replica(
     assert status == 404 and "ended" in body["error"]["message"]
 
 
-async def test_idle_sessions_expire_and_the_actor_is_told(procs: Procs,
-                                                         http: aiohttp.ClientSession) -> None:
+async def test_idle_sessions_expire_and_the_actor_is_told(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
     replica = procs.replica("examples.counter:Counter", "--session-ttl", "300ms")
     router = procs.router([replica])
     sid = await start_session(http, router.url)
@@ -62,7 +66,8 @@ async def test_idle_sessions_expire_and_the_actor_is_told(procs: Procs,
 
 
 async def test_two_routers_and_a_restarted_router_agree_on_a_session(
-        procs: Procs, http: aiohttp.ClientSession) -> None:
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
     replicas = procs.replicas("examples.counter:Counter", 3)
     a = procs.router(replicas)
     b = procs.router(replicas)
@@ -78,8 +83,7 @@ async def test_two_routers_and_a_restarted_router_agree_on_a_session(
         assert (await call(fresh, a2.url, "incr", session=sid))[1]["result"] == 7
 
 
-async def test_unknown_session_ids_are_rejected(procs: Procs,
-                                                http: aiohttp.ClientSession) -> None:
+async def test_unknown_session_ids_are_rejected(procs: Procs, http: aiohttp.ClientSession) -> None:
     router = procs.router(procs.replicas("examples.counter:Counter", 1))
     status, body, _ = await call(http, router.url, "incr", session="0.abc.123.456")
     assert status == 404 and body["error"]["type"] == "UnknownSessionError"

@@ -8,10 +8,17 @@ from kubeforge.router.core import Replica, ReplicaState, RoutingTable
 from kubeforge.router.sessions import SessionCodec
 
 
-def _health(instance: str, in_flight: int = 0, queued: int = 0, sessions: int = 0,
-            ready: bool = True) -> dict[str, object]:
-    return {"instance": instance, "in_flight": in_flight, "queued": queued,
-            "sessions": sessions, "ready": ready, "max_concurrent_requests": 10}
+def _health(
+    instance: str, in_flight: int = 0, queued: int = 0, sessions: int = 0, ready: bool = True
+) -> dict[str, object]:
+    return {
+        "instance": instance,
+        "in_flight": in_flight,
+        "queued": queued,
+        "sessions": sessions,
+        "ready": ready,
+        "max_concurrent_requests": 10,
+    }
 
 
 def table_with(n: int, key: str = "k") -> RoutingTable:

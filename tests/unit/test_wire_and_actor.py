@@ -44,8 +44,9 @@ def test_load_actor_class_errors_are_specific() -> None:
     assert load_actor_class("examples.counter:Counter").__name__ == "Counter"
 
 
-@pytest.mark.parametrize("body", [b"{bad", b"[1]", b'{"args": 1}', b'{"kwargs": []}',
-                                  b'{"argz": []}'])
+@pytest.mark.parametrize(
+    "body", [b"{bad", b"[1]", b'{"args": 1}', b'{"kwargs": []}', b'{"argz": []}']
+)
 def test_malformed_call_bodies_are_bad_requests(body: bytes) -> None:
     with pytest.raises(BadRequestError):
         wire.parse_call_body(body)
@@ -68,8 +69,9 @@ def test_errors_survive_the_wire() -> None:
     assert isinstance(same_name, RemoteError)
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("200ms", 0.2), ("1.5s", 1.5), ("2m", 120.0),
-                                                ("3", 3.0), (0.25, 0.25)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("200ms", 0.2), ("1.5s", 1.5), ("2m", 120.0), ("3", 3.0), (0.25, 0.25)]
+)
 def test_durations(text: str, seconds: float) -> None:
     assert duration(text) == pytest.approx(seconds)
 
