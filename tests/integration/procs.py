@@ -146,3 +146,32 @@ class Procs:
             if p.alive():
                 os.killpg(p.pid, signal.SIGKILL)
                 p.popen.wait(5)
+
+
+def descendants(pid: int) -> set[int]:
+    """PIDs of every living process below `pid`, read from /proc."""
+    parent_of: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # The command name may hold spaces; ppid is the 2nd field after the last ')'.
+            state_ppid = stat.rsplit(")", 1)[1].split()
+            if state_ppid[0] != "Z":
+                parent_of[int(entry.name)] = int(state_ppid[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {c for c, p in parent_of.items() if p in frontier} - found
+        found |= frontier
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

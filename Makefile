@@ -1,0 +1,39 @@
+# kubeforge developer targets (DESIGN §6). `make test` is what CI runs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+
+.PHONY: venv test unit integration lint bench bench-tools clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: lint unit integration
+
+unit: venv
+	$(PYTEST) tests/unit
+
+integration: venv
+	$(PYTEST) tests/integration
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# Benchmarks need wrk and nginx (Debian) and vllm-router (PyPI) as the peers they compare with.
+bench-tools: venv
+	command -v wrk >/dev/null && command -v nginx >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null)
+	$(PY) -m pip install --quiet -e '.[bench]'
+
+bench: bench-tools
+	$(PY) bench/router_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
