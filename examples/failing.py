@@ -16,3 +16,8 @@ class Failing(Actor):
     @endpoint
     async def ping(self) -> str:
         return "pong"
+
+    @endpoint
+    async def own_timeout(self) -> None:
+        """Raises TimeoutError itself: an endpoint error, not the replica's call timeout."""
+        raise TimeoutError("upstream model server timed out")

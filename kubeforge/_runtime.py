@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import logging
 import os
 import re
@@ -23,6 +25,22 @@ def duration(text: str | float | int) -> float:
     if not m:
         raise ValueError(f"bad duration {text!r}: use a number with ms, s, m or h")
     return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def json_arg(kind: type) -> Callable[[str], Any]:
+    """An argparse type: JSON text that must decode to `kind` (list for --args, dict for
+    --kwargs), so a typo fails at the command line rather than in the actor's constructor."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"must be a JSON {kind.__name__}")
+        return value
+
+    return parse
 
 
 def bind_host(flag: str | None) -> str:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
 
-from kubeforge._runtime import duration
+from kubeforge._runtime import duration, json_arg
 from kubeforge.local import LocalDeployment
 
 
@@ -46,24 +45,14 @@ def _serve(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _json(kind: type) -> object:
-    def parse(text: str) -> object:
-        value = json.loads(text)
-        if not isinstance(value, kind):
-            raise argparse.ArgumentTypeError(f"must be a JSON {kind.__name__}")
-        return value
-
-    return parse
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubeforge", description="Replicated Python actors.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run N local replicas of an actor behind a router")
     s.add_argument("actor", help="package.module:Class")
     s.add_argument("--replicas", type=int, default=3)
-    s.add_argument("--args", type=_json(list), default=[], help="JSON list of init args")
-    s.add_argument("--kwargs", type=_json(dict), default={}, help="JSON object of init kwargs")
+    s.add_argument("--args", type=json_arg(list), default=[], help="JSON list of init args")
+    s.add_argument("--kwargs", type=json_arg(dict), default={}, help="JSON object of init kwargs")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--max-concurrent-requests", type=int, default=10)

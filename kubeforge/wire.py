@@ -6,13 +6,14 @@ JSON is the default body format; msgpack is used when the request says so in Con
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
 import msgpack
 
-from kubeforge.errors import BadRequestError, KubeforgeError
-from kubeforge.http.server import Response
+from kubeforge.errors import BadRequestError, KubeforgeError, UnauthorizedError
+from kubeforge.http.server import Request, Response
 
 CALL_PREFIX = "/v1/call/"
 CALL_ALL_PREFIX = "/v1/call_all/"
@@ -119,3 +120,19 @@ def http_error(status: int, message: str) -> Response:
     """An error the HTTP layer itself raises (no route, unparsable request, body too large)."""
     kind = _HTTP_ERROR_TYPES.get(status, "HTTPError")
     return Response(status, encode({"error": {"type": kind, "message": message}}))
+
+
+def bearer(token: str | None) -> bytes | None:
+    """The exact Authorization header value that `check_token` accepts."""
+    return f"Bearer {token}".encode() if token else None
+
+
+def check_token(req: Request, expected: bytes | None) -> None:
+    """401 unless the request carries the expected bearer token (constant-time compare)."""
+    if expected is None:
+        return
+    got = req.headers.get(H_AUTH)
+    if got is None:
+        raise UnauthorizedError("missing 'Authorization: Bearer <token>' header")
+    if not hmac.compare_digest(got, expected):
+        raise UnauthorizedError("wrong token")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -15,24 +14,15 @@ from kubeforge.replica.server import ReplicaConfig, ReplicaServer
 log = logging.getLogger("kubeforge.replica")
 
 
-def _json_arg(kind: type) -> object:
-    def parse(text: str) -> object:
-        try:
-            value = json.loads(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-        if not isinstance(value, kind):
-            raise argparse.ArgumentTypeError(f"must be a JSON {kind.__name__}")
-        return value
-
-    return parse
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kubeforge.replica", description=__doc__)
     p.add_argument("--actor", required=True, help="the actor class, as package.module:Class")
-    p.add_argument("--args", type=_json_arg(list), default=[], help="JSON list of init args")
-    p.add_argument("--kwargs", type=_json_arg(dict), default={}, help="JSON object of kwargs")
+    p.add_argument(
+        "--args", type=_runtime.json_arg(list), default=[], help="JSON list of init args"
+    )
+    p.add_argument(
+        "--kwargs", type=_runtime.json_arg(dict), default={}, help="JSON object of kwargs"
+    )
     p.add_argument(
         "--host", default=None, help="bind address (default $KUBEFORGE_BIND_HOST or 0.0.0.0)"
     )

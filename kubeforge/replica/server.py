@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 import os
 import secrets
@@ -26,7 +25,6 @@ from kubeforge.errors import (
     KubeforgeError,
     RemoteError,
     RequestTimeoutError,
-    UnauthorizedError,
     UnknownEndpointError,
     UnknownSessionError,
 )
@@ -106,7 +104,7 @@ class ReplicaServer:
         self.window = SlidingWindow(time.monotonic(), config.metrics_window)
         self.counts: dict[tuple[str, str], int] = {}
         self.http = HttpServer(self.handle, config.max_body, on_error=wire.http_error)
-        self._auth = f"Bearer {config.token}".encode() if config.token else None
+        self._auth = wire.bearer(config.token)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._openapi = wire.encode(openapi.document("kubeforge replica", self.endpoints, False))
 
@@ -175,7 +173,7 @@ class ReplicaServer:
             if path == "/metrics" and req.method == "GET":
                 return Response(200, self.prometheus(), prom.CONTENT_TYPE)
             if path.startswith(wire.SESSIONS_PATH + "/"):
-                self._check_token(req)
+                wire.check_token(req, self._auth)
                 return await self._session(req, path[len(wire.SESSIONS_PATH) + 1 :])
             if path == "/v1/endpoints" and req.method == "GET":
                 return Response(200, wire.encode([e.describe() for e in self.endpoints.values()]))
@@ -184,14 +182,6 @@ class ReplicaServer:
             return wire.http_error(404, f"no route for {req.method} {path}")
         except KubeforgeError as err:
             return wire.error_response(err, req.headers.get(wire.H_CONTENT_TYPE))
-
-    def _check_token(self, req: Request) -> None:
-        if self._auth is not None:
-            got = req.headers.get(wire.H_AUTH)
-            if got is None:
-                raise UnauthorizedError("missing 'Authorization: Bearer <token>' header")
-            if not hmac.compare_digest(got, self._auth):
-                raise UnauthorizedError("wrong token")
 
     async def _session(self, req: Request, sid: str) -> Response:
         now = time.monotonic()
@@ -215,7 +205,7 @@ class ReplicaServer:
         return True
 
     async def _call(self, req: Request, name: str) -> Response:
-        self._check_token(req)
+        wire.check_token(req, self._auth)
         if self.draining:
             raise DrainingError("replica is shutting down")
         info = self.endpoints.get(name)
@@ -274,41 +264,33 @@ class ReplicaServer:
     ) -> Any:
         fn = getattr(self.actor, name)
         if not is_async:
+            signature = self.endpoints[name].signature
             try:
-                self.endpoints[name].signature.bind(*args, **kwargs)
+                signature.bind(*args, **kwargs)
             except TypeError as exc:
-                raise InvalidArgumentsError(f"TypeError: {exc}") from None
+                raise InvalidArgumentsError(f"TypeError: {name}{signature}: {exc}") from None
         await self.admission.acquire(timeout)
-        remaining = timeout - (time.monotonic() - started)
         if is_async:
             try:
-                coro = fn(*args, **kwargs)
+                work = fn(*args, **kwargs)
             except TypeError as exc:  # binding happens at call time, before the body runs
                 self.admission.release()
                 raise InvalidArgumentsError(f"TypeError: {exc}") from None
-            try:
-                async with asyncio.timeout(remaining):
-                    return await coro
-            except TimeoutError:
-                raise RequestTimeoutError(
-                    f"endpoint {name!r} did not finish within {timeout:g}s", timeout=timeout
-                ) from None
-            except KubeforgeError:
-                raise
-            except Exception as exc:
-                raise _remote(exc) from None
-            finally:
-                self.admission.release()
-        # Sync endpoints run in a thread. A thread cannot be cancelled, so on timeout the caller
-        # gets its error at once while the slot stays taken until the thread really returns.
-        fut = asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(fn, *args, **kwargs)
-        )
-        fut.add_done_callback(lambda _f: self.admission.release())
+        else:
+            # A thread cannot be cancelled: on timeout the caller gets its error at once, while
+            # the slot stays taken until the thread really returns.
+            thread = asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(fn, *args, **kwargs)
+            )
+            thread.add_done_callback(lambda _f: self.admission.release())
+            work = asyncio.shield(thread)
+        deadline = asyncio.timeout(timeout - (time.monotonic() - started))
         try:
-            async with asyncio.timeout(remaining):
-                return await asyncio.shield(fut)
-        except TimeoutError:
+            async with deadline:
+                return await work
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise _remote(exc) from None  # the endpoint's own TimeoutError
             raise RequestTimeoutError(
                 f"endpoint {name!r} did not finish within {timeout:g}s", timeout=timeout
             ) from None
@@ -316,6 +298,9 @@ class ReplicaServer:
             raise
         except Exception as exc:
             raise _remote(exc) from None
+        finally:
+            if is_async:
+                self.admission.release()
 
     async def _expire_sessions(self) -> None:
         ttl = self.config.session_ttl

@@ -8,7 +8,6 @@ broadcast, which must assemble one answer from many, decodes replies.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import random
 import time
@@ -22,7 +21,6 @@ from kubeforge.errors import (
     ReplicaLostError,
     RequestTimeoutError,
     SessionMovedError,
-    UnauthorizedError,
 )
 from kubeforge.http.client import ConnectFailed, ConnectionLost, Upstream, UpstreamTimeout
 from kubeforge.http.server import HttpServer, Request, Response
@@ -62,7 +60,7 @@ class RouterServer:
         self.retries_total = 0
         self.polled_once = False
         self.http = HttpServer(self.handle, config.max_body, on_error=wire.http_error)
-        self._auth = f"Bearer {config.token}".encode() if config.token else None
+        self._auth = wire.bearer(config.token)
         self._auth_line = b"authorization: " + self._auth + b"\r\n" if self._auth else b""
         self._tasks: list[asyncio.Task[Any]] = []
         self._openapi = wire.encode(openapi.document("kubeforge router", None, True))
@@ -146,10 +144,10 @@ class RouterServer:
         path = req.path
         try:
             if path.startswith(wire.CALL_PREFIX) and req.method == "POST":
-                self._check_token(req)
+                wire.check_token(req, self._auth)
                 return await self._call(req, path)
             if path.startswith("/v1/"):
-                self._check_token(req)
+                wire.check_token(req, self._auth)
                 return await self._control(req, path)
             if path == "/healthz" and req.method == "GET":
                 return Response(
@@ -166,14 +164,6 @@ class RouterServer:
             return wire.http_error(404, f"no route for {req.method} {path}")
         except KubeforgeError as err:
             return wire.error_response(err, req.headers.get(wire.H_CONTENT_TYPE))
-
-    def _check_token(self, req: Request) -> None:
-        if self._auth is not None:
-            got = req.headers.get(wire.H_AUTH)
-            if got is None:
-                raise UnauthorizedError("missing 'Authorization: Bearer <token>' header")
-            if not hmac.compare_digest(got, self._auth):
-                raise UnauthorizedError("wrong token")
 
     async def _control(self, req: Request, path: str) -> Response:
         method = req.method

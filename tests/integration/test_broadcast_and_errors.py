@@ -70,3 +70,13 @@ async def test_endpoint_error_reaches_caller_and_replica_stays_in_rotation(
     replicas = http_get(router.url + "/v1/replicas")[1]
     assert replicas[0]["state"] == "HEALTHY"
     assert replicas[0]["failed_requests"] == 5
+
+
+async def test_an_endpoints_own_timeout_error_is_its_error_not_a_call_timeout(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    router = procs.router([procs.replica("examples.failing:Failing")])
+    status, body, _ = await call(http, router.url, "own_timeout")
+    assert status == 500
+    assert body["error"]["type"] == "TimeoutError" and body["error"]["origin"] == "endpoint"
+    assert body["error"]["message"] == "upstream model server timed out"
