@@ -37,9 +37,12 @@ Notes on the external tools (checked with wrk 4.1.0, nginx 1.22.1, vllm-router 0
   It is ready once its own ``GET /health`` answers 200 ("All servers healthy"); the port is
   only opened after all workers were seen healthy. It always starts a Prometheus exporter on
   ``--prometheus-port`` (default 29000, so give it a free port). Unknown paths such as
-  ``POST /v1/call/echo`` (and ``GET /readyz``) are forwarded verbatim to a worker, request
-  headers (``Authorization``) included. Its default policy is ``cache_aware``; round_robin
-  is the cheapest plain balancer. Runtime health checks run every 60 s by default.
+  ``POST /v1/call/echo`` (and ``GET /readyz``) are forwarded to a worker, but the client's
+  ``Authorization`` header is NOT passed on: it sends ``Authorization: Bearer <--api-key>``
+  instead, so with ``--token`` it gets ``--api-key TOKEN``. Its default policy is
+  ``cache_aware``; round_robin is the cheapest plain balancer. Runtime health checks run
+  every 60 s by default. ``--log-level`` does not silence its start-up INFO lines, but it
+  logs nothing per request.
 * nginx runs in the foreground from a throwaway prefix:
   ``nginx -p TMP -c TMP/nginx.conf -g 'daemon off;'``; pid file, temp paths and error log
   all point into TMP, so nothing under /etc/nginx or /var is used and nothing is left running.
@@ -56,6 +59,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -222,7 +226,7 @@ class Procs:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise StartError(
-                    f"{name} exited with code {proc.returncode} before ready; log tail:\n"
+                    f"{name} exited with code {proc.returncode} before ready\n"
                     + self.log_tail(name)
                 )
             req = urllib.request.Request(url, headers=headers or {})
@@ -237,9 +241,17 @@ class Procs:
                 last = str(e)
             time.sleep(0.1)
         raise StartError(
-            f"{name} not ready at {url} after {timeout_s:.0f}s ({last}); log tail:\n"
-            + self.log_tail(name)
+            f"{name} not ready at {url} after {timeout_s:.0f}s ({last})\n" + self.log_tail(name)
         )
+
+    def check_alive(self, names: Sequence[str]) -> None:
+        """Fail loudly if a process died mid-run (its figures would be errors, not speed)."""
+        for name in names:
+            code = self.procs[name].poll()
+            if code is not None:
+                raise StartError(
+                    f"{name} died during the run (exit code {code})\n" + self.log_tail(name)
+                )
 
 
 def write_lua(path: Path, token: str | None) -> None:
@@ -384,9 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs = Procs(tmp, env)
         try:
             replica_urls: list[str] = []
-            for i in range(N_REPLICAS):
+            replica_names = [f"replica{i}" for i in range(N_REPLICAS)]
+            for name in replica_names:
                 port = free_port()
-                name = f"replica{i}"
                 procs.start(
                     name,
                     [
@@ -402,14 +414,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ],
                 )
                 replica_urls.append(f"http://127.0.0.1:{port}")
-            for i, url in enumerate(replica_urls):
-                procs.wait_ready(f"replica{i}", url + "/readyz", args.startup_timeout, auth)
+            for name, url in zip(replica_names, replica_urls, strict=True):
+                procs.wait_ready(name, url + "/readyz", args.startup_timeout, auth)
             print(f"replicas ready: {' '.join(replica_urls)}", flush=True)
 
             def bench(target: str, urls: Sequence[str]) -> None:
                 results[target] = {}
                 for c in conn_list:
                     r = measure(urls, c, args.threads, args.duration, script)
+                    procs.check_alive(replica_names)
                     results[target][c] = r
                     print(
                         f"  {target:<12} c={c:<4} {r.rps:>10.0f} req/s  p50 {r.p50_ms:.2f} ms"
@@ -424,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     procs.wait_ready(target, url + ready_path, args.startup_timeout, auth)
                     bench(target, [url])
                 except StartError as e:
+                    procs.check_alive(replica_names)  # a dead replica is fatal, not per-target
                     failed[target] = str(e)
                     print(f"{target}: FAILED: {e}", flush=True)
                 finally:
@@ -465,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("vllm-router not installed (pip install vllm-router); skipping")
             else:
                 port = free_port()
+                api_key = ["--api-key", args.token] if args.token else []
                 proxied(
                     "vllm-router",
                     [
@@ -485,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         str(free_port()),
                         "--log-level",
                         "warning",
+                        *api_key,
                     ],
                     "/health",
                     port,
@@ -578,7 +594,18 @@ def report(
         "skipped": skipped,
         "failed": {t: why.splitlines()[0] for t, why in failed.items()},
     }
-    print("RESULT " + json.dumps(out, sort_keys=True))
+    print("RESULT " + json.dumps(_finite(out), sort_keys=True))
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf (e.g. no latency line) become null so the RESULT line is strict JSON."""
+    if isinstance(x, float):
+        return round(x, 4) if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 if __name__ == "__main__":
