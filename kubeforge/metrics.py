@@ -101,6 +101,9 @@ class SlidingWindow:
         oldest = newest - len(self.slots) + 1
         return [s for s in self.slots if oldest <= s.epoch <= newest]
 
+    def stats_count(self, now: float) -> int:
+        return sum(s.count for s in self._live(now))
+
     def span(self, now: float) -> float:
         """Seconds the window covers now: shorter while young, then exactly `window_s`."""
         newest = int(now / self.bucket_s)
@@ -108,25 +111,35 @@ class SlidingWindow:
         return max(min(covered, now - self.start), 1e-9)
 
     def stats(self, now: float) -> WindowStats:
-        live = self._live(now)
-        count = sum(s.count for s in live)
-        errors = sum(s.errors for s in live)
-        hist: dict[int, int] = {}
-        for s in live:
-            for k, v in s.hist.items():
-                hist[k] = hist.get(k, 0) + v
-        p50, p95, p99 = percentiles(hist, count, (0.50, 0.95, 0.99))
-        return WindowStats(
-            window_s=self.window_s,
-            count=count,
-            errors=errors,
-            rate=count / self.span(now),
-            error_rate=errors / count if count else 0.0,
-            avg_latency=sum(s.latency_sum for s in live) / count if count else 0.0,
-            p50=p50,
-            p95=p95,
-            p99=p99,
-        )
+        return merged_stats([self], now)
+
+
+def merged_stats(windows: list[SlidingWindow], now: float) -> WindowStats:
+    """One set of figures over several windows of equal length (a service's replicas).
+
+    Rates add up; percentiles come from the merged histograms, not from averaging percentiles.
+    """
+    if not windows:
+        return WindowStats(0.0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    live = [slot for w in windows for slot in w._live(now)]
+    count = sum(s.count for s in live)
+    errors = sum(s.errors for s in live)
+    hist: dict[int, int] = {}
+    for s in live:
+        for k, v in s.hist.items():
+            hist[k] = hist.get(k, 0) + v
+    p50, p95, p99 = percentiles(hist, count, (0.50, 0.95, 0.99))
+    return WindowStats(
+        window_s=windows[0].window_s,
+        count=count,
+        errors=errors,
+        rate=sum(w.stats_count(now) / w.span(now) for w in windows),
+        error_rate=errors / count if count else 0.0,
+        avg_latency=sum(s.latency_sum for s in live) / count if count else 0.0,
+        p50=p50,
+        p95=p95,
+        p99=p99,
+    )
 
 
 def percentiles(hist: dict[int, int], count: int, qs: tuple[float, ...]) -> list[float]:

@@ -7,7 +7,9 @@ retry it elsewhere: `ConnectFailed` never reached the peer; `ConnectionLost` may
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from collections.abc import Callable
 
 import httptools
 
@@ -29,12 +31,16 @@ class UpstreamTimeout(UpstreamError):
 
 
 class ClientResponse:
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "headers", "raw", "status")
 
-    def __init__(self, status: int, headers: dict[bytes, bytes], body: bytes) -> None:
+    def __init__(self, status: int, headers: dict[bytes, bytes], body: bytes, raw: bytes) -> None:
         self.status = status
         self.headers = headers
         self.body = body
+        self.raw = raw  # the response exactly as received, for relaying it unchanged
+
+
+Callback = Callable[[ClientResponse | None, UpstreamError | None], None]
 
 
 class _Connection(asyncio.Protocol):
@@ -42,8 +48,10 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[ClientResponse] | None = None
+        self.callback: Callback | None = None
+        self.deadline = 0.0
         self.closed = False
+        self._raw: list[bytes] = []
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
 
@@ -52,20 +60,18 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionLost(str(exc or "connection closed by peer")))
-        self.waiter = None
+        self.fail(ConnectionLost(str(exc or "connection closed by peer")))
 
     def eof_received(self) -> bool:
         self.closed = True
         return False
 
     def data_received(self, data: bytes) -> None:
+        self._raw.append(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if self.waiter is not None and not self.waiter.done():
-                self.waiter.set_exception(ConnectionLost(f"malformed response: {exc}"))
+            self.fail(ConnectionLost(f"malformed response: {exc}"))
             self.abort()
 
     def on_message_begin(self) -> None:
@@ -79,13 +85,25 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        waiter, self.waiter = self.waiter, None
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        resp = ClientResponse(self.parser.get_status_code(), self._headers, body)
+        raw = self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)
+        resp = ClientResponse(self.parser.get_status_code(), self._headers, body, raw)
+        callback, self.callback = self.callback, None
+        self.pool.busy.discard(self)
         if not self.parser.should_keep_alive():
             self.abort()
-        if waiter is not None and not waiter.done():
-            waiter.set_result(resp)
+        elif len(self.pool.idle) < self.pool.max_idle:
+            self.pool.idle.append(self)
+        else:
+            self.abort()
+        if callback is not None:
+            callback(resp, None)
+
+    def fail(self, error: UpstreamError) -> None:
+        callback, self.callback = self.callback, None
+        self.pool.busy.discard(self)
+        if callback is not None:
+            callback(None, error)
 
     def abort(self) -> None:
         self.closed = True
@@ -94,43 +112,52 @@ class _Connection(asyncio.Protocol):
 
 
 class Upstream:
-    """A pool of keep-alive connections to one `host:port`."""
+    """A pool of keep-alive connections to one `host:port`.
+
+    Timeouts are deadlines checked by `expire()`, which the owner calls periodically, instead
+    of one timer per request: a timer costs more than the rest of a relayed call's bookkeeping.
+    """
 
     def __init__(self, host: str, port: int, max_idle: int = 256) -> None:
         self.host = host
         self.port = port
         self.max_idle = max_idle
         self.idle: deque[_Connection] = deque()
+        self.busy: set[_Connection] = set()
         self.host_header = f"{host}:{port}".encode()
 
-    async def _connect(self) -> _Connection:
+    def _take_idle(self) -> _Connection | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def _connect(self, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
-        except OSError as exc:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self), self.host, self.port
+                )
+        except (OSError, TimeoutError) as exc:
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from None
         return conn
 
-    async def request(
+    def _dispatch(
         self,
+        conn: _Connection,
         method: bytes,
         path: bytes,
         headers: bytes,
         body: bytes,
         timeout: float,
-    ) -> ClientResponse:
-        """Send one request; `headers` are pre-rendered `name: value\\r\\n` lines."""
-        conn = None
-        while self.idle:
-            candidate = self.idle.pop()
-            if not candidate.closed:
-                conn = candidate
-                break
-        if conn is None:
-            conn = await asyncio.wait_for(self._connect(), timeout)
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[ClientResponse] = loop.create_future()
-        conn.waiter = waiter
+        callback: Callback,
+    ) -> None:
+        conn.callback = callback
+        conn.deadline = time.monotonic() + timeout
+        conn._raw = []
+        self.busy.add(conn)
         conn.transport.write(  # type: ignore[union-attr]
             b"".join(
                 (
@@ -148,24 +175,61 @@ class Upstream:
                 )
             )
         )
-        timer = loop.call_later(timeout, _expire, conn, waiter, timeout)
+
+    def send(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: bytes,
+        body: bytes,
+        timeout: float,
+        callback: Callback,
+    ) -> bool:
+        """Send on a pooled connection and return True, or return False when none is idle.
+
+        `headers` are pre-rendered `name: value\\r\\n` lines; `callback(response, error)`
+        runs when the answer is complete or the request failed.
+        """
+        conn = self._take_idle()
+        if conn is None:
+            return False
+        self._dispatch(conn, method, path, headers, body, timeout, callback)
+        return True
+
+    async def request(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: bytes,
+        body: bytes,
+        timeout: float,
+    ) -> ClientResponse:
+        """Send one request, opening a connection when none is idle."""
+        conn = self._take_idle() or await self._connect(timeout)
+        fut: asyncio.Future[ClientResponse] = asyncio.get_running_loop().create_future()
+
+        def done(resp: ClientResponse | None, error: UpstreamError | None) -> None:
+            if not fut.done():
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(resp)  # type: ignore[arg-type]
+
+        self._dispatch(conn, method, path, headers, body, timeout, done)
         try:
-            resp = await waiter
+            return await fut
         except asyncio.CancelledError:
             conn.abort()  # the response would arrive on a connection nobody waits on
             raise
-        finally:
-            timer.cancel()
-        if not conn.closed and len(self.idle) < self.max_idle:
-            self.idle.append(conn)
-        return resp
+
+    def expire(self, now: float) -> None:
+        """Fail every request whose deadline has passed (its connection cannot be reused)."""
+        for conn in [c for c in self.busy if c.deadline <= now]:
+            conn.fail(UpstreamTimeout("no response before the deadline"))
+            conn.abort()
 
     def close(self) -> None:
         while self.idle:
             self.idle.pop().abort()
-
-
-def _expire(conn: _Connection, waiter: asyncio.Future[ClientResponse], timeout: float) -> None:
-    if not waiter.done():
-        waiter.set_exception(UpstreamTimeout(f"no response within {timeout:g}s"))
-    conn.abort()
+        for conn in list(self.busy):
+            conn.abort()

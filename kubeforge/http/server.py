@@ -54,6 +54,10 @@ class Response:
 
 Handler = Callable[[Request], Awaitable[Response]]
 ErrorRenderer = Callable[[int, str], Response]
+# A synchronous first look at each request. It returns True when it has taken the request and
+# will answer later through `conn.answer(req, ...)`; False hands the request to `Handler`.
+# The router relays calls this way: no task, no coroutine, no future per request.
+FastPath = Callable[[Request, "HttpProtocol"], bool]
 
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
@@ -97,15 +101,17 @@ class HttpProtocol(asyncio.Protocol):
         connections: set[HttpProtocol],
         max_body: int,
         on_error: ErrorRenderer = default_error,
+        fast: FastPath | None = None,
     ) -> None:
         self.handler = handler
+        self.fast = fast
         self.connections = connections
         self.max_body = max_body
         self.on_error = on_error
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.pending: deque[Request] = deque()
-        self.busy = False
+        self.current: Request | None = None  # answered before the next one starts
         self.closing = False
         self.paused = False
         # Per-message parse state.
@@ -181,35 +187,54 @@ class HttpProtocol(asyncio.Protocol):
             b"".join(self._body) if len(self._body) != 1 else self._body[0],
             self.parser.should_keep_alive(),
         )
-        if self.busy:
+        if self.current is not None:
             self.pending.append(req)
             if len(self.pending) > 32 and not self.paused and self.transport:
                 self.paused = True
                 self.transport.pause_reading()
         else:
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._serve(req))
+            self._start(req)
 
     # answering -----------------------------------------------------------------------------
 
-    async def _serve(self, req: Request | None) -> None:
-        while req is not None:
+    def _start(self, req: Request) -> None:
+        self.current = req
+        if self.fast is not None:
             try:
-                resp = await self.handler(req)
-            except Exception as exc:  # a bug in a handler: answer, log, keep serving
-                log.exception("handler failed for %s %s", req.method, req.path)
-                resp = self.on_error(500, f"internal error: {type(exc).__name__}: {exc}")
-            if self.closing or self.transport is None:
+                if self.fast(req, self):
+                    return
+            except Exception as exc:
+                self._crashed(req, exc)
                 return
-            self.transport.write(render(resp, req.keep_alive))
-            if not req.keep_alive:
-                self.close()
-                return
-            req = self.pending.popleft() if self.pending else None
+        asyncio.get_running_loop().create_task(self._run_handler(req))
+
+    async def _run_handler(self, req: Request) -> None:
+        try:
+            resp = await self.handler(req)
+        except Exception as exc:
+            self._crashed(req, exc)
+            return
+        self.answer(req, resp)
+
+    def _crashed(self, req: Request, exc: Exception) -> None:
+        """A bug in a handler: answer 500, log it, keep serving the connection."""
+        log.error("handler failed for %s %s", req.method, req.path, exc_info=exc)
+        self.answer(req, self.on_error(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+    def answer(self, req: Request, resp: Response | bytes) -> None:
+        """Write the answer to `req` (a Response, or a complete raw HTTP response to relay)."""
+        if self.closing or self.transport is None or req is not self.current:
+            return
+        self.transport.write(resp if isinstance(resp, bytes) else render(resp, req.keep_alive))
+        if not req.keep_alive:
+            self.close()
+            return
+        self.current = None
+        if self.pending:
             if self.paused and len(self.pending) < 8:
                 self.paused = False
                 self.transport.resume_reading()
-        self.busy = False
+            self._start(self.pending.popleft())
 
     def _too_large_reply(self) -> None:
         """Answer 413 at once but keep reading (and dropping) the body for a moment.
@@ -240,7 +265,7 @@ class HttpProtocol(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return not self.busy
+        return self.current is None
 
 
 class HttpServer:
@@ -251,15 +276,17 @@ class HttpServer:
         handler: Handler,
         max_body: int,
         on_error: ErrorRenderer = default_error,
+        fast: FastPath | None = None,
     ) -> None:
         self.handler = handler
+        self.fast = fast
         self.max_body = max_body
         self.on_error = on_error
         self.connections: set[HttpProtocol] = set()
         self.server: asyncio.AbstractServer | None = None
 
     def _protocol(self) -> HttpProtocol:
-        return HttpProtocol(self.handler, self.connections, self.max_body, self.on_error)
+        return HttpProtocol(self.handler, self.connections, self.max_body, self.on_error, self.fast)
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()

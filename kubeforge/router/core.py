@@ -197,6 +197,18 @@ class RoutingTable:
         replica.sessions_added += 1
         return Placement(replica, self.codec.new(replica.index, replica.instance or ""), fresh=True)
 
+    def sticky(self, session_id: str) -> Replica | None:
+        """The session's own replica when it can take the call as is, else None. No side effects."""
+        ref = self.codec.parse(session_id)
+        replica = self.replicas.get(ref.index)
+        if (
+            replica is not None
+            and replica.state is ReplicaState.HEALTHY
+            and replica.instance == ref.instance
+        ):
+            return replica
+        return None
+
     def place(self, session_id: str) -> Placement:
         """Where a call in `session_id` goes; re-pins the session when its replica is gone."""
         ref = self.codec.parse(session_id)  # UnknownSessionError for ids we never issued

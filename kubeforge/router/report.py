@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kubeforge import prom
+from kubeforge.metrics import merged_stats
 from kubeforge.router.core import Replica, ReplicaState
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def summary(router: RouterServer, now: float) -> dict[str, Any]:
     entries = [replica_entry(r, now) for r in _ordered(router)]
     healthy = [e for e in entries if e["state"] == ReplicaState.HEALTHY.value]
     total_sessions = sum(e["assigned_sessions"] for e in entries)
-    stats = router.window.stats(now)
+    stats = merged_stats([r.window for r in _ordered(router)], now)
     service = {
         "total_sessions": total_sessions,
         "healthy_replicas": len(healthy),
@@ -71,7 +72,7 @@ def summary(router: RouterServer, now: float) -> dict[str, Any]:
 def metrics(router: RouterServer, now: float) -> dict[str, Any]:
     """Everything: the summary plus the service-wide window as measured at the router."""
     out = summary(router, now)
-    out["window"] = router.window.stats(now).as_dict()
+    out["window"] = merged_stats([r.window for r in _ordered(router)], now).as_dict()
     return out
 
 

@@ -22,8 +22,15 @@ from kubeforge.errors import (
     RequestTimeoutError,
     SessionMovedError,
 )
-from kubeforge.http.client import ConnectFailed, ConnectionLost, Upstream, UpstreamTimeout
-from kubeforge.http.server import HttpServer, Request, Response
+from kubeforge.http.client import (
+    ClientResponse,
+    ConnectFailed,
+    ConnectionLost,
+    Upstream,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from kubeforge.http.server import HttpProtocol, HttpServer, Request, Response
 from kubeforge.metrics import SlidingWindow
 from kubeforge.router import report
 from kubeforge.router.core import Placement, Replica, ReplicaState, RoutingTable
@@ -56,10 +63,11 @@ class RouterServer:
         self.discovery = discovery
         self.table = RoutingTable(SessionCodec(config.token))
         self.upstreams: dict[int, Upstream] = {}
-        self.window = SlidingWindow(time.monotonic(), config.metrics_window)
         self.retries_total = 0
         self.polled_once = False
-        self.http = HttpServer(self.handle, config.max_body, on_error=wire.http_error)
+        self.http = HttpServer(
+            self.handle, config.max_body, on_error=wire.http_error, fast=self._fast_call
+        )
         self._auth = wire.bearer(config.token)
         self._auth_line = b"authorization: " + self._auth + b"\r\n" if self._auth else b""
         self._tasks: list[asyncio.Task[Any]] = []
@@ -91,6 +99,7 @@ class RouterServer:
         await asyncio.sleep(0)
         await self.poll_all()
         self._tasks.append(loop.create_task(self._poll_forever()))
+        self._tasks.append(loop.create_task(self._expire_forever()))
         port = await self.http.start(self.config.host, self.config.port)
         self.config.port = port
         return port
@@ -110,6 +119,14 @@ class RouterServer:
                 await self.poll_all()
             except Exception:  # never let one bad report stop health checking
                 log.exception("health poll failed")
+
+    async def _expire_forever(self) -> None:
+        """Deadlines of relayed calls and health checks, checked ten times a second."""
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for upstream in list(self.upstreams.values()):
+                upstream.expire(now)
 
     async def poll_all(self) -> None:
         replicas = list(self.table.replicas.values())
@@ -145,7 +162,7 @@ class RouterServer:
         try:
             if path.startswith(wire.CALL_PREFIX) and req.method == "POST":
                 wire.check_token(req, self._auth)
-                return await self._call(req, path)
+                return await self._call(req, path)  # `_fast_call` declined this one
             if path.startswith("/v1/"):
                 wire.check_token(req, self._auth)
                 return await self._control(req, path)
@@ -183,7 +200,10 @@ class RouterServer:
 
     # the call path ------------------------------------------------------------------------
 
-    async def _call(self, req: Request, path: str) -> Response:
+    async def _call(
+        self, req: Request, path: str, tried: set[int] | None = None, attempt: int = 0
+    ) -> Response:
+        """The general call path: placement of new and moved sessions, connects, retries."""
         headers = req.headers
         sid_raw = headers.get(wire.H_SESSION)
         extra = self._auth_line
@@ -194,8 +214,7 @@ class RouterServer:
         if deadline:
             extra += b"x-kubeforge-timeout: " + deadline + b"\r\n"
         path_b = path.encode()
-        tried: set[int] = set()
-        attempt = 0
+        tried = tried or set()
         while True:
             placement: Placement | None = None
             if sid_raw is None:
@@ -260,29 +279,116 @@ class RouterServer:
             resp = await upstream.request(b"POST", path, headers, body, self.config.request_timeout)
             ok = resp.status < 400
             return resp
-        except ConnectionLost as exc:
-            self.table.connection_failed(replica, str(exc))
-            raise ReplicaLostError(
-                f"replica {replica.name} was lost during the call ({exc}); "
-                "it may or may not have run",
-                replica=replica.name,
-            ) from None
-        except UpstreamTimeout as exc:
-            raise RequestTimeoutError(
-                f"replica {replica.name} did not answer within "
-                f"{self.config.request_timeout:g}s ({exc})",
-                replica=replica.name,
-            ) from None
+        except (ConnectionLost, UpstreamTimeout) as exc:
+            raise self._lost(replica, exc) from None
         finally:
-            replica.in_flight -= 1
-            now = time.monotonic()
-            replica.window.record(now, now - started, ok)
-            self.window.record(now, now - started, ok)
-            replica.total_requests += 1
-            if ok:
-                replica.successful_requests += 1
+            self._record(replica, started, ok)
+
+    def _record(self, replica: Replica, started: float, ok: bool) -> None:
+        replica.in_flight -= 1
+        now = time.monotonic()
+        replica.window.record(now, now - started, ok)
+        replica.total_requests += 1
+        if ok:
+            replica.successful_requests += 1
+        else:
+            replica.failed_requests += 1
+
+    def _lost(self, replica: Replica, exc: ConnectionLost | UpstreamTimeout) -> KubeforgeError:
+        """The error for a call that reached a replica and got no answer."""
+        if isinstance(exc, UpstreamTimeout):
+            return RequestTimeoutError(
+                f"replica {replica.name} did not answer within {self.config.request_timeout:g}s",
+                replica=replica.name,
+            )
+        self.table.connection_failed(replica, str(exc))
+        return ReplicaLostError(
+            f"replica {replica.name} was lost during the call ({exc}); it may or may not have run",
+            replica=replica.name,
+        )
+
+    def _fast_call(self, req: Request, conn: HttpProtocol) -> bool:
+        """The common case of `_call`, relayed with callbacks only, or False to take `_call`.
+
+        Taken when: a call whose session (if any) sits on its healthy replica, with the right
+        token, and a pooled connection to the chosen replica. Everything else, and anything
+        that needs a retry, goes through `_call`, which has the same semantics.
+        """
+        if req.method != "POST" or not req.path.startswith(wire.CALL_PREFIX):
+            return False
+        headers = req.headers
+        if self._auth is not None and headers.get(wire.H_AUTH) != self._auth:
+            return False  # `_call` answers 401 (with a constant-time compare)
+        extra = self._auth_line
+        ctype = headers.get(wire.H_CONTENT_TYPE)
+        if ctype:
+            extra += b"content-type: " + ctype + b"\r\n"
+        deadline = headers.get(wire.H_TIMEOUT)
+        if deadline:
+            extra += b"x-kubeforge-timeout: " + deadline + b"\r\n"
+        sid = headers.get(wire.H_SESSION)
+        table = self.table
+        try:
+            if sid is None:
+                replica = table.pick()
             else:
-                replica.failed_requests += 1
+                replica = table.sticky(sid.decode())
+                if replica is None:
+                    return False  # the session must move first
+                extra += b"x-kubeforge-session: " + sid + b"\r\n"
+        except KubeforgeError:
+            return False
+        replica.in_flight += 1
+        started = time.monotonic()
+
+        def done(resp: ClientResponse | None, error: UpstreamError | None) -> None:
+            if resp is None:
+                self._record(replica, started, False)
+                err = self._lost(replica, error)  # type: ignore[arg-type]
+                conn.answer(req, wire.error_response(err, ctype))
+                return
+            self._record(replica, started, resp.status < 400)
+            retryable = resp.headers.get(wire.H_RETRYABLE)
+            if (
+                retryable
+                and self.config.retries > 0
+                and (sid is None or retryable == b"DrainingError")
+            ):
+                if retryable == b"DrainingError":
+                    table.set_state(replica, ReplicaState.UNHEALTHY, "draining")
+                self.retries_total += 1
+                asyncio.get_running_loop().create_task(
+                    self._finish_call(req, conn, {replica.index}, resp)
+                )
+                return
+            conn.answer(
+                req,
+                resp.raw
+                if req.keep_alive
+                else Response(
+                    resp.status, resp.body, resp.headers.get(wire.H_CONTENT_TYPE, wire.JSON)
+                ),
+            )
+
+        sent = self.upstreams[replica.index].send(
+            b"POST", req.path.encode(), extra, req.body, self.config.request_timeout, done
+        )
+        if not sent:
+            replica.in_flight -= 1
+        return sent
+
+    async def _finish_call(
+        self, req: Request, conn: HttpProtocol, tried: set[int], last: ClientResponse
+    ) -> None:
+        """Continue a fast call that must be retried elsewhere, answering as `_call` would."""
+        if len(tried) >= len(self.table.replicas):
+            conn.answer(req, last.raw)
+            return
+        try:
+            resp = await self._call(req, req.path, tried, attempt=1)
+        except KubeforgeError as err:
+            resp = wire.error_response(err, req.headers.get(wire.H_CONTENT_TYPE))
+        conn.answer(req, resp)
 
     def _backoff(self, attempt: int) -> float:
         return min(self.config.retry_backoff * 2 ** (attempt - 1), 0.5) * random.uniform(0.5, 1)
