@@ -126,6 +126,8 @@ class WrkResult:
     requests: int
     non2xx: int
     socket_errors: int
+    proxy_user_us: float | None = None  # CPU the proxy spent per request, user space
+    proxy_sys_us: float | None = None  # ... and in the kernel (its syscalls)
 
     @property
     def errors(self) -> int:
@@ -184,7 +186,7 @@ class Procs:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                process_group=0,  # own group for cleanup, same session: one scheduler autogroup
             )
         finally:
             log.close()
@@ -289,7 +291,7 @@ def run_wrk_many(
             wrk_argv(u, c, threads, duration, script),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            process_group=0,  # own group for cleanup, same session: one scheduler autogroup
         )
         for u, c in zip(urls, conns, strict=True)
     ]
@@ -312,13 +314,50 @@ def split_connections(total: int, parts: int) -> list[int]:
     return [max(1, base + (1 if i < extra else 0)) for i in range(parts)]
 
 
+_TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_ticks(pid: int) -> tuple[int, int]:
+    """(user, system) clock ticks used so far by `pid` and its living descendants."""
+    stats: dict[int, tuple[int, int, int]] = {}  # pid -> (ppid, utime, stime)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), int(fields[11]), int(fields[12]))
+    tree, frontier = {pid}, {pid}
+    while frontier:
+        frontier = {p for p, (pp, _, _) in stats.items() if pp in frontier} - tree
+        tree |= frontier
+    return (
+        sum(stats[p][1] for p in tree if p in stats),
+        sum(stats[p][2] for p in tree if p in stats),
+    )
+
+
 def measure(
-    urls: Sequence[str], total_conns: int, threads: int, duration: int, script: Path
+    urls: Sequence[str],
+    total_conns: int,
+    threads: int,
+    duration: int,
+    script: Path,
+    proxy_pid: int | None = None,
 ) -> WrkResult:
-    """Warm up, then measure. Several URLs: connections split, req/s summed, worst p50/p99."""
+    """Warm up, then measure. Several URLs: connections split, req/s summed, worst p50/p99.
+
+    With `proxy_pid`, also the proxy's CPU per request (its process tree, from /proc): the
+    figure that says where a proxy's cost is, whatever the scheduler did with the two cores.
+    """
     conns = split_connections(total_conns, len(urls))
     run_wrk_many(urls, conns, threads, WARMUP_S, script)
+    before = tree_cpu_ticks(proxy_pid) if proxy_pid else (0, 0)
     results = run_wrk_many(urls, conns, threads, duration, script)
+    after = tree_cpu_ticks(proxy_pid) if proxy_pid else (0, 0)
+    n = max(1, sum(r.requests for r in results))
+    cpu = [(a - b) * _TICK_US / n for a, b in zip(after, before, strict=True)]
     return WrkResult(
         rps=sum(r.rps for r in results),
         p50_ms=max(r.p50_ms for r in results),
@@ -326,6 +365,8 @@ def measure(
         requests=sum(r.requests for r in results),
         non2xx=sum(r.non2xx for r in results),
         socket_errors=sum(r.socket_errors for r in results),
+        proxy_user_us=cpu[0] if proxy_pid else None,
+        proxy_sys_us=cpu[1] if proxy_pid else None,
     )
 
 
@@ -418,10 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 procs.wait_ready(name, url + "/readyz", args.startup_timeout, auth)
             print(f"replicas ready: {' '.join(replica_urls)}", flush=True)
 
-            def bench(target: str, urls: Sequence[str]) -> None:
+            def bench(target: str, urls: Sequence[str], pid: int | None = None) -> None:
                 results[target] = {}
                 for c in conn_list:
-                    r = measure(urls, c, args.threads, args.duration, script)
+                    r = measure(urls, c, args.threads, args.duration, script, pid)
                     procs.check_alive(replica_names)
                     results[target][c] = r
                     print(
@@ -433,9 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             def proxied(target: str, argv: list[str], ready_path: str, port: int) -> None:
                 url = f"http://127.0.0.1:{port}"
                 try:
-                    procs.start(target, argv)
+                    proc = procs.start(target, argv)
                     procs.wait_ready(target, url + ready_path, args.startup_timeout, auth)
-                    bench(target, [url])
+                    bench(target, [url], proc.pid)
                 except StartError as e:
                     procs.check_alive(replica_names)  # a dead replica is fatal, not per-target
                     failed[target] = str(e)
@@ -531,16 +572,21 @@ def report(
     print("direct: one wrk per replica, connections split, req/s summed, p50/p99 = worst replica")
     header = (
         f"{'target':<12} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'requests':>9} {'non-2xx':>8} {'sock err':>8}"
+        f"{'requests':>9} {'non-2xx':>8} {'sock err':>8} {'cpu us/req (user+sys)':>22}"
     )
     print(header)
     print("-" * len(header))
     for target, per_conn in results.items():
         for c, r in per_conn.items():
             flag = "  <-- ERRORS" if r.errors else ""
+            cpu = (
+                f"{r.proxy_user_us:.1f}+{r.proxy_sys_us:.1f}"
+                if r.proxy_user_us is not None and r.proxy_sys_us is not None
+                else "-"
+            )
             print(
                 f"{target:<12} {c:>5} {r.rps:>10.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-                f"{r.requests:>9} {r.non2xx:>8} {r.socket_errors:>8}{flag}"
+                f"{r.requests:>9} {r.non2xx:>8} {r.socket_errors:>8} {cpu:>22}{flag}"
             )
     for target, why in {**skipped, **failed}.items():
         print(f"{target:<12} {why.splitlines()[0]}")

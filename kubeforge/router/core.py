@@ -153,8 +153,24 @@ class RoutingTable:
     # choosing -----------------------------------------------------------------------------
 
     def pick(self, exclude: frozenset[int] = frozenset()) -> Replica:
-        """Least-loaded healthy replica for a call without a session."""
-        return self._least(lambda r: r.load, exclude)
+        """Least-loaded healthy replica for a call without a session.
+
+        The same choice as `_least` with load as the key, written out because it runs on
+        every call of the hot path.
+        """
+        pool = self.healthy
+        n = len(pool)
+        if n == 0 or exclude:
+            return self._least(lambda r: r.load, exclude)
+        self._turn = turn = (self._turn + 1) % n
+        best = pool[turn]
+        best_load = best.in_flight + best.external
+        for i in range(1, n):
+            r = pool[(turn + i) % n]
+            load = r.in_flight + r.external
+            if load < best_load:
+                best, best_load = r, load
+        return best
 
     def pick_for_session(self, exclude: frozenset[int] = frozenset()) -> Replica:
         """Least-loaded, then fewest sessions: where a new or re-pinned session goes."""

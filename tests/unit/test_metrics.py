@@ -53,3 +53,20 @@ def test_percentiles_of_nothing_are_zero() -> None:
 def test_bad_window_is_rejected() -> None:
     with pytest.raises(ValueError):
         SlidingWindow(0.0, window_s=1.0, bucket_s=2.0)
+
+
+def test_merged_windows_add_rates_and_merge_histograms() -> None:
+    from kubeforge.metrics import merged_stats
+
+    fast, slow = SlidingWindow(0.0, 10.0), SlidingWindow(0.0, 10.0)
+    for i in range(90):
+        fast.record(i * 0.1, 0.001)
+    for i in range(10):
+        slow.record(i * 0.9, 0.100, ok=False)
+    s = merged_stats([fast, slow], 9.5)
+    assert s.count == 100 and s.errors == 10
+    assert s.rate == pytest.approx(fast.stats(9.5).rate + slow.stats(9.5).rate)
+    # p50 sits among the fast calls, p95 among the slow ones: merged, not averaged.
+    assert s.p50 == pytest.approx(0.001, rel=0.07)
+    assert s.p95 == pytest.approx(0.100, rel=0.07)
+    assert merged_stats([], 1.0).count == 0
