@@ -9,7 +9,8 @@ import sys
 
 from kubeforge import _runtime, wire
 from kubeforge.router.discovery import StaticDiscovery
-from kubeforge.router.server import RouterConfig, RouterServer
+from kubeforge.router.engine import RouterConfig
+from kubeforge.router.server import RouterServer
 
 log = logging.getLogger("kubeforge.router")
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             config.host,
             port,
             len(ns.replica),
-            len(server.table.healthy),
+            len(server.router.table.healthy),
         )
 
     _runtime.run(start, server.stop)

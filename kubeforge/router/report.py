@@ -13,7 +13,7 @@ from kubeforge.metrics import merged_stats
 from kubeforge.router.core import Replica, ReplicaState
 
 if TYPE_CHECKING:
-    from kubeforge.router.server import RouterServer
+    from kubeforge.router.engine import Router
 
 
 def replica_entry(r: Replica, now: float) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def replica_entry(r: Replica, now: float) -> dict[str, Any]:
     }
 
 
-def summary(router: RouterServer, now: float) -> dict[str, Any]:
+def summary(router: Router, now: float) -> dict[str, Any]:
     """torchforge's `get_metrics_summary()` shape: `service` totals and `replicas[idx]`."""
     entries = [replica_entry(r, now) for r in _ordered(router)]
     healthy = [e for e in entries if e["state"] == ReplicaState.HEALTHY.value]
@@ -69,18 +69,18 @@ def summary(router: RouterServer, now: float) -> dict[str, Any]:
     return {"service": service, "replicas": {e["index"]: e for e in entries}}
 
 
-def metrics(router: RouterServer, now: float) -> dict[str, Any]:
+def metrics(router: Router, now: float) -> dict[str, Any]:
     """Everything: the summary plus the service-wide window as measured at the router."""
     out = summary(router, now)
     out["window"] = merged_stats([r.window for r in _ordered(router)], now).as_dict()
     return out
 
 
-def replicas(router: RouterServer, now: float) -> list[dict[str, Any]]:
+def replicas(router: Router, now: float) -> list[dict[str, Any]]:
     return [replica_entry(r, now) for r in _ordered(router)]
 
 
-def prometheus(router: RouterServer, now: float) -> bytes:
+def prometheus(router: Router, now: float) -> bytes:
     entries = [replica_entry(r, now) for r in _ordered(router)]
     exp = prom.Exposition()
 
@@ -139,7 +139,7 @@ def prometheus(router: RouterServer, now: float) -> bytes:
     return exp.render()
 
 
-def _ordered(router: RouterServer) -> list[Replica]:
+def _ordered(router: Router) -> list[Replica]:
     return sorted(router.table.replicas.values(), key=lambda r: r.index)
 
 
