@@ -1,6 +1,7 @@
 """kubeforge: replicated Python actors as a Kubernetes-native Service.
 
-The public API keeps torchforge's names: `Actor`, `endpoint`, and the errors below.
+The public API keeps torchforge's names: `Actor`, `endpoint`, `Service`, `ServiceConfig`, and
+`ServiceClient` for the same calls against a router URL.
 """
 
 from kubeforge.actor import Actor, endpoint
@@ -24,6 +25,22 @@ __all__ = [
     "RemoteError",
     "ReplicaLostError",
     "RequestTimeoutError",
+    "Service",
+    "ServiceClient",
+    "ServiceConfig",
     "SessionMovedError",
     "endpoint",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Lazy: `python -m kubeforge.replica` imports this package and should not pay for aiohttp.
+    if name in ("Service", "ServiceConfig"):
+        from kubeforge import service
+
+        return getattr(service, name)
+    if name == "ServiceClient":
+        from kubeforge.client import ServiceClient
+
+        return ServiceClient
+    raise AttributeError(f"module 'kubeforge' has no attribute {name!r}")

@@ -8,9 +8,13 @@ health checks of the replica that hosts it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,6 +36,13 @@ class Actor:
 
     async def on_session_end(self, session_id: str) -> None:
         """Free per-session state (a KV cache, say) when a session ends or expires."""
+
+    @classmethod
+    def options(cls, **config: Any) -> Any:
+        """torchforge's `Actor.options(num_replicas=...).as_service(*args)`."""
+        from kubeforge.service import ServiceOptions  # service.py imports this module
+
+        return ServiceOptions(cls, config)
 
 
 @dataclass(frozen=True)
@@ -68,13 +79,17 @@ def endpoints_of(cls: type) -> dict[str, EndpointInfo]:
 
 
 def load_actor_class(path: str) -> type:
-    """Import `package.module:Class`, with errors that say which half was wrong."""
-    module_name, sep, attr = path.partition(":")
+    """Import `package.module:Class` (or `/path/script.py:Class`), with errors that say which
+    half was wrong."""
+    module_name, sep, attr = path.rpartition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"actor path {path!r} must look like 'package.module:Class'")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
+        if module_name.endswith(".py"):
+            module = _load_script(module_name)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, OSError) as exc:
         raise ValueError(f"cannot import actor module {module_name!r}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
@@ -87,3 +102,39 @@ def load_actor_class(path: str) -> type:
     if not endpoints_of(obj):
         raise ValueError(f"actor {path!r} has no @endpoint methods")
     return obj
+
+
+def _load_script(path: str) -> ModuleType:
+    """Load the user's main script the way multiprocessing's spawn does: as `__mp_main__`, so
+    its `if __name__ == "__main__":` block does not run again in the replica."""
+    if (
+        "__mp_main__" in sys.modules
+        and getattr(sys.modules["__mp_main__"], "__file__", None) == path
+    ):
+        return sys.modules["__mp_main__"]
+    spec = importlib.util.spec_from_file_location("__mp_main__", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["__mp_main__"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def import_path_of(cls: type) -> str:
+    """The actor path a replica process can load `cls` from."""
+    if "<locals>" in cls.__qualname__:
+        raise ValueError(
+            f"{cls.__qualname__} is defined inside a function; define actor "
+            "classes at module level so replica processes can import them"
+        )
+    module = cls.__module__
+    if module in ("__main__", "__mp_main__"):
+        main_file = getattr(sys.modules[module], "__file__", None)
+        if not main_file:
+            raise ValueError(
+                f"{cls.__qualname__} is defined in an interactive session; move it "
+                "into a module or script file so replica processes can import it"
+            )
+        return f"{os.path.abspath(main_file)}:{cls.__qualname__}"
+    return f"{module}:{cls.__qualname__}"

@@ -1,65 +1,230 @@
-"""The `kubeforge` command."""
+"""The `kubeforge` command: `run` a Service manifest locally, `call` it, watch its `status`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
+from typing import Any
 
+import yaml
+
+from kubeforge import gpus
 from kubeforge._runtime import duration, json_arg
-from kubeforge.local import LocalDeployment
+from kubeforge.api import ManifestError, ServiceManifest, parse_manifest
+from kubeforge.errors import BroadcastError, KubeforgeError
+from kubeforge.local import LocalDeployment, ReplicaSet
+
+# Fields that mean something only to a cluster; `run` says it ignores them rather than pretend.
+_CLUSTER_ONLY = (
+    "image",
+    "resources",
+    "node_selector",
+    "tolerations",
+    "affinity",
+    "image_pull_secrets",
+    "priority_class_name",
+    "runtime_class_name",
+    "scheduler_name",
+    "pod_template",
+)
 
 
-def _serve(ns: argparse.Namespace) -> int:
-    replica_flags = [
-        "--max-concurrent-requests",
-        str(ns.max_concurrent_requests),
-        "--request-timeout",
-        str(ns.request_timeout),
+def load_manifest(path: str) -> ServiceManifest:
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    services = [
+        d
+        for d in docs
+        if isinstance(d, dict)
+        and d.get("kind") == "Service"
+        and str(d.get("apiVersion", "")).startswith("kubeforge.dev/")
     ]
-    dep = LocalDeployment(
-        actor=ns.actor,
-        replicas=ns.replicas,
-        args=ns.args,
-        kwargs=ns.kwargs,
-        host=ns.host,
+    if len(services) != 1:
+        raise ManifestError(f"{path}: expected one kubeforge Service, found {len(services)}")
+    return parse_manifest(services[0], path)
+
+
+def _run(ns: argparse.Namespace) -> int:
+    try:
+        manifest = load_manifest(ns.spec)
+        spec = manifest.spec
+        if spec.replicas < 1:
+            raise ManifestError(f"{ns.spec}: spec.replicas is {spec.replicas}: nothing to run")
+        assigned = (
+            gpus.assign(spec.replicas, spec.gpus_per_replica, gpus.visible_gpus())
+            if spec.gpus_per_replica
+            else None
+        )
+    except (ManifestError, gpus.GpuError) as exc:
+        print(f"kubeforge: {exc}", file=sys.stderr)
+        return 2
+    ignored = [name for name in _CLUSTER_ONLY if getattr(spec, name)]
+    if ignored:
+        print(f"note: ignored when running locally: {', '.join(ignored)}", flush=True)
+    env = {"KUBEFORGE_TOKEN": ns.token} if ns.token else {}
+    deployment = LocalDeployment(
+        ReplicaSet(
+            actor=spec.actor,
+            replicas=spec.replicas,
+            args=spec.args,
+            kwargs=spec.kwargs,
+            host=ns.host,
+            gpus=assigned,
+            env={**env, **{e["name"]: str(e.get("value", "")) for e in spec.env if "name" in e}},
+            flags=[
+                "--max-concurrent-requests",
+                str(spec.max_concurrent_requests),
+                "--request-timeout",
+                str(spec.request_timeout_seconds),
+            ],
+        ),
         port=ns.port,
-        replica_flags=replica_flags,
-        router_flags=["--health-poll-rate", str(ns.health_poll_rate)],
+        router_flags=["--health-poll-rate", str(spec.health_poll_seconds)],
+        env=env,
     )
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    name = manifest.metadata.name
     try:
-        print(f"starting {ns.replicas} replicas of {ns.actor} ...", flush=True)
-        url = dep.start(progress=lambda m: print(m, flush=True))
-        print(f"kubeforge serving {ns.actor} at {url}  (Ctrl-C to stop)", flush=True)
+        print(f"starting {name}: {spec.replicas} replicas of {spec.actor} ...", flush=True)
+        url = deployment.start(timeout=ns.startup_timeout, progress=lambda m: print(m, flush=True))
+        print(f"kubeforge: {name} is serving at {url}  (Ctrl-C to stop)", flush=True)
         stop.wait()
-        print("stopping ...", flush=True)
+        print(f"stopping {name} (grace {ns.grace:g}s) ...", flush=True)
     except (RuntimeError, TimeoutError, ValueError) as exc:
         print(f"kubeforge: {exc}", file=sys.stderr)
         return 1
     finally:
-        dep.stop(grace=ns.grace)
+        deployment.stop(grace=ns.grace)
+    print("stopped", flush=True)
     return 0
+
+
+def _value(text: str) -> Any:
+    """A CLI argument: JSON when it parses (3, true, [1,2], "x"), else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _call(ns: argparse.Namespace) -> int:
+    from kubeforge.client import ServiceClient
+
+    async def go() -> Any:
+        async with ServiceClient(ns.url, token=ns.token, timeout=ns.timeout) as client:
+            handle = getattr(client, ns.endpoint)
+            args = [_value(a) for a in ns.args]
+            if ns.all:
+                return await handle.fanout(*args, **ns.kwargs)
+            return await handle.route(*args, sess_id=ns.session, **ns.kwargs)
+
+    try:
+        result = asyncio.run(go())
+    except BroadcastError as exc:
+        print(
+            json.dumps(
+                {
+                    "results": exc.results,
+                    "replicas": exc.replicas,
+                    "errors": {k: str(v) for k, v in exc.errors.items()},
+                },
+                indent=2,
+            )
+        )
+        return 1
+    except KubeforgeError as exc:
+        print(f"kubeforge: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def status_table(replicas: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'REPLICA':<12} {'STATE':<10} {'IN-FLIGHT':>9} {'QUEUE':>6} {'SESSIONS':>8} "
+        f"{'REQ/S':>9} {'P50 MS':>8}  REASON"
+    )
+    lines = [header]
+    for r in replicas:
+        lines.append(
+            f"{r['name']:<12} {r['state']:<10} {r['in_flight']:>9} {r['queue_depth']:>6} "
+            f"{r['assigned_sessions']:>8} {r['request_rate']:>9.1f} "
+            f"{r['p50_latency'] * 1000:>8.2f}  {r.get('reason', '')}"
+        )
+    return "\n".join(lines)
+
+
+def _status(ns: argparse.Namespace) -> int:
+    from kubeforge.client import ServiceClient
+
+    async def fetch() -> list[dict[str, Any]]:
+        async with ServiceClient(ns.url, token=ns.token, timeout=5.0) as client:
+            return await client.replicas()
+
+    live = not ns.once and sys.stdout.isatty()
+    try:
+        while True:
+            try:
+                table = status_table(asyncio.run(fetch()))
+            except KubeforgeError as exc:
+                table = f"kubeforge: {exc}"
+                if not live:
+                    print(table, file=sys.stderr)
+                    return 1
+            if live:
+                print("\033[H\033[2J" + time.strftime("%H:%M:%S ") + ns.url, flush=False)
+            print(table, flush=True)
+            if not live:
+                return 0
+            time.sleep(ns.interval)
+    except KeyboardInterrupt:
+        return 0
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubeforge", description="Replicated Python actors.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run N local replicas of an actor behind a router")
-    s.add_argument("actor", help="package.module:Class")
-    s.add_argument("--replicas", type=int, default=3)
-    s.add_argument("--args", type=json_arg(list), default=[], help="JSON list of init args")
-    s.add_argument("--kwargs", type=json_arg(dict), default={}, help="JSON object of init kwargs")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--max-concurrent-requests", type=int, default=10)
-    s.add_argument("--request-timeout", default="60s")
-    s.add_argument("--health-poll-rate", default="200ms")
-    s.add_argument("--grace", type=duration, default=10.0, help="seconds to drain on Ctrl-C")
-    s.set_defaults(func=_serve)
+    token = os.environ.get("KUBEFORGE_TOKEN")
+
+    r = sub.add_parser("run", help="serve a Service manifest locally until Ctrl-C")
+    r.add_argument("spec", help="a YAML file with a kubeforge.dev/v1alpha1 Service")
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8080)
+    r.add_argument("--token", default=token, help="require this token (default $KUBEFORGE_TOKEN)")
+    r.add_argument("--startup-timeout", type=duration, default=120.0)
+    r.add_argument("--grace", type=duration, default=10.0, help="drain time on Ctrl-C")
+    r.set_defaults(func=_run)
+
+    c = sub.add_parser("call", help="call an endpoint through a router")
+    c.add_argument("url")
+    c.add_argument("endpoint")
+    c.add_argument("args", nargs="*", help="arguments: JSON values, else strings")
+    c.add_argument("--kwargs", type=json_arg(dict), default={}, help="JSON object")
+    c.add_argument("--session", help="a session id from POST /v1/sessions")
+    c.add_argument("--all", action="store_true", help="broadcast to every healthy replica")
+    c.add_argument("--token", default=token)
+    c.add_argument("--timeout", type=duration, default=300.0)
+    c.set_defaults(func=_call)
+
+    s = sub.add_parser("status", help="a live table of a router's replicas")
+    s.add_argument("url")
+    s.add_argument("--once", action="store_true", help="print once and exit")
+    s.add_argument("--interval", type=duration, default=1.0)
+    s.add_argument("--token", default=token)
+    s.set_defaults(func=_status)
     return p
 
 

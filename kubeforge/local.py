@@ -1,4 +1,4 @@
-"""Replicas and a router as local child processes: the embedded default, no cluster needed.
+"""Replicas (and a router) as local child processes: the embedded default, no cluster needed.
 
 It starts exactly the processes a cluster would run (`python -m kubeforge.replica`,
 `python -m kubeforge.router`) on loopback, so what works here works in pods.
@@ -34,92 +34,59 @@ def is_ready(url: str) -> bool:
         return False
 
 
+def _python_path() -> str:
+    """The parent's import path for the children, as multiprocessing's spawn passes it on."""
+    entries = [os.getcwd(), *(p for p in sys.path if p and os.path.isdir(p))]
+    return os.pathsep.join(dict.fromkeys(entries))
+
+
 @dataclass
-class LocalDeployment:
-    actor: str
-    replicas: int
-    args: list[Any] = field(default_factory=list)
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    host: str = "127.0.0.1"
-    port: int = 8080
-    replica_flags: list[str] = field(default_factory=list)
-    router_flags: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
+class Processes:
+    """Child processes started in order and stopped together, with their names for errors."""
+
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     names: dict[int, str] = field(default_factory=dict)
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, **self.env, "KUBEFORGE_REPLICA_NAME": name}
-        # Children get their own process group: a Ctrl-C reaches us only, and we stop them in
-        # order (drain replicas, then the router) instead of all dying at once.
-        proc = subprocess.Popen([sys.executable, *argv], env=env, start_new_session=True)
+    def spawn(self, argv: list[str], name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        # Own process group: a Ctrl-C reaches the parent only, which then stops the children
+        # in order (replicas drain) instead of all of them dying at once.
+        proc = subprocess.Popen([sys.executable, *argv], env={**os.environ, **env}, process_group=0)
         self.children.append(proc)
         self.names[proc.pid] = name
         return proc
 
-    def start(self, timeout: float = 120.0, progress: Callable[[str], None] = print) -> str:
-        if self.replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
-        urls = []
-        for i in range(self.replicas):
-            port = free_port(self.host)
-            urls.append(f"http://{self.host}:{port}")
-            self._spawn(
-                [
-                    "-m",
-                    "kubeforge.replica",
-                    "--actor",
-                    self.actor,
-                    "--args",
-                    json.dumps(self.args),
-                    "--kwargs",
-                    json.dumps(self.kwargs),
-                    "--host",
-                    self.host,
-                    "--port",
-                    str(port),
-                    *self.replica_flags,
-                ],
-                f"replica-{i}",
-            )
-        deadline = time.monotonic() + timeout
-        ready: set[str] = set()
-        while len(ready) < len(urls):
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(urls) - len(ready)} replicas not ready in {timeout:g}s")
-            for url in urls:
-                if url not in ready and is_ready(url):
-                    ready.add(url)
-                    progress(f"replica {len(ready)}/{len(urls)} ready ({url})")
-            time.sleep(0.05)
-        router_args = ["-m", "kubeforge.router", "--host", self.host, "--port", str(self.port)]
-        for url in urls:
-            router_args += ["--replica", url]
-        self._spawn([*router_args, *self.router_flags], "router")
-        while not is_ready(self.url):
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"router not ready in {timeout:g}s")
-            time.sleep(0.05)
-        progress(f"router ready at {self.url}")
-        return self.url
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.children]
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         for proc in self.children:
             if proc.poll() is not None:
                 raise RuntimeError(
-                    f"{self.names[proc.pid]} exited with code {proc.returncode}; "
+                    f"{self.names[proc.pid]} exited with code {proc.returncode} while starting; "
                     "see its output above"
                 )
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM everything (replicas drain), wait up to `grace`, SIGKILL what is left."""
-        for proc in reversed(self.children):  # the router first: no new calls reach replicas
+    def wait_ready(
+        self, urls: list[str], deadline: float, what: str, progress: Callable[[str], None]
+    ) -> None:
+        ready: set[str] = set()
+        while len(ready) < len(urls):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(urls) - len(ready)} of {len(urls)} {what} not ready "
+                    "before the start-up timeout"
+                )
+            for url in urls:
+                if url not in ready and is_ready(url):
+                    ready.add(url)
+                    progress(f"{what} {len(ready)}/{len(urls)} ready ({url})")
+            time.sleep(0.05)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM all (newest first), wait up to `grace` in all, SIGKILL what is left."""
+        for proc in reversed(self.children):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -130,3 +97,97 @@ class LocalDeployment:
                 proc.kill()
                 proc.wait()
         self.children.clear()
+
+
+@dataclass
+class ReplicaSet:
+    """N replica processes of one actor on loopback, each with its own GPUs if any."""
+
+    actor: str
+    replicas: int
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    flags: list[str] = field(default_factory=list)
+    gpus: list[list[str]] | None = None  # per replica, from kubeforge.gpus.assign
+    env: dict[str, str] = field(default_factory=dict)
+    procs: Processes = field(default_factory=Processes)
+    urls: list[str] = field(default_factory=list)
+
+    def start(self, deadline: float, progress: Callable[[str], None] = print) -> list[str]:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        for i in range(self.replicas):
+            port = free_port(self.host)
+            self.urls.append(f"http://{self.host}:{port}")
+            env = {
+                **self.env,
+                "KUBEFORGE_REPLICA_NAME": f"replica-{i}",
+                "PYTHONPATH": _python_path(),
+            }
+            if self.gpus is not None:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[i])
+            argv = [
+                "-m",
+                "kubeforge.replica",
+                "--actor",
+                self.actor,
+                "--args",
+                json.dumps(self.args),
+                "--kwargs",
+                json.dumps(self.kwargs),
+                "--host",
+                self.host,
+                "--port",
+                str(port),
+                *self.flags,
+            ]
+            self.procs.spawn(argv, f"replica-{i}", env)
+        self.procs.wait_ready(self.urls, deadline, "replica", progress)
+        return self.urls
+
+    def stop(self, grace: float) -> None:
+        self.procs.stop(grace)
+
+
+@dataclass
+class LocalDeployment:
+    """A ReplicaSet behind a router process: what `kubeforge run` serves."""
+
+    replica_set: ReplicaSet
+    port: int = 8080
+    router_flags: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    router: Processes = field(default_factory=Processes)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.replica_set.host}:{self.port}"
+
+    def start(self, timeout: float = 120.0, progress: Callable[[str], None] = print) -> str:
+        deadline = time.monotonic() + timeout
+        urls = self.replica_set.start(deadline, progress)
+        argv = [
+            "-m",
+            "kubeforge.router",
+            "--host",
+            self.replica_set.host,
+            "--port",
+            str(self.port),
+            *self.router_flags,
+        ]
+        for url in urls:
+            argv += ["--replica", url]
+        self.router.spawn(argv, "router", self.env)
+        self.router.wait_ready([self.url], deadline, "router", progress)
+        return self.url
+
+    @property
+    def pids(self) -> list[int]:
+        return self.replica_set.procs.pids + self.router.pids
+
+    def stop(self, grace: float = 10.0) -> None:
+        """The router first, so no new call reaches a draining replica; then the replicas."""
+        started = time.monotonic()
+        self.router.stop(grace)
+        self.replica_set.stop(max(0.0, grace - (time.monotonic() - started)))

@@ -105,10 +105,12 @@ class SlidingWindow:
         return sum(s.count for s in self._live(now))
 
     def span(self, now: float) -> float:
-        """Seconds the window covers now: shorter while young, then exactly `window_s`."""
+        """Seconds the window covers now: shorter while young (at least one bucket), then
+        exactly `window_s`."""
         newest = int(now / self.bucket_s)
         covered = (len(self.slots) - 1) * self.bucket_s + (now - newest * self.bucket_s)
-        return max(min(covered, now - self.start), 1e-9)
+        # Never less than one bucket: a rate over a few milliseconds says nothing useful.
+        return max(min(covered, now - self.start), self.bucket_s)
 
     def stats(self, now: float) -> WindowStats:
         return merged_stats([self], now)

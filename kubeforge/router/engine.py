@@ -418,8 +418,11 @@ class Router:
                     {"session_id": session_id, "ended": True, "note": "its replica is gone"}
                 ),
             )
-        if resp.status < 300 and replica.sessions_reported > 0:
-            replica.sessions_reported -= 1
+        if resp.status < 300:
+            if replica.sessions_added > 0:
+                replica.sessions_added -= 1
+            elif replica.sessions_reported > 0:
+                replica.sessions_reported -= 1
         return Response(resp.status, resp.body)
 
     async def broadcast(self, endpoint: str, body: bytes, ctype: bytes | None) -> Response:

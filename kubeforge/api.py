@@ -1,0 +1,111 @@
+"""The `Service` resource's spec as pydantic models: the single source of truth for its shape.
+
+`kubeforge run` reads a manifest through these models; the operator and the CRD schema derive
+from them too, so a spec that runs locally means the same thing on a cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kubeforge._runtime import duration
+
+API_VERSION = "kubeforge.dev/v1alpha1"
+KIND = "Service"
+
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?)(ms|s|m|h)$"
+ACTOR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_.]*$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+
+class RouterSpec(_Model):
+    replicas: int = Field(1, ge=1, description="Router pods (sessions survive any of them).")
+    resources: dict[str, Any] | None = Field(None, description="Router container resources.")
+
+
+class ServiceSpec(_Model):
+    replicas: int = Field(1, ge=0, description="Actor replicas (pods), each with its GPUs.")
+    gpus_per_replica: int = Field(
+        0, alias="gpusPerReplica", ge=0, description="nvidia.com/gpu per replica pod."
+    )
+    health_poll_rate: str = Field(
+        "200ms",
+        alias="healthPollRate",
+        pattern=DURATION_PATTERN,
+        description="How often the router checks each replica.",
+    )
+    image: str | None = Field(None, description="Replica image (built FROM replica_image/).")
+    actor: str = Field(..., pattern=ACTOR_PATTERN, description="The actor, as module:Class.")
+    args: list[Any] = Field(default_factory=list, description="Positional constructor args.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword constructor args.")
+    max_concurrent_requests: int = Field(
+        10, alias="maxConcurrentRequests", ge=1, description="Calls one replica runs at once."
+    )
+    request_timeout: str = Field(
+        "60s",
+        alias="requestTimeout",
+        pattern=DURATION_PATTERN,
+        description="Longest a call may take, queue wait included.",
+    )
+    env: list[dict[str, Any]] = Field(default_factory=list, description="Replica env vars.")
+    resources: dict[str, Any] | None = None
+    node_selector: dict[str, str] | None = Field(None, alias="nodeSelector")
+    tolerations: list[dict[str, Any]] | None = None
+    affinity: dict[str, Any] | None = None
+    image_pull_secrets: list[dict[str, Any]] | None = Field(None, alias="imagePullSecrets")
+    priority_class_name: str | None = Field(None, alias="priorityClassName")
+    runtime_class_name: str | None = Field(None, alias="runtimeClassName")
+    scheduler_name: str | None = Field(None, alias="schedulerName")
+    pod_template: dict[str, Any] | None = Field(None, alias="podTemplate")
+    router: RouterSpec = Field(default_factory=RouterSpec)
+
+    @property
+    def health_poll_seconds(self) -> float:
+        return duration(self.health_poll_rate)
+
+    @property
+    def request_timeout_seconds(self) -> float:
+        return duration(self.request_timeout)
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class ServiceManifest(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+    api_version: str = Field(..., alias="apiVersion")
+    kind: str
+    metadata: Metadata
+    spec: ServiceSpec
+    status: dict[str, Any] | None = None
+
+
+class ManifestError(ValueError):
+    """A manifest that is not a valid kubeforge Service; the message names each bad field."""
+
+
+def parse_manifest(doc: Any, source: str = "manifest") -> ServiceManifest:
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{source}: expected a YAML mapping, got {type(doc).__name__}")
+    if doc.get("apiVersion") != API_VERSION or doc.get("kind") != KIND:
+        raise ManifestError(
+            f"{source}: expected apiVersion: {API_VERSION} and kind: {KIND}, got "
+            f"apiVersion: {doc.get('apiVersion')!r}, kind: {doc.get('kind')!r}"
+        )
+    try:
+        return ServiceManifest.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ManifestError(f"{source}: invalid Service: {problems}") from None

@@ -1,0 +1,99 @@
+"""`ServiceClient`: the torchforge `Service` API against a router URL.
+
+The same calls as the local `Service`, over HTTP to `kubeforge run` or an in-cluster router;
+`get_metrics()` and `get_metrics_summary()` are async here because they cross the network.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import aiohttp
+
+from kubeforge import wire
+from kubeforge.errors import NoHealthyReplicasError
+from kubeforge.service_api import Reply, ServiceAPI, ServiceMetrics, summary_with_int_keys
+
+
+class ServiceClient(ServiceAPI):
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 300.0,
+        raise_on_session_moved: bool = False,
+        connections: int = 100,
+    ) -> None:
+        """`token` defaults to $KUBEFORGE_TOKEN; `timeout` bounds every request."""
+        super().__init__()
+        self.url = url.rstrip("/")
+        token = token if token is not None else os.environ.get("KUBEFORGE_TOKEN")
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._connections = connections
+        self.raise_on_session_moved = raise_on_session_moved
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ServiceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def stop(self) -> None:
+        """torchforge's `stop()`: here it only closes the client; the service keeps running."""
+        await self.close()
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=self._connections),
+                headers=self._auth,
+            )
+        return self._http
+
+    async def _request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[bytes, bytes] | None = None
+    ) -> Reply:
+        h = {k.decode(): v.decode() for k, v in (headers or {}).items()}
+        try:
+            async with self._session().request(
+                method, self.url + path, data=body, headers=h
+            ) as resp:
+                data = await resp.read()
+                out = {k.lower().encode(): v.encode() for k, v in resp.headers.items()}
+                return Reply(resp.status, data, out)
+        except aiohttp.ClientConnectionError as exc:
+            raise NoHealthyReplicasError(f"cannot reach the router at {self.url}: {exc}") from None
+
+    async def _send_call(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
+        return await self._request("POST", wire.CALL_PREFIX + endpoint, body, headers)
+
+    async def _send_broadcast(self, endpoint: str, body: bytes) -> Reply:
+        return await self._request(
+            "POST", wire.CALL_ALL_PREFIX + endpoint, body, {wire.H_CONTENT_TYPE: wire.JSON}
+        )
+
+    async def _send_start_session(self) -> Reply:
+        return await self._request("POST", wire.SESSIONS_PATH)
+
+    async def _send_end_session(self, session_id: str) -> Reply:
+        return await self._request("DELETE", f"{wire.SESSIONS_PATH}/{session_id}")
+
+    async def get_metrics_summary(self) -> dict[str, Any]:
+        reply = await self._request("GET", "/v1/metrics/summary")
+        return summary_with_int_keys(wire.decode(reply.body))
+
+    async def get_metrics(self) -> ServiceMetrics:
+        return ServiceMetrics.from_summary(await self.get_metrics_summary())
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        """Per-replica state and figures, as `kubeforge status` shows them."""
+        return wire.decode((await self._request("GET", "/v1/replicas")).body)

@@ -1,0 +1,195 @@
+"""`Service`: torchforge's API with replicas as local processes and the router in-process.
+
+The replicas are the same `python -m kubeforge.replica` processes a cluster runs; the routing
+is the same `Router` engine the router server runs, driven here without HTTP in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kubeforge import gpus, wire
+from kubeforge.actor import endpoints_of, import_path_of
+from kubeforge.local import ReplicaSet
+from kubeforge.router import report
+from kubeforge.router.discovery import StaticDiscovery
+from kubeforge.router.engine import Router, RouterConfig
+from kubeforge.service_api import Reply, ServiceAPI, ServiceMetrics, summary_with_int_keys
+
+log = logging.getLogger("kubeforge.service")
+
+
+@dataclass
+class ServiceConfig:
+    """torchforge's ServiceConfig, plus the bounds kubeforge puts on every wait."""
+
+    num_replicas: int
+    procs: int = 1  # GPUs per replica when with_gpus (torchforge: processes per replica)
+    with_gpus: bool = False
+    hosts: int | None = None
+    health_poll_rate: float = 0.2
+    replica_max_concurrent_requests: int = 10
+    return_first_rank_result: bool = True
+    replica_max_queued_requests: int = 100
+    request_timeout: float = 60.0
+    session_ttl: float = 1800.0
+    startup_timeout: float = 120.0
+    stop_grace: float = 10.0
+    raise_on_session_moved: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_replicas, int) or self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be a positive integer, got {self.num_replicas!r}")
+        if self.procs < 1:
+            raise ValueError(f"procs must be at least 1, got {self.procs!r}")
+        if self.hosts not in (None, 0, 1):
+            raise ValueError(
+                f"hosts={self.hosts}: a local Service runs on one host; "
+                "multi-host replicas need the Kubernetes operator"
+            )
+        if self.health_poll_rate <= 0:
+            raise ValueError(f"health_poll_rate must be > 0, got {self.health_poll_rate}")
+        if self.replica_max_concurrent_requests < 1:
+            raise ValueError("replica_max_concurrent_requests must be at least 1")
+
+
+class Service(ServiceAPI):
+    """N replicas of `actor_def` behind sticky sessions, least-loaded routing and broadcast."""
+
+    def __init__(
+        self, cfg: ServiceConfig, actor_def: type, *actor_args: Any, **actor_kwargs: Any
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.actor_def = actor_def
+        self.endpoints = endpoints_of(actor_def)
+        if not self.endpoints:
+            raise ValueError(f"{actor_def.__qualname__} has no @endpoint methods")
+        self.actor_path = import_path_of(actor_def)
+        self.raise_on_session_moved = cfg.raise_on_session_moved
+        # GPUs are checked here, before anything starts.
+        self._gpus = (
+            gpus.assign(cfg.num_replicas, cfg.procs, gpus.visible_gpus()) if cfg.with_gpus else None
+        )
+        self._replicas = ReplicaSet(
+            actor=self.actor_path,
+            replicas=cfg.num_replicas,
+            args=list(actor_args),
+            kwargs=dict(actor_kwargs),
+            gpus=self._gpus,
+            flags=[
+                "--max-concurrent-requests",
+                str(cfg.replica_max_concurrent_requests),
+                "--max-queued-requests",
+                str(cfg.replica_max_queued_requests),
+                "--request-timeout",
+                str(cfg.request_timeout),
+                "--session-ttl",
+                str(cfg.session_ttl),
+            ],
+        )
+        self._router: Router | None = None
+
+    def _check_endpoint(self, name: str) -> None:
+        if name not in self.__dict__.get("endpoints", ()):
+            raise AttributeError(
+                f"{self.actor_def.__qualname__} has no endpoint {name!r}; "
+                f"endpoints: {sorted(self.endpoints)}"
+            )
+
+    # lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> Service:
+        if self._router is not None:
+            return self
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.cfg.startup_timeout
+        try:
+            urls = await loop.run_in_executor(
+                None, functools.partial(self._replicas.start, deadline, log.info)
+            )
+        except BaseException:
+            await loop.run_in_executor(None, self._replicas.stop, 1.0)
+            raise
+        config = RouterConfig(
+            health_poll_rate=self.cfg.health_poll_rate,
+            request_timeout=self.cfg.request_timeout + 5.0,
+        )
+        self._router = Router(config, StaticDiscovery(urls))
+        await self._router.start()
+        return self
+
+    async def stop(self) -> None:
+        """Stop routing, drain and stop every replica process; none is left behind."""
+        router, self._router = self._router, None
+        if router is not None:
+            await router.stop()
+        await asyncio.get_running_loop().run_in_executor(
+            None, self._replicas.stop, self.cfg.stop_grace
+        )
+
+    async def __aenter__(self) -> Service:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the replica processes (for tests and tooling)."""
+        return self._replicas.procs.pids
+
+    @property
+    def router(self) -> Router:
+        if self._router is None:
+            raise RuntimeError(
+                "the Service is not started: await svc.start() or use "
+                "'async with Service(...) as svc'"
+            )
+        return self._router
+
+    # transport ----------------------------------------------------------------------------
+
+    async def _send_call(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
+        resp = await self.router.call(wire.CALL_PREFIX + endpoint, body, headers)
+        return Reply(
+            resp.status,
+            resp.body,
+            {wire.H_CONTENT_TYPE: resp.content_type, **dict(resp.headers or ())},
+        )
+
+    async def _send_broadcast(self, endpoint: str, body: bytes) -> Reply:
+        resp = await self.router.broadcast(endpoint, body, wire.JSON)
+        return Reply(resp.status, resp.body, {wire.H_CONTENT_TYPE: resp.content_type})
+
+    async def _send_start_session(self) -> Reply:
+        resp = await self.router.start_session()
+        return Reply(resp.status, resp.body)
+
+    async def _send_end_session(self, session_id: str) -> Reply:
+        resp = await self.router.end_session(session_id)
+        return Reply(resp.status, resp.body)
+
+    # metrics ------------------------------------------------------------------------------
+
+    def get_metrics_summary(self) -> dict[str, Any]:
+        return summary_with_int_keys(report.summary(self.router, time.monotonic()))
+
+    def get_metrics(self) -> ServiceMetrics:
+        return ServiceMetrics.from_summary(report.summary(self.router, time.monotonic()))
+
+
+class ServiceOptions:
+    """`Actor.options(num_replicas=..., ...)`: a ServiceConfig waiting for its actor args."""
+
+    def __init__(self, actor_def: type, config: dict[str, Any]) -> None:
+        self.actor_def = actor_def
+        self.config = ServiceConfig(**config)
+
+    async def as_service(self, *actor_args: Any, **actor_kwargs: Any) -> Service:
+        return await Service(self.config, self.actor_def, *actor_args, **actor_kwargs).start()

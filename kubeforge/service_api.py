@@ -1,0 +1,251 @@
+"""torchforge's `Service` API surface, shared by the local `Service` and `ServiceClient`.
+
+Both speak the same wire protocol to the same router engine (in-process or over HTTP); this
+module holds everything above the transport: endpoint handles, sessions and their moves,
+broadcast, typed errors and the metrics objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeforge import wire
+from kubeforge.errors import BroadcastError, KubeforgeError, from_wire
+
+log = logging.getLogger("kubeforge.service")
+
+_current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kubeforge_session", default=None
+)
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+
+
+class EndpointHandle:
+    """`svc.ep(session_id_or_None, *args)`, `svc.ep.route(*args, sess_id=...)`, `.fanout()`."""
+
+    def __init__(self, api: ServiceAPI, name: str) -> None:
+        self._api = api
+        self.name = name
+
+    async def __call__(self, sess_id: str | None, *args: Any, **kwargs: Any) -> Any:
+        return await self._api._call(self.name, sess_id, args, kwargs)
+
+    async def route(self, *args: Any, sess_id: str | None = None, **kwargs: Any) -> Any:
+        """One replica: the session's (argument, or the enclosing `session()`), else the
+        least-loaded."""
+        return await self._api._call(self.name, sess_id, args, kwargs)
+
+    async def fanout(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """Every healthy replica, results in replica order (== `call_all`)."""
+        return await self._api.call_all(self.name, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<endpoint {self.name}>"
+
+
+class ServiceAPI(ABC):
+    """The calls every kubeforge service front end offers; subclasses supply the transport."""
+
+    raise_on_session_moved: bool = False
+
+    def __init__(self) -> None:
+        self._moved: dict[str, str] = {}  # session id the caller holds -> where it lives now
+        self.sessions_moved = 0
+
+    # transport --------------------------------------------------------------------------
+
+    @abstractmethod
+    async def _send_call(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
+        """POST /v1/call/{endpoint}; typed errors may be raised instead of returned."""
+
+    @abstractmethod
+    async def _send_broadcast(self, endpoint: str, body: bytes) -> Reply: ...
+
+    @abstractmethod
+    async def _send_start_session(self) -> Reply: ...
+
+    @abstractmethod
+    async def _send_end_session(self, session_id: str) -> Reply: ...
+
+    def _check_endpoint(self, name: str) -> None:
+        """Raise AttributeError for a name the actor does not have (when that is known)."""
+        return  # unknown here: the replica's 404 will say so
+
+    # calls ------------------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> EndpointHandle:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        self._check_endpoint(name)
+        return EndpointHandle(self, name)
+
+    async def _call(
+        self, endpoint: str, sess_id: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        sid = sess_id if sess_id is not None else _current_session.get()
+        headers: dict[bytes, bytes] = {wire.H_CONTENT_TYPE: wire.JSON}
+        if sid is not None:
+            headers[wire.H_SESSION] = self._moved.get(sid, sid).encode()
+            if self.raise_on_session_moved:
+                headers[wire.H_SESSION_MOVED] = b"error"
+        reply = await self._send_call(endpoint, _encode_call(endpoint, args, kwargs), headers)
+        if sid is not None and b"x-kubeforge-session-moved-from" in reply.headers:
+            new_id = reply.headers[wire.H_SESSION].decode()
+            self._moved[sid] = new_id
+            self.sessions_moved += 1
+            log.warning(
+                "session %s lost its replica; it continues as %s (state kept on the "
+                "old replica is gone)",
+                sid,
+                new_id,
+            )
+        data = _decode(reply)
+        return data["result"]
+
+    async def call_all(self, function: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call `function` on every healthy replica; results in replica order.
+
+        Raises `BroadcastError` (with every result and every error) when any replica failed,
+        and `NoHealthyReplicasError` (a RuntimeError, as in torchforge) when none is healthy.
+        """
+        reply = await self._send_broadcast(function, _encode_call(function, args, kwargs))
+        data = _decode(reply)
+        errors = {name: from_wire(err) for name, err in data["errors"].items()}
+        if errors:
+            first = next(iter(errors.items()))
+            raise BroadcastError(
+                f"{function} failed on {len(errors)} of {len(data['replicas'])} replicas "
+                f"(first: {first[0]}: {first[1]})",
+                data["results"],
+                data["replicas"],
+                errors,
+            )
+        return data["results"]
+
+    async def start_session(self) -> str:
+        """A new session on the least-loaded replica; calls that name it stick to it."""
+        return _decode(await self._send_start_session())["session_id"]
+
+    async def terminate_session(self, sess_id: str) -> None:
+        """End a session: its replica's actor gets `on_session_end(sess_id)`."""
+        current = self._moved.pop(sess_id, sess_id)
+        _decode(await self._send_end_session(current))
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[str]:
+        """Calls inside the block (that name no session) stick to one new session."""
+        sid = await self.start_session()
+        token = _current_session.set(sid)
+        try:
+            yield sid
+        finally:
+            _current_session.reset(token)
+            with contextlib.suppress(KubeforgeError):
+                await self.terminate_session(sid)
+
+
+def _encode_call(endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    try:
+        return wire.call_body(args, kwargs)
+    except TypeError as exc:
+        raise TypeError(f"arguments to {endpoint!r} must be JSON-serializable: {exc}") from None
+
+
+def _decode(reply: Reply) -> Any:
+    data = wire.decode(reply.body, wire.is_msgpack(reply.headers.get(wire.H_CONTENT_TYPE)))
+    if reply.status >= 300:
+        error = data.get("error", {}) if isinstance(data, dict) else {}
+        raise from_wire(error or {"type": "HTTPError", "message": f"HTTP {reply.status}"})
+    return data
+
+
+# metrics ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaMetrics:
+    """One replica's figures over the metrics window (torchforge's names)."""
+
+    replica_idx: int
+    total_requests: int = 0
+    successful_requests: int = 0
+    failed_requests: int = 0
+    request_rate: float = 0.0
+    avg_latency: float = 0.0
+    active_requests: int = 0
+    queue_depth: int = 0
+    assigned_sessions: int = 0
+    capacity_utilization: float = 0.0
+    state: str = ""
+    p50_latency: float = 0.0
+    p95_latency: float = 0.0
+    p99_latency: float = 0.0
+
+    def get_request_rate(self) -> float:
+        return self.request_rate
+
+    def get_avg_latency(self) -> float:
+        return self.avg_latency
+
+    def get_capacity_utilization(self) -> float:
+        return self.capacity_utilization
+
+
+@dataclass
+class ServiceMetrics:
+    """torchforge's `ServiceMetrics`: service totals and `replica_metrics[idx]`."""
+
+    total_sessions: int = 0
+    healthy_replicas: int = 0
+    total_replicas: int = 0
+    replica_metrics: dict[int, ReplicaMetrics] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> ServiceMetrics:
+        replicas: dict[int, ReplicaMetrics] = {}
+        for idx, entry in summary["replicas"].items():
+            known = {k: v for k, v in entry.items() if k in ReplicaMetrics.__dataclass_fields__}
+            replicas[int(idx)] = ReplicaMetrics(replica_idx=int(idx), **known)
+        service = summary["service"]
+        return cls(
+            service["total_sessions"],
+            service["healthy_replicas"],
+            service["total_replicas"],
+            replicas,
+            summary,
+        )
+
+    def get_total_request_rate(self) -> float:
+        return sum(r.request_rate for r in self.replica_metrics.values())
+
+    def _healthy(self) -> list[ReplicaMetrics]:
+        return [r for r in self.replica_metrics.values() if r.state == "HEALTHY"]
+
+    def get_avg_queue_depth(self) -> float:
+        healthy = self._healthy()
+        return sum(r.queue_depth for r in healthy) / len(healthy) if healthy else 0.0
+
+    def get_avg_capacity_utilization(self) -> float:
+        healthy = self._healthy()
+        return sum(r.capacity_utilization for r in healthy) / len(healthy) if healthy else 0.0
+
+    def get_sessions_per_replica(self) -> float:
+        return self.total_sessions / self.total_replicas if self.total_replicas else 0.0
+
+
+def summary_with_int_keys(summary: dict[str, Any]) -> dict[str, Any]:
+    """JSON turns `replicas[0]` into `replicas["0"]`; give callers torchforge's int keys back."""
+    return {**summary, "replicas": {int(k): v for k, v in summary["replicas"].items()}}
