@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,7 @@ class Service(ServiceAPI):
             args=list(actor_args),
             kwargs=dict(actor_kwargs),
             gpus=self._gpus,
+            env={"KUBEFORGE_LOG_LEVEL": os.environ.get("KUBEFORGE_LOG_LEVEL", "WARNING")},
             flags=[
                 "--max-concurrent-requests",
                 str(cfg.replica_max_concurrent_requests),
