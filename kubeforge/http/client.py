@@ -31,13 +31,24 @@ class UpstreamTimeout(UpstreamError):
 
 
 class ClientResponse:
-    __slots__ = ("body", "headers", "raw", "status")
+    """A complete response. Headers are parsed from `raw` only when asked for: the relay path
+    forwards `raw` untouched and never needs them."""
 
-    def __init__(self, status: int, headers: dict[bytes, bytes], body: bytes, raw: bytes) -> None:
+    __slots__ = ("_headers", "body", "raw", "status")
+
+    def __init__(self, status: int, body: bytes, raw: bytes) -> None:
         self.status = status
-        self.headers = headers
         self.body = body
         self.raw = raw  # the response exactly as received, for relaying it unchanged
+        self._headers: dict[bytes, bytes] | None = None
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        if self._headers is None:
+            head = self.raw[: self.raw.find(b"\r\n\r\n")].split(b"\r\n")[1:]
+            pairs = (line.split(b":", 1) for line in head if b":" in line)
+            self._headers = {name.strip().lower(): value.strip() for name, value in pairs}
+        return self._headers
 
 
 Callback = Callable[[ClientResponse | None, UpstreamError | None], None]
@@ -52,7 +63,6 @@ class _Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.closed = False
         self._raw: list[bytes] = []
-        self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -74,20 +84,14 @@ class _Connection(asyncio.Protocol):
             self.fail(ConnectionLost(f"malformed response: {exc}"))
             self.abort()
 
-    def on_message_begin(self) -> None:
-        self._headers = {}
-        self._body = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.lower()] = value
-
+    # Only two parser callbacks: each costs a call from C into Python on every response.
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         raw = self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)
-        resp = ClientResponse(self.parser.get_status_code(), self._headers, body, raw)
+        resp = ClientResponse(self.parser.get_status_code(), body, raw)
         callback, self.callback = self.callback, None
         self.pool.busy.discard(self)
         if not self.parser.should_keep_alive():
@@ -157,6 +161,7 @@ class Upstream:
         conn.callback = callback
         conn.deadline = time.monotonic() + timeout
         conn._raw = []
+        conn._body = []
         self.busy.add(conn)
         conn.transport.write(  # type: ignore[union-attr]
             b"".join(

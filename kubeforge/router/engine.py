@@ -203,7 +203,7 @@ class Router:
                 self.retries_total += 1
                 await asyncio.sleep(self._backoff(attempt))
                 continue
-            retryable = resp.headers.get(wire.H_RETRYABLE)
+            retryable = resp.status == 503 and resp.headers.get(wire.H_RETRYABLE)
             if retryable and attempt < self.config.retries:
                 # Overloaded or draining: the actor never saw the call, so it may go elsewhere.
                 # A session cannot leave its replica for mere overload, only when it drains.
@@ -303,7 +303,7 @@ class Router:
                 conn.answer(req, wire.error_response(err, ctype))
                 return
             self._record(replica, started, resp.status < 400)
-            retryable = resp.headers.get(wire.H_RETRYABLE)
+            retryable = resp.status == 503 and resp.headers.get(wire.H_RETRYABLE)
             if (
                 retryable
                 and self.config.retries > 0

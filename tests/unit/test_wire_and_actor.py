@@ -110,3 +110,27 @@ async def test_admission_queue_timeout_frees_its_place() -> None:
     assert adm.queued == 0
     adm.release()
     assert adm.active == 0
+
+
+def test_retryable_errors_are_503_as_the_relay_assumes() -> None:
+    import kubeforge.errors as errors
+
+    kinds = [
+        c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.KubeforgeError)
+    ]
+    assert {c.__name__ for c in kinds if c.retryable} == {"OverloadedError", "DrainingError"}
+    assert all(c.status == 503 for c in kinds if c.retryable)
+
+
+def test_client_response_headers_are_parsed_from_raw_on_demand() -> None:
+    from kubeforge.http.client import ClientResponse
+
+    raw = (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"X-Kubeforge-Retryable: OverloadedError\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    resp = ClientResponse(503, b"{}", raw)
+    assert resp.headers[b"x-kubeforge-retryable"] == b"OverloadedError"
+    assert resp.headers[b"content-type"] == b"application/json"
