@@ -144,8 +144,11 @@ class HttpProtocol(asyncio.Protocol):
                 self._fail(400, f"malformed HTTP request: {exc}")
 
     # httptools callbacks -------------------------------------------------------------------
+    # Each callback is a call from C into Python on every request, so there are as few as the
+    # protocol allows: per-message state is reset when a message completes, and the header
+    # checks that need no other header (size limit, 100-continue) run as the header arrives.
 
-    def on_message_begin(self) -> None:
+    def _reset(self) -> None:
         self._url = b""
         self._headers = {}
         self._body = []
@@ -155,14 +158,12 @@ class HttpProtocol(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.lower()] = value
-
-    def on_headers_complete(self) -> None:
-        length = self._headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            self._too_large_reply()
-            return
-        if self._headers.get(b"expect", b"").lower() == b"100-continue" and self.transport:
+        name = name.lower()
+        self._headers[name] = value
+        if name == b"content-length":
+            if value.isdigit() and int(value) > self.max_body:
+                self._too_large_reply()
+        elif name == b"expect" and value.lower() == b"100-continue" and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -187,6 +188,7 @@ class HttpProtocol(asyncio.Protocol):
             b"".join(self._body) if len(self._body) != 1 else self._body[0],
             self.parser.should_keep_alive(),
         )
+        self._reset()
         if self.current is not None:
             self.pending.append(req)
             if len(self.pending) > 32 and not self.paused and self.transport:
