@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: venv test unit integration lint bench bench-tools clean
+.PHONY: venv test unit integration e2e k8s-bin cluster-up cluster-down lint bench bench-tools clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,20 @@ unit: venv
 
 integration: venv
 	$(PYTEST) tests/integration
+
+# The e2e tier: a real control plane built from its Go modules (versions in k8s/versions.env),
+# cached outside the repo; `make k8s-bin` is a no-op when the cache is warm.
+k8s-bin:
+	k8s/build-bin.sh
+
+e2e: venv k8s-bin
+	$(PYTEST) tests/e2e
+
+cluster-up: venv k8s-bin
+	$(PY) -m devcluster up
+
+cluster-down: venv
+	$(PY) -m devcluster down
 
 lint: venv
 	$(PY) -m ruff check .

@@ -1,0 +1,74 @@
+"""The control plane plus one process node, as one object tests and humans start and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from devcluster.controlplane import ControlPlane
+from devcluster.node import ProcessNode
+
+
+class Cluster:
+    """`start()` blocks until the API server, controllers, scheduler and node are up; the
+    node runs on its own event loop in a thread so sync and async callers can both use it."""
+
+    def __init__(self, root: Path | None = None, gpus: int = 4) -> None:
+        self.control = ControlPlane(root)
+        self.gpus = gpus
+        self.node: ProcessNode | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.control.kubeconfig
+
+    @property
+    def root(self) -> Path:
+        return self.control.root
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None):
+        return self.control.kubectl(*args, check=check, input=input)
+
+    def start(self, progress: Callable[[str], None] = print) -> None:
+        self.control.start(progress)
+        try:
+            self._start_node()
+            progress(f"node {self.node.name} ready ({self.gpus} nvidia.com/gpu)")  # type: ignore[union-attr]
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_node(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self.node = ProcessNode(
+            self.control.kubeconfig,
+            self.control.server,
+            self.control.pki.ca,
+            self.control.root / "pods",
+            gpus=self.gpus,
+        )
+        self._thread = threading.Thread(target=loop.run_forever, name="process-node", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.node.start(), loop).result(60)
+        # Ready means schedulable: the scheduler has seen the node.
+        self.control.kubectl(
+            "wait", "--for=condition=Ready", f"node/{self.node.name}", "--timeout=60s"
+        )
+
+    def stop(self) -> None:
+        if self._loop is not None and self.node is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self.node.stop(), self._loop).result(60)
+            except Exception:
+                logging.getLogger("devcluster").exception("stopping the node failed")
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(10)
+            self._loop = None
+        self.control.stop()
