@@ -161,13 +161,7 @@ class Router:
         timeout, session-moved preference.
         """
         sid_raw = headers.get(wire.H_SESSION)
-        extra = self._auth_line
-        ctype = headers.get(wire.H_CONTENT_TYPE)
-        if ctype:
-            extra += b"content-type: " + ctype + b"\r\n"
-        deadline = headers.get(wire.H_TIMEOUT)
-        if deadline:
-            extra += b"x-kubeforge-timeout: " + deadline + b"\r\n"
+        extra = self._forwarded(headers)
         path_b = path.encode()
         tried = tried or set()
         while True:
@@ -224,6 +218,17 @@ class Router:
                 ]
             return out
 
+    def _forwarded(self, headers: dict[bytes, bytes]) -> bytes:
+        """The header lines a call carries on to its replica: token, body type, deadline."""
+        extra = self._auth_line
+        ctype = headers.get(wire.H_CONTENT_TYPE)
+        if ctype:
+            extra += b"content-type: " + ctype + b"\r\n"
+        deadline = headers.get(wire.H_TIMEOUT)
+        if deadline:
+            extra += b"x-kubeforge-timeout: " + deadline + b"\r\n"
+        return extra
+
     async def _send(self, replica: Replica, path: bytes, headers: bytes, body: bytes) -> Any:
         """One relayed request, with the bookkeeping the routing core and metrics need."""
         upstream = self.upstreams[replica.index]
@@ -274,13 +279,8 @@ class Router:
         headers = req.headers
         if self._auth is not None and headers.get(wire.H_AUTH) != self._auth:
             return False  # `call` answers 401 (with a constant-time compare)
-        extra = self._auth_line
+        extra = self._forwarded(headers)
         ctype = headers.get(wire.H_CONTENT_TYPE)
-        if ctype:
-            extra += b"content-type: " + ctype + b"\r\n"
-        deadline = headers.get(wire.H_TIMEOUT)
-        if deadline:
-            extra += b"x-kubeforge-timeout: " + deadline + b"\r\n"
         sid = headers.get(wire.H_SESSION)
         table = self.table
         try:
