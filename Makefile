@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: lint unit integration
+test: lint unit integration e2e
 
 unit: venv
 	$(PYTEST) tests/unit

@@ -60,6 +60,7 @@ def write_kubeconfig(
     user: str,
     client: Pair | None = None,
     token: str | None = None,
+    namespace: str = "default",
 ) -> Path:
     creds: dict[str, str] = {}
     if client is not None:
@@ -75,7 +76,7 @@ def write_kubeconfig(
         ],
         "users": [{"name": user, "user": creds}],
         "contexts": [
-            {"name": "e2e", "context": {"cluster": "e2e", "user": user, "namespace": "default"}}
+            {"name": "e2e", "context": {"cluster": "e2e", "user": user, "namespace": namespace}}
         ],
     }
     path.write_text(yaml.safe_dump(config))

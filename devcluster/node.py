@@ -308,6 +308,7 @@ class ProcessNode:
                 self.ca,
                 f"system:serviceaccount:{pod.metadata.namespace}:{sa}",
                 token=token.status.token,
+                namespace=pod.metadata.namespace,  # in-pod clients default to their namespace
             )
             env["KUBECONFIG"] = str(path)
             env["POD_NAMESPACE"] = pod.metadata.namespace
