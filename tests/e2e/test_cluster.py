@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from devcluster.services import service_endpoints
 from tests.e2e.conftest import ExternalCluster
 
 pytestmark = pytest.mark.timeout(300)
@@ -295,3 +296,145 @@ def test_rbac_is_enforced_for_in_pod_clients(cluster: Any, namespace: str) -> No
 
     assert wait_for(finished, 60) == "Succeeded"  # it listed pods and was refused the delete
     assert get(cluster, namespace, "pod", "victim")["metadata"]["name"] == "victim"
+
+
+def test_pod_environment_from_fields_secrets_and_configmaps(cluster: Any, namespace: str) -> None:
+    apply(
+        cluster,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s"},
+            "stringData": {"token": "s3cret"},
+        },
+    )
+    apply(
+        cluster,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "c"},
+            "data": {"mode": "fast", "x": "1"},
+        },
+    )
+    check = (
+        "import os, sys; e = os.environ; "
+        "ok = (e['TOKEN'] == 's3cret' and e['MODE'] == 'fast' and e['CFG_x'] == '1' "
+        f"and e['NS'] == '{namespace}' and e['NAME'] == 'env' and e['LITERAL'] == 'plain' "
+        "and e['IP'] == e['KUBEFORGE_BIND_HOST'] and e['IP'].startswith('127.0.0.') "
+        "and e['APP'] == 'envtest'); print(dict(e)); sys.exit(0 if ok else 3)"
+    )
+
+    def ref(path: str) -> dict[str, Any]:
+        return {"fieldRef": {"fieldPath": path}}
+
+    apply(
+        cluster,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "env", "labels": {"app": "envtest"}},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "python:3.11-slim",
+                        "command": ["python", "-c", check],
+                        "envFrom": [{"configMapRef": {"name": "c"}, "prefix": "CFG_"}],
+                        "env": [
+                            {"name": "LITERAL", "value": "plain"},
+                            {
+                                "name": "TOKEN",
+                                "valueFrom": {"secretKeyRef": {"name": "s", "key": "token"}},
+                            },
+                            {
+                                "name": "MODE",
+                                "valueFrom": {"configMapKeyRef": {"name": "c", "key": "mode"}},
+                            },
+                            {"name": "NS", "valueFrom": ref("metadata.namespace")},
+                            {"name": "NAME", "valueFrom": ref("metadata.name")},
+                            {"name": "IP", "valueFrom": ref("status.podIP")},
+                            {"name": "APP", "valueFrom": ref("metadata.labels['app']")},
+                        ],
+                    }
+                ],
+            },
+        },
+    )
+
+    def finished() -> str | None:
+        """the env pod finished"""
+        phase = get(cluster, namespace, "pod", "env")["status"].get("phase")
+        return phase if phase in ("Succeeded", "Failed") else None
+
+    assert wait_for(finished, 60) == "Succeeded"
+    state = get(cluster, namespace, "pod", "env")["status"]["containerStatuses"][0]["state"]
+    assert state["terminated"]["exitCode"] == 0
+
+
+def test_failing_liveness_probe_restarts_the_container(cluster: Any, namespace: str) -> None:
+    apply(
+        cluster,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "unlive"},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "python:3.11-slim",
+                        "command": ["python", "-c", "import time; time.sleep(3600)"],
+                        "livenessProbe": {
+                            "httpGet": {"path": "/healthz", "port": 9},
+                            "periodSeconds": 1,
+                            "failureThreshold": 2,
+                        },
+                    }
+                ]
+            },
+        },
+    )
+
+    def restarted() -> bool:
+        """the container was restarted by its liveness probe"""
+        statuses = get(cluster, namespace, "pod", "unlive")["status"].get("containerStatuses", [])
+        return bool(statuses) and statuses[0]["restartCount"] >= 1
+
+    wait_for(restarted, 60)
+
+
+def test_services_resolve_to_their_ready_pods(cluster: Any, namespace: str) -> None:
+    """No kube-proxy here, and the API server keeps loopback pod IPs out of EndpointSlices, so a
+    Service resolves to its selector's ready pods at the target port, as the slices would."""
+    apply(cluster, namespace, WEB)
+    apply(
+        cluster,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]},
+        },
+    )
+    cluster.kubectl(
+        "wait", "-n", namespace, "--for=condition=Available", "deployment/web", "--timeout=90s"
+    )
+    addresses = service_endpoints(cluster.kubectl, namespace, "web")
+    pods = get(cluster, namespace, "pods", "-l", "app=web")["items"]
+    assert addresses == sorted(f"{p['status']['podIP']}:8000" for p in pods)
+    if not isinstance(cluster, ExternalCluster):
+        for address in addresses:
+            with urllib.request.urlopen(f"http://{address}/", timeout=5) as resp:
+                assert resp.status == 200
+    # One pod stops being ready: it drops out, as it would from the EndpointSlice.
+    cluster.kubectl("delete", "-n", namespace, "pod", pods[0]["metadata"]["name"], "--wait=true")
+    assert pods[0]["status"]["podIP"] + ":8000" not in service_endpoints(
+        cluster.kubectl, namespace, "web"
+    )
