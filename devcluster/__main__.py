@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ def serve(root: Path, gpus: int) -> int:
         stop.wait()
     finally:
         cluster.stop()
+        shutil.rmtree(root / "state", ignore_errors=True)
         (root / "ready").unlink(missing_ok=True)
     return 0
 
@@ -77,7 +79,7 @@ def down(root: Path) -> int:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    pid_file.unlink()
+    shutil.rmtree(root, ignore_errors=True)
     print("cluster stopped")
     return 0
 
