@@ -95,7 +95,7 @@ cp "$versions_file" "$dest/versions.env"
 
 export CGO_ENABLED=0
 export GOWORK=off
-export GOFLAGS="-mod=mod${GOFLAGS:+ $GOFLAGS}"
+export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod"
 nice_cmd=(nice -n "${KUBEFORGE_BUILD_NICE:-10}")
 timings="$dest/build-times.txt"
 
