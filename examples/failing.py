@@ -21,3 +21,8 @@ class Failing(Actor):
     async def own_timeout(self) -> None:
         """Raises TimeoutError itself: an endpoint error, not the replica's call timeout."""
         raise TimeoutError("upstream model server timed out")
+
+    @endpoint
+    async def raw(self) -> bytes:
+        """Bytes: msgpack carries them, JSON cannot."""
+        return b"\x00\xff"

@@ -61,8 +61,6 @@ def _json_default(obj: Any) -> Any:
     """Values JSON lacks but users return all the time (tuples work already)."""
     if isinstance(obj, set | frozenset):
         return list(obj)
-    if isinstance(obj, bytes):
-        return obj.decode("latin-1")
     if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors on CPU
         return obj.tolist()
     if hasattr(obj, "model_dump"):  # pydantic models

@@ -234,12 +234,17 @@ class ReplicaServer:
         ok = False
         try:
             result = await self._run(info.name, info.is_async, args, kwargs, timeout, started)
+            try:
+                body = wire.encode({"result": result}, use_msgpack)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise RemoteError(
+                    "TypeError",
+                    f"{name} returned a value that cannot be sent as "
+                    f"{'msgpack' if use_msgpack else 'JSON'}: {exc}"
+                    + ("" if use_msgpack else " (bytes need Content-Type: application/msgpack)"),
+                ) from None
             ok = True
-            return Response(
-                200,
-                wire.encode({"result": result}, use_msgpack),
-                wire.MSGPACK if use_msgpack else wire.JSON,
-            )
+            return Response(200, body, wire.MSGPACK if use_msgpack else wire.JSON)
         finally:
             now = time.monotonic()
             self.window.record(now, now - started, ok)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kubeforge.errors import NoHealthyReplicasError
@@ -49,7 +49,6 @@ class Replica:
     successful_requests: int = 0
     failed_requests: int = 0
     reason: str = ""  # why it is not HEALTHY, for status tables
-    endpoint_cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def load(self) -> int:

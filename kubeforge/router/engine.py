@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kubeforge import wire
@@ -55,7 +55,6 @@ class RouterConfig:
     max_body: int = wire.DEFAULT_MAX_BODY
     token: str | None = None
     metrics_window: float = 60.0
-    labels: dict[str, str] = field(default_factory=dict)
 
 
 class Router:

@@ -80,3 +80,19 @@ async def test_msgpack_request_gets_msgpack_reply(
     async with http.post(f"{router.url}/v1/call_all/echo", data=payload, headers=headers) as resp:
         body = msgpack.unpackb(await resp.read())
         assert body["results"] == [{"blob": b"\x00\xff", "n": [1, 2]}] * 2
+
+
+async def test_result_json_cannot_carry_is_a_clear_error_not_a_crash(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    router = procs.router([procs.replica("examples.failing:Failing")])
+    status, body, _ = await call(http, router.url, "raw")
+    assert status == 500 and body["error"]["type"] == "TypeError"
+    assert "cannot be sent as JSON" in body["error"]["message"]
+    async with http.post(
+        f"{router.url}/v1/call/raw",
+        data=msgpack.packb({}),
+        headers={"Content-Type": "application/msgpack"},
+    ) as resp:
+        assert msgpack.unpackb(await resp.read()) == {"result": b"\x00\xff"}
+    assert (await call(http, router.url, "ping"))[1]["result"] == "pong"
