@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: venv test unit integration e2e k8s-bin cluster-up cluster-down lint bench bench-tools clean
+.PHONY: venv test unit integration e2e crds k8s-bin cluster-up cluster-down lint bench bench-tools clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ cluster-up: venv k8s-bin
 
 cluster-down: venv
 	$(PY) -m devcluster down
+
+# crds/ is generated from kubeforge/api.py; a unit test fails when they disagree.
+crds: venv
+	$(PY) -m kubeforge.cli crd > crds/services.kubeforge.dev.yaml
 
 lint: venv
 	$(PY) -m ruff check .

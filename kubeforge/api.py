@@ -6,7 +6,7 @@ from them too, so a spec that runs locally means the same thing on a cluster.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,7 +28,27 @@ class RouterSpec(_Model):
     resources: dict[str, Any] | None = Field(None, description="Router container resources.")
 
 
+_SPEC_RULES = [
+    {
+        "rule": "duration(self.healthPollRate) >= duration('10ms')",
+        "message": "healthPollRate must be at least 10ms",
+        "fieldPath": ".healthPollRate",
+    },
+    {
+        "rule": "duration(self.requestTimeout) >= duration(self.healthPollRate)",
+        "message": "requestTimeout must not be shorter than healthPollRate",
+        "fieldPath": ".requestTimeout",
+    },
+]
+
+
 class ServiceSpec(_Model):
+    model_config = ConfigDict(
+        populate_by_name=True,
+        extra="forbid",
+        json_schema_extra={"x-kubernetes-validations": _SPEC_RULES},
+    )
+
     replicas: int = Field(1, ge=0, description="Actor replicas (pods), each with its GPUs.")
     gpus_per_replica: int = Field(
         0, alias="gpusPerReplica", ge=0, description="nvidia.com/gpu per replica pod."
@@ -71,6 +91,58 @@ class ServiceSpec(_Model):
     @property
     def request_timeout_seconds(self) -> float:
         return duration(self.request_timeout)
+
+
+class Condition(BaseModel):
+    """Kubernetes API conventions' condition: Ready, Progressing, Degraded."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field("", pattern=r"^([A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?)?$")
+    message: str = ""
+    observed_generation: int | None = Field(None, alias="observedGeneration", ge=0)
+    last_transition_time: str | None = Field(None, alias="lastTransitionTime")
+
+
+class ReplicaStatus(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    index: int = Field(..., ge=0)
+    pod: str
+    phase: str = ""
+    ready: bool = False
+    healthy: bool = False
+    gpus: int = 0
+    reason: str = ""
+
+
+class ServiceMetrics(BaseModel):
+    """Written by the router at a throttled rate; the printer columns read from here."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    request_rate: float = Field(0.0, alias="requestRate")
+    error_rate: float = Field(0.0, alias="errorRate")
+    p50_latency_ms: float = Field(0.0, alias="p50LatencyMs")
+    p95_latency_ms: float = Field(0.0, alias="p95LatencyMs")
+    p99_latency_ms: float = Field(0.0, alias="p99LatencyMs")
+    queue_depth: int = Field(0, alias="queueDepth")
+    in_flight: int = Field(0, alias="inFlight")
+    active_sessions: int = Field(0, alias="activeSessions")
+    last_update_time: str | None = Field(None, alias="lastUpdateTime")
+
+
+class ServiceStatus(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    observed_generation: int | None = Field(None, alias="observedGeneration")
+    replicas: int = 0
+    ready_replicas: int = Field(0, alias="readyReplicas")
+    healthy_replicas: int = Field(0, alias="healthyReplicas")
+    updated_replicas: int = Field(0, alias="updatedReplicas")
+    selector: str = Field("", description="Label selector of the replica pods (scale subresource).")
+    endpoint: str = Field("", description="The router's in-cluster URL.")
+    conditions: list[Condition] = Field(default_factory=list)
+    replica_statuses: list[ReplicaStatus] = Field(default_factory=list, alias="replicaStatuses")
+    metrics: ServiceMetrics | None = None
 
 
 class Metadata(BaseModel):

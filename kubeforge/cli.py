@@ -194,6 +194,13 @@ def _status(ns: argparse.Namespace) -> int:
         return 0
 
 
+def _crd(ns: argparse.Namespace) -> int:
+    from kubeforge.crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubeforge", description="Replicated Python actors.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -225,6 +232,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--interval", type=duration, default=1.0)
     s.add_argument("--token", default=token)
     s.set_defaults(func=_status)
+
+    d = sub.add_parser("crd", help="print the Service CustomResourceDefinition (YAML)")
+    d.set_defaults(func=_crd)
     return p
 
 

@@ -8,8 +8,10 @@ never a skip.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,7 +59,8 @@ def cluster() -> Iterator[Cluster | ExternalCluster]:
 
 @pytest.fixture
 def namespace(cluster: Cluster | ExternalCluster, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = "e2e-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower().removeprefix("test_"))
+    name = f"e2e-{base[:40].strip('-')}-{uuid.uuid4().hex[:5]}"
     cluster.kubectl("create", "namespace", name)
     try:
         yield name
