@@ -1,0 +1,245 @@
+"""The objects a Service owns, as plain dicts: replica pods, the router Deployment and Service,
+and the token Secret. Pure functions of the Service resource."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kubeforge.api import API_VERSION, KIND, ServiceSpec
+
+L_SERVICE = "kubeforge.dev/service"
+L_COMPONENT = "kubeforge.dev/component"
+L_INDEX = "kubeforge.dev/replica-index"
+L_HASH = "kubeforge.dev/template-hash"
+REPLICA_PORT = 8000
+ROUTER_PORT = 8080
+GPU = "nvidia.com/gpu"
+
+
+def replica_name(service: str, index: int) -> str:
+    return f"{service}-replica-{index}"
+
+
+def router_name(service: str) -> str:
+    return f"{service}-router"
+
+
+def token_secret_name(service: str) -> str:
+    return f"{service}-token"
+
+
+def selector(service: str) -> str:
+    """status.selector: the replica pods of this Service (used by the scale subresource)."""
+    return f"{L_SERVICE}={service},{L_COMPONENT}=replica"
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _user_labels(body: dict[str, Any]) -> dict[str, str]:
+    """The resource's labels reach its pods (queueing and gang schedulers select on them)."""
+    return {
+        k: v
+        for k, v in (body["metadata"].get("labels") or {}).items()
+        if not k.startswith("kubeforge.dev/")
+    }
+
+
+def _user_annotations(body: dict[str, Any]) -> dict[str, str]:
+    return {
+        k: v
+        for k, v in (body["metadata"].get("annotations") or {}).items()
+        if not k.startswith(("kubeforge.dev/", "kopf.", "kubectl.kubernetes.io/"))
+    }
+
+
+def replica_container(spec: ServiceSpec, service: str) -> dict[str, Any]:
+    resources = json.loads(json.dumps(spec.resources or {}))
+    if spec.gpus_per_replica:
+        resources.setdefault("limits", {})[GPU] = spec.gpus_per_replica
+    probe = {"periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 3}
+    return {
+        "name": "replica",
+        "image": spec.image or "kubeforge-replica:latest",
+        "command": ["python", "-m", "kubeforge.replica"],
+        "args": [
+            "--actor",
+            spec.actor,
+            "--args",
+            json.dumps(spec.args),
+            "--kwargs",
+            json.dumps(spec.kwargs),
+            "--port",
+            str(REPLICA_PORT),
+            "--max-concurrent-requests",
+            str(spec.max_concurrent_requests),
+            "--request-timeout",
+            spec.request_timeout,
+        ],
+        "env": [
+            {
+                "name": "KUBEFORGE_REPLICA_NAME",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+            },
+            {
+                "name": "KUBEFORGE_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": token_secret_name(service), "key": "token"}},
+            },
+            *spec.env,
+        ],
+        "ports": [{"name": "http", "containerPort": REPLICA_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, **probe},
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "initialDelaySeconds": 5,
+            **probe,
+        },
+        "resources": resources,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+
+
+def pod_template(body: dict[str, Any]) -> dict[str, Any]:
+    """Everything about a replica pod except its index: what the template hash covers."""
+    spec = ServiceSpec.model_validate(body["spec"])
+    service = body["metadata"]["name"]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Always",
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [replica_container(spec, service)],
+    }
+    for field, key in (
+        ("node_selector", "nodeSelector"),
+        ("tolerations", "tolerations"),
+        ("affinity", "affinity"),
+        ("image_pull_secrets", "imagePullSecrets"),
+        ("priority_class_name", "priorityClassName"),
+        ("runtime_class_name", "runtimeClassName"),
+        ("scheduler_name", "schedulerName"),
+    ):
+        value = getattr(spec, field)
+        if value:
+            pod_spec[key] = value
+    overlay = (spec.pod_template or {}).get("spec", {})
+    # The overlay goes under the fields the operator owns: it cannot replace the container.
+    merged = {**{k: v for k, v in overlay.items() if k != "containers"}, **pod_spec}
+    return {"labels": _user_labels(body), "annotations": _user_annotations(body), "spec": merged}
+
+
+def template_hash(template: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def replica_pod(body: dict[str, Any], index: int) -> dict[str, Any]:
+    service = body["metadata"]["name"]
+    template = pod_template(body)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": replica_name(service, index),
+            "namespace": body["metadata"]["namespace"],
+            "labels": {
+                **template["labels"],
+                L_SERVICE: service,
+                L_COMPONENT: "replica",
+                L_INDEX: str(index),
+                L_HASH: template_hash(template),
+            },
+            "annotations": template["annotations"],
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": template["spec"],
+    }
+
+
+def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The router Deployment and its ClusterIP Service `<name>-router`."""
+    spec = ServiceSpec.model_validate(body["spec"])
+    service, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    labels = {L_SERVICE: service, L_COMPONENT: "router"}
+    owner = [owner_reference(body)]
+    container = {
+        "name": "router",
+        "image": spec.image or "kubeforge:latest",
+        "command": ["python", "-m", "kubeforge.router"],
+        "args": [
+            "--service",
+            service,
+            "--namespace",
+            namespace,
+            "--port",
+            str(ROUTER_PORT),
+            "--health-poll-rate",
+            spec.health_poll_rate,
+        ],
+        "env": [
+            {
+                "name": "KUBEFORGE_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": token_secret_name(service), "key": "token"}},
+            }
+        ],
+        "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 2},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+        "resources": spec.router.resources or {},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": router_name(service),
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": owner,
+        },
+        "spec": {
+            "replicas": spec.router.replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+                    "containers": [container],
+                },
+            },
+        },
+    }
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": router_name(service),
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": owner,
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": labels,
+            "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": "http"}],
+        },
+    }
+    return [deployment, svc]
+
+
+def endpoint(body: dict[str, Any]) -> str:
+    meta = body["metadata"]
+    return f"http://{router_name(meta['name'])}.{meta['namespace']}.svc:{ROUTER_PORT}"

@@ -1,0 +1,125 @@
+"""The reconcile planner and the manifests it leads to: pure, no cluster."""
+
+from typing import Any
+
+from kubeforge.operator.manifests import GPU, pod_template, replica_pod, template_hash
+from kubeforge.operator.plan import PodView, plan
+
+H = "h1"
+
+
+def pods(*specs: tuple[int, bool], hash_: str = H) -> list[PodView]:
+    return [PodView(f"s-replica-{i}", i, hash_, "Running", ready) for i, ready in specs]
+
+
+def run(
+    desired: int, current: list[PodView], hash_: str = H, prev: list[dict[str, Any]] | None = None
+):
+    return plan(desired, hash_, current, 3, "sel", "http://x", prev or [], "T")
+
+
+def cond(p: Any, kind: str) -> dict[str, Any]:
+    return next(c for c in p.status["conditions"] if c["type"] == kind)
+
+
+def test_scale_up_fills_the_lowest_free_indices() -> None:
+    p = run(5, pods((0, True), (2, True), (4, True)))
+    assert p.create == [1, 3] and p.delete == []
+    assert cond(p, "Progressing")["reason"] == "ScalingUp"
+
+
+def test_scale_down_removes_unready_first_then_highest_index() -> None:
+    p = run(2, pods((0, True), (1, False), (2, True), (3, True)))
+    assert p.delete == ["s-replica-1", "s-replica-3"]
+    p = run(2, pods((0, True), (1, True), (2, True), (3, True)))
+    assert p.delete == ["s-replica-3", "s-replica-2"]
+
+
+def test_rollout_replaces_one_replica_at_a_time_only_when_all_are_ready() -> None:
+    old = pods((0, True), (1, True), (2, True), hash_="old")
+    p = run(3, old, hash_="new")
+    assert p.delete == ["s-replica-2"] and p.create == []
+    # While that one is being deleted nothing else goes.
+    deleting = [*old[:2], PodView("s-replica-2", 2, "old", "Running", True, deleting=True)]
+    assert run(3, deleting, hash_="new").delete == []
+    # Recreated (new hash) but not ready yet: wait.
+    waiting = [*old[:2], PodView("s-replica-2", 2, "new", "Running", False)]
+    assert run(3, waiting, hash_="new").delete == []
+    ready = [*old[:2], PodView("s-replica-2", 2, "new", "Running", True)]
+    assert run(3, ready, hash_="new").delete == ["s-replica-1"]
+
+
+def test_missing_and_failed_pods_come_back_under_their_index() -> None:
+    assert run(3, pods((0, True), (2, True))).create == [1]
+    failed = [*pods((0, True), (2, True)), PodView("s-replica-1", 1, H, "Failed")]
+    assert run(3, failed).delete == ["s-replica-1"]
+
+
+def test_conditions_carry_reasons_and_keep_transition_times() -> None:
+    stuck = [
+        *pods((0, True)),
+        PodView(
+            "s-replica-1",
+            1,
+            H,
+            "Pending",
+            unschedulable=("0/1 nodes are available: 1 Insufficient nvidia.com/gpu."),
+        ),
+    ]
+    p = run(2, stuck)
+    assert cond(p, "Ready")["status"] == "False"
+    degraded = cond(p, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in degraded["message"]
+    fine = run(
+        1,
+        pods((0, True)),
+        prev=[{"type": "Ready", "status": "True", "lastTransitionTime": "EARLIER"}],
+    )
+    assert cond(fine, "Ready")["lastTransitionTime"] == "EARLIER"  # unchanged status
+    assert fine.status["readyReplicas"] == 1 and fine.status["observedGeneration"] == 3
+
+
+BODY = {
+    "apiVersion": "kubeforge.dev/v1alpha1",
+    "kind": "Service",
+    "metadata": {
+        "name": "counter",
+        "namespace": "ns",
+        "uid": "u-1",
+        "labels": {"kueue.x-k8s.io/queue-name": "q", "kubeforge.dev/x": "no"},
+    },
+    "spec": {
+        "replicas": 3,
+        "gpusPerReplica": 1,
+        "actor": "examples.counter:Counter",
+        "kwargs": {"start": 0},
+        "nodeSelector": {"gpu": "h100"},
+    },
+}
+
+
+def test_replica_pod_manifest() -> None:
+    pod = replica_pod(BODY, 2)
+    meta, spec = pod["metadata"], pod["spec"]
+    assert meta["name"] == "counter-replica-2"
+    assert meta["labels"]["kubeforge.dev/replica-index"] == "2"
+    assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "q"  # reaches the pods
+    assert "kubeforge.dev/x" not in meta["labels"]  # our own prefix is not copied
+    assert meta["ownerReferences"][0]["uid"] == "u-1"
+    c = spec["containers"][0]
+    assert c["command"] == ["python", "-m", "kubeforge.replica"]
+    assert c["args"][:2] == ["--actor", "examples.counter:Counter"]
+    assert c["resources"]["limits"][GPU] == 1
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["nodeSelector"] == {"gpu": "h100"}
+
+
+def test_template_hash_changes_with_the_spec_not_the_index() -> None:
+    h = template_hash(pod_template(BODY))
+    assert replica_pod(BODY, 0)["metadata"]["labels"]["kubeforge.dev/template-hash"] == h
+    changed = {**BODY, "spec": {**BODY["spec"], "args": [1]}}
+    assert template_hash(pod_template(changed)) != h
+    scaled = {**BODY, "spec": {**BODY["spec"], "replicas": 9}}
+    assert template_hash(pod_template(scaled)) == h
