@@ -194,6 +194,25 @@ def _status(ns: argparse.Namespace) -> int:
         return 0
 
 
+def _operator(ns: argparse.Namespace) -> int:
+    import asyncio as _asyncio
+
+    import kopf
+
+    from kubeforge.operator import handlers  # noqa: F401 - registers the handlers
+
+    namespaces = [] if ns.all_namespaces else (ns.namespace or ["default"])
+    _asyncio.run(
+        kopf.operator(
+            standalone=True,
+            clusterwide=ns.all_namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=ns.liveness,
+        )
+    )
+    return 0
+
+
 def _crd(ns: argparse.Namespace) -> int:
     from kubeforge.crd import crd_yaml
 
@@ -232,6 +251,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--interval", type=duration, default=1.0)
     s.add_argument("--token", default=token)
     s.set_defaults(func=_status)
+
+    o = sub.add_parser("operator", help="run the kopf operator that reconciles Services")
+    o.add_argument("-A", "--all-namespaces", action="store_true")
+    o.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeat)")
+    o.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8081/healthz")
+    o.set_defaults(func=_operator)
 
     d = sub.add_parser("crd", help="print the Service CustomResourceDefinition (YAML)")
     d.set_defaults(func=_crd)

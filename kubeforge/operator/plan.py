@@ -175,10 +175,8 @@ def plan(
                 "phase": p.phase,
                 "ready": p.ready,
                 "healthy": p.ready,
-                "reason": (p.unschedulable
-                and "Unschedulable")
-                or (p.crash_looping
-                and "CrashLoopBackOff")
+                "reason": (p.unschedulable and "Unschedulable")
+                or (p.crash_looping and "CrashLoopBackOff")
                 or "",
             }
             for p in live

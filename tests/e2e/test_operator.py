@@ -1,0 +1,257 @@
+"""The operator on the real control plane, with replica pods really running as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubeforge.crd import CRD_NAME
+from tests.e2e.test_cluster import wait_for
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Operator:
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.kubeconfig, self.log = kubeconfig, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kubeforge.cli", "operator", "-A"],
+                cwd=REPO,
+                env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    if not hasattr(cluster, "control"):
+        pytest.fail("on an external cluster, install the chart instead of running the operator")
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / f"{CRD_NAME}.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+
+    def gpus_free() -> bool:
+        """no pod of an earlier test holds a GPU"""
+        pods = json.loads(cluster.kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
+        return not any("nvidia.com/gpu" in json.dumps(p["spec"]) for p in pods)
+
+    wait_for(gpus_free, 60)
+    op = Operator(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+def service(name: str, replicas: int, gpus: int = 1, **spec: Any) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "kubeforge.dev/v1alpha1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "gpusPerReplica": gpus,
+                "actor": "examples.counter:Counter",
+                **spec,
+            },
+        }
+    )
+
+
+def fsvc(cluster: Any, ns: str, name: str) -> dict[str, Any]:
+    return json.loads(cluster.kubectl("get", "fsvc", name, "-n", ns, "-o", "json").stdout)
+
+
+def replica_pods(cluster: Any, ns: str, name: str) -> list[dict[str, Any]]:
+    return json.loads(
+        cluster.kubectl(
+            "get", "pods", "-n", ns, "-l", f"kubeforge.dev/service={name}", "-o", "json"
+        ).stdout
+    )["items"]
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    return any(
+        c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", [])
+    )
+
+
+def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def test_apply_scale_replace_and_delete(cluster: Any, namespace: str, operator: Operator) -> None:
+    started = time.monotonic()
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=service("counter", 3))
+    wait_for(
+        lambda: fsvc(cluster, namespace, "counter").get("status", {}).get("readyReplicas") == 3, 90
+    )
+    print(f"apply -> 3 replicas Ready: {time.monotonic() - started:.1f}s")
+    body = fsvc(cluster, namespace, "counter")
+    assert condition(body, "Ready")["status"] == "True"
+    assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
+    pods = replica_pods(cluster, namespace, "counter")
+    replicas = [p for p in pods if p["metadata"]["labels"]["kubeforge.dev/component"] == "replica"]
+    assert sorted(p["metadata"]["name"] for p in replicas) == [
+        f"counter-replica-{i}" for i in range(3)
+    ]
+    assert all(
+        ready(p) and p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] in (1, "1")
+        for p in replicas
+    )
+    row = cluster.kubectl("get", "fsvc", "-n", namespace).stdout.splitlines()[1].split()
+    assert row[:5] == ["counter", "3", "3", "3", "1"]
+
+    # Scale past the node's 4 GPUs: 4 Ready, 1 Pending, Degraded with the scheduler's words.
+    cluster.kubectl("scale", "-n", namespace, "services.kubeforge.dev/counter", "--replicas=5")
+
+    def degraded() -> dict[str, Any] | None:
+        """Degraded=True with the scheduler's message"""
+        c = condition(fsvc(cluster, namespace, "counter"), "Degraded")
+        return c if c.get("status") == "True" else None
+
+    cond = wait_for(degraded, 60)
+    assert cond["reason"] == "Unschedulable" and "Insufficient nvidia.com/gpu" in cond["message"]
+    wait_for(lambda: fsvc(cluster, namespace, "counter")["status"]["readyReplicas"] == 4, 60)
+    states = {
+        p["metadata"]["name"]: p["status"]["phase"]
+        for p in replicas_only(replica_pods(cluster, namespace, "counter"))
+    }
+    assert sorted(states.values()) == ["Pending", "Running", "Running", "Running", "Running"]
+
+    # Scale to 2: the pending one and the highest indices go; no stray pod is left.
+    cluster.kubectl("scale", "-n", namespace, "services.kubeforge.dev/counter", "--replicas=2")
+
+    def two_left() -> bool:
+        """only counter-replica-0 and -1 remain"""
+        names = sorted(
+            p["metadata"]["name"]
+            for p in replicas_only(replica_pods(cluster, namespace, "counter"))
+        )
+        return names == ["counter-replica-0", "counter-replica-1"]
+
+    wait_for(two_left, 60)
+    wait_for(
+        lambda: condition(fsvc(cluster, namespace, "counter"), "Degraded").get("status") == "False",
+        30,
+    )
+
+    # A deleted replica pod comes back under its index.
+    victim = next(
+        p
+        for p in replica_pods(cluster, namespace, "counter")
+        if p["metadata"]["name"] == "counter-replica-1"
+    )
+    cluster.kubectl("delete", "pod", "-n", namespace, "counter-replica-1")
+
+    def recreated() -> bool:
+        """counter-replica-1 recreated (new uid) and Ready"""
+        pods = {p["metadata"]["name"]: p for p in replica_pods(cluster, namespace, "counter")}
+        new = pods.get("counter-replica-1")
+        return bool(new) and new["metadata"]["uid"] != victim["metadata"]["uid"] and ready(new)
+
+    wait_for(recreated, 60)
+
+    # Deleting the Service removes its pods, router and Service.
+    cluster.kubectl("delete", "fsvc", "-n", namespace, "counter")
+
+    def all_gone() -> bool:
+        """pods, router Deployment and Service garbage-collected"""
+        left = cluster.kubectl(
+            "get",
+            "pods,deployments,services",
+            "-n",
+            namespace,
+            "-l",
+            "kubeforge.dev/service=counter",
+            "-o",
+            "name",
+        ).stdout
+        return left.strip() == ""
+
+    wait_for(all_gone, 90)
+
+
+def replicas_only(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in pods
+        if p["metadata"]["labels"].get("kubeforge.dev/component") == "replica"
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def test_changed_args_roll_out_one_replica_at_a_time(
+    cluster: Any, namespace: str, operator: Operator
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=service("roll", 3, gpus=1))
+    wait_for(
+        lambda: fsvc(cluster, namespace, "roll").get("status", {}).get("readyReplicas") == 3, 90
+    )
+    old = {
+        p["metadata"]["labels"]["kubeforge.dev/template-hash"]
+        for p in replicas_only(replica_pods(cluster, namespace, "roll"))
+    }
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=service("roll", 3, gpus=1, kwargs={"start": 100})
+    )
+    lowest = 3
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        pods = replicas_only(replica_pods(cluster, namespace, "roll"))
+        lowest = min(lowest, sum(ready(p) for p in pods))
+        hashes = {p["metadata"]["labels"]["kubeforge.dev/template-hash"] for p in pods}
+        if len(pods) == 3 and all(ready(p) for p in pods) and not hashes & old:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the rollout did not finish")
+    assert lowest >= 2, f"only {lowest} replicas were Ready at one point"
+    wait_for(lambda: fsvc(cluster, namespace, "roll")["status"]["updatedReplicas"] == 3, 30)
+
+
+def test_operator_killed_mid_scale_up_converges_without_duplicates(
+    cluster: Any, namespace: str, operator: Operator
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=service("crash", 1, gpus=0))
+    wait_for(
+        lambda: fsvc(cluster, namespace, "crash").get("status", {}).get("readyReplicas") == 1, 90
+    )
+    cluster.kubectl("scale", "-n", namespace, "services.kubeforge.dev/crash", "--replicas=6")
+    time.sleep(0.3)
+    operator.kill9()
+    operator.start()
+    wait_for(lambda: fsvc(cluster, namespace, "crash")["status"].get("readyReplicas") == 6, 90)
+    names = [
+        p["metadata"]["name"] for p in replicas_only(replica_pods(cluster, namespace, "crash"))
+    ]
+    assert sorted(names) == [f"crash-replica-{i}" for i in range(6)]
