@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from devcluster.controlplane import write_kubeconfig
 from kubeforge.crd import CRD_NAME
 from tests.e2e.test_cluster import wait_for
 
@@ -63,12 +64,29 @@ def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         return not any("nvidia.com/gpu" in json.dumps(p["spec"]) for p in pods)
 
     wait_for(gpus_free, 60)
-    op = Operator(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    # The operator runs as its service account, with exactly the RBAC it ships with.
+    cluster.kubectl("apply", "-f", str(REPO / "deploy" / "operator-rbac.yaml"))
+    token = cluster.kubectl(
+        "create", "token", "kubeforge-operator", "-n", "kubeforge-system", "--duration=2h"
+    ).stdout.strip()
+    workdir = tmp_path_factory.mktemp("operator")
+    kubeconfig = write_kubeconfig(
+        workdir / "kubeconfig",
+        cluster.control.server,
+        cluster.control.pki.ca,
+        "system:serviceaccount:kubeforge-system:kubeforge-operator",
+        token=token,
+    )
+    op = Operator(kubeconfig, workdir / "operator.log")
     op.start()
     try:
         yield op
     finally:
         op.stop()
+        forbidden = [
+            line for line in op.log.read_text().splitlines() if "Forbidden" in line or "403" in line
+        ]
+        assert not forbidden, f"the operator's RBAC is missing something: {forbidden[:3]}"
 
 
 def service(name: str, replicas: int, gpus: int = 1, **spec: Any) -> str:
