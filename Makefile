@@ -53,6 +53,7 @@ bench-tools: venv
 bench: bench-tools
 	$(PY) bench/router_overhead.py
 	$(PY) bench/service_calls.py
+	$(PY) bench/operator_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
