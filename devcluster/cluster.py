@@ -34,6 +34,13 @@ class Cluster:
     def kubectl(self, *args: str, check: bool = True, input: str | None = None):
         return self.control.kubectl(*args, check=check, input=input)
 
+    def pod_log(self, namespace: str, pod: str) -> str:
+        """What a pod's containers printed (there is no kubelet API for `kubectl logs`)."""
+        return "\n".join(
+            path.read_text(errors="replace")
+            for path in sorted(self.root.glob(f"pods/{namespace}_{pod}_*/*.log"))
+        )
+
     def start(self, progress: Callable[[str], None] = print) -> None:
         self.control.start(progress)
         try:

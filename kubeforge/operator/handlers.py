@@ -118,6 +118,11 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
         },
         namespace,
     )
+    account, role, binding = m.router_identity(raw)
+    rbac = client.RbacAuthorizationV1Api(_api)
+    await _ensure(core.create_namespaced_service_account, account, namespace)
+    await _ensure(rbac.create_namespaced_role, role, namespace)
+    await _ensure(rbac.create_namespaced_role_binding, binding, namespace)
     deployment, router_service = m.router_objects(raw)
     await _ensure(apps.create_namespaced_deployment, deployment, namespace)
     await _ensure(core.create_namespaced_service, router_service, namespace)

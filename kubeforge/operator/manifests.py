@@ -216,6 +216,7 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
+                    "serviceAccountName": router_name(service),
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
                     "containers": [container],
                 },
@@ -238,6 +239,46 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
         },
     }
     return [deployment, svc]
+
+
+ROUTER_RULES = [
+    # Discovery: the Service's replica pods, and the resource's router settings.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["kubeforge.dev"], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+]
+
+
+def router_identity(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The router's ServiceAccount, Role and RoleBinding: only what discovery needs."""
+    service, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    meta = {
+        "name": router_name(service),
+        "namespace": namespace,
+        "labels": {L_SERVICE: service, L_COMPONENT: "router"},
+        "ownerReferences": [owner_reference(body)],
+    }
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": ROUTER_RULES,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": router_name(service),
+            },
+            "subjects": [
+                {"kind": "ServiceAccount", "name": router_name(service), "namespace": namespace}
+            ],
+        },
+    ]
 
 
 def endpoint(body: dict[str, Any]) -> str:

@@ -57,15 +57,22 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser().parse_args(argv)
     _runtime.setup_logging("router")
     if ns.service:
-        sys.exit(
-            "kubeforge.router: Kubernetes discovery (--service) is not built yet; use --replica URL"
-        )
-    if not ns.replica:
-        sys.exit("kubeforge.router: give at least one --replica URL")
-    try:
-        discovery = StaticDiscovery(ns.replica)
-    except ValueError as exc:
-        sys.exit(f"kubeforge.router: {exc}")
+        from kubeforge.router.k8s_discovery import KubernetesDiscovery, settings_from_spec
+
+        def follow(spec: dict[str, object]) -> None:
+            for key, value in settings_from_spec(spec).items():
+                if getattr(config, key) != value:
+                    log.info("setting %s = %s from the Service resource", key, value)
+                    setattr(config, key, value)
+
+        discovery: object = KubernetesDiscovery(ns.service, ns.namespace, on_settings=follow)
+    elif not ns.replica:
+        sys.exit("kubeforge.router: give --replica URL (repeatable) or --service NAME")
+    else:
+        try:
+            discovery = StaticDiscovery(ns.replica)
+        except ValueError as exc:
+            sys.exit(f"kubeforge.router: {exc}")
     config = RouterConfig(
         host=_runtime.bind_host(ns.host),
         port=ns.port,
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         max_body=ns.max_body,
         token=os.environ.get("KUBEFORGE_TOKEN") or None,
     )
-    server = RouterServer(config, discovery)
+    server = RouterServer(config, discovery)  # type: ignore[arg-type]
 
     async def start() -> None:
         port = await server.start()
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             "router on %s:%d over %d replicas (%d healthy)",
             config.host,
             port,
-            len(ns.replica),
+            len(server.router.table.replicas),
             len(server.router.table.healthy),
         )
 

@@ -103,9 +103,8 @@ class Router:
             upstream.close()
 
     async def _poll_forever(self) -> None:
-        rate = self.config.health_poll_rate
         while True:
-            await asyncio.sleep(rate)
+            await asyncio.sleep(self.config.health_poll_rate)  # followed when it changes
             try:
                 await self.poll_all()
             except Exception:  # never let one bad report stop health checking

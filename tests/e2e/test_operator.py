@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import signal
@@ -15,8 +17,10 @@ from typing import Any
 import pytest
 
 from devcluster.controlplane import write_kubeconfig
+from kubeforge import KubeforgeError, ServiceClient
 from kubeforge.crd import CRD_NAME
 from tests.e2e.test_cluster import wait_for
+from tests.integration.test_service import torchforge_scenario
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
@@ -273,3 +277,44 @@ def test_operator_killed_mid_scale_up_converges_without_duplicates(
         p["metadata"]["name"] for p in replicas_only(replica_pods(cluster, namespace, "crash"))
     ]
     assert sorted(names) == [f"crash-replica-{i}" for i in range(6)]
+
+
+async def test_service_client_through_the_router_on_kubernetes(
+    cluster: Any, namespace: str, operator: Operator
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=service("tf", 3, gpus=0))
+    wait_for(lambda: fsvc(cluster, namespace, "tf").get("status", {}).get("readyReplicas") == 3, 90)
+    cluster.kubectl(
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=Available",
+        "deployment/tf-router",
+        "--timeout=90s",
+    )
+    router = next(
+        p
+        for p in replica_pods(cluster, namespace, "tf")
+        if p["metadata"]["labels"]["kubeforge.dev/component"] == "router"
+    )
+    url = f"http://{router['status']['podIP']}:8080"
+    secret = json.loads(
+        cluster.kubectl("get", "secret", "tf-token", "-n", namespace, "-o", "json").stdout
+    )
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    async with ServiceClient(url, token=token) as client:
+
+        async def all_healthy() -> bool:
+            return [r["state"] for r in await client.replicas()] == ["HEALTHY"] * 3
+
+        deadline = time.monotonic() + 30
+        while not await all_healthy():
+            assert time.monotonic() < deadline, cluster.pod_log(
+                namespace, router["metadata"]["name"]
+            )
+            await asyncio.sleep(0.2)
+        await torchforge_scenario(client, tuple(f"tf-replica-{i}" for i in range(3)))
+    # Without the token the router refuses the call.
+    async with ServiceClient(url, token="wrong") as stranger:
+        with pytest.raises(KubeforgeError, match="wrong token"):
+            await stranger.whoami(None)

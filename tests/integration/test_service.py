@@ -43,8 +43,9 @@ async def _metrics(api: Any) -> tuple[Any, dict[str, Any]]:
     return await api.get_metrics(), await api.get_metrics_summary()
 
 
-async def torchforge_scenario(api: Any) -> None:
-    started = time.monotonic()
+async def torchforge_scenario(
+    api: Any, replica_names: tuple[str, ...] = ("replica-0", "replica-1", "replica-2")
+) -> None:
     # A session's calls stick: one counter counts up by one each call.
     sid = await api.start_session()
     firsts = [await api.incr(sid, 1) for _ in range(5)]
@@ -53,7 +54,7 @@ async def torchforge_scenario(api: Any) -> None:
     holder = (await api.whoami(sid))["replica"]
     # call_all: three results, in replica order.
     names = [r["replica"] for r in await api.call_all("whoami")]
-    assert names == ["replica-0", "replica-1", "replica-2"]
+    assert names == list(replica_names)
     assert [r["replica"] for r in await api.whoami.fanout()] == names
     # Calls without a session spread over the replicas (least-loaded, ties in turn).
     spread = {(await api.whoami(None))["replica"] for _ in range(9)}
@@ -65,8 +66,8 @@ async def torchforge_scenario(api: Any) -> None:
     calls = 10 + 1 + 3 + 3 + 9 + 5
     metrics, summary = await _metrics(api)
     rate = metrics.get_total_request_rate()
-    elapsed = time.monotonic() - started
-    assert calls / (elapsed + 1.0) <= rate <= calls / 1.0, (rate, elapsed)
+    # Every call falls in the 60 s window; the span is at least one second.
+    assert calls / 60.0 <= rate <= calls / 1.0, rate
     assert sum(r.total_requests for r in metrics.replica_metrics.values()) >= calls
     assert summary["service"]["healthy_replicas"] == 3
     assert set(summary["replicas"]) == {0, 1, 2}

@@ -1,0 +1,147 @@
+"""Kubernetes discovery: the router follows its Service's replica pods and its settings.
+
+A pod joins when it is Ready and has an IP, and leaves at once when the watch says it is gone
+or not ready (a silent death is caught by the router's own health polls). The Service resource
+is watched too, so a changed healthPollRate takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from kubeforge._runtime import duration
+from kubeforge.router.discovery import ReplicaSink
+
+log = logging.getLogger("kubeforge.router.discovery")
+
+GROUP, VERSION, PLURAL = "kubeforge.dev", "v1alpha1", "services"
+REPLICA_PORT = 8000
+
+
+async def api_client() -> client.ApiClient:
+    """In-cluster credentials when mounted, else $KUBECONFIG (the e2e node gives a per-pod one)."""
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return await config.new_client_from_config()
+
+
+def _member(pod: Any) -> tuple[int, str, str] | None:
+    """(index, name, url) of a pod that may take calls, else None."""
+    if pod.metadata.deletion_timestamp is not None or not pod.status.pod_ip:
+        return None
+    ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+    if not ready:
+        return None
+    try:
+        index = int((pod.metadata.labels or {})["kubeforge.dev/replica-index"])
+    except (KeyError, ValueError):
+        return None
+    return index, pod.metadata.name, f"http://{pod.status.pod_ip}:{REPLICA_PORT}"
+
+
+class KubernetesDiscovery:
+    def __init__(
+        self,
+        service: str,
+        namespace: str,
+        on_settings: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.service = service
+        self.namespace = namespace
+        self.on_settings = on_settings
+        self.members: dict[int, tuple[str, str]] = {}  # index -> (pod name, url)
+
+    async def run(self, sink: ReplicaSink) -> None:
+        api = await api_client()
+        try:
+            await asyncio.gather(self._watch_pods(api, sink), self._watch_service(api))
+        finally:
+            await api.close()
+
+    def _apply(self, sink: ReplicaSink, kind: str, pod: Any) -> None:
+        index = int((pod.metadata.labels or {}).get("kubeforge.dev/replica-index", -1))
+        member = None if kind == "DELETED" else _member(pod)
+        known = self.members.get(index)
+        if member is None:
+            if known is not None and known[0] == pod.metadata.name:
+                del self.members[index]
+                log.info(
+                    "replica %s left (%s)",
+                    pod.metadata.name,
+                    "deleted" if kind == "DELETED" else "not ready",
+                )
+                sink.replica_removed(index)
+            return
+        _, name, url = member
+        if known != (name, url):
+            self.members[index] = (name, url)
+            log.info("replica %s joined at %s", name, url)
+            sink.replica_added(index, name, url)
+
+    async def _watch_pods(self, api: client.ApiClient, sink: ReplicaSink) -> None:
+        core = client.CoreV1Api(api)
+        selector = f"kubeforge.dev/service={self.service},kubeforge.dev/component=replica"
+        while True:
+            try:
+                listed = await core.list_namespaced_pod(self.namespace, label_selector=selector)
+                seen = set()
+                for pod in listed.items:
+                    seen.add(pod.metadata.name)
+                    self._apply(sink, "ADDED", pod)
+                for index, (name, _url) in list(self.members.items()):
+                    if name not in seen:
+                        del self.members[index]
+                        sink.replica_removed(index)
+                async with watch.Watch() as w:
+                    async for event in w.stream(
+                        core.list_namespaced_pod,
+                        self.namespace,
+                        label_selector=selector,
+                        resource_version=listed.metadata.resource_version,
+                        timeout_seconds=300,
+                    ):
+                        self._apply(sink, event["type"], event["object"])
+            except asyncio.CancelledError:
+                raise
+            except (ApiException, OSError, ValueError) as exc:
+                log.warning("pod watch interrupted (%s); relisting", exc)
+                await asyncio.sleep(1)
+
+    async def _watch_service(self, api: client.ApiClient) -> None:
+        custom = client.CustomObjectsApi(api)
+        while True:
+            try:
+                async with watch.Watch() as w:
+                    async for event in w.stream(
+                        custom.list_namespaced_custom_object,
+                        GROUP,
+                        VERSION,
+                        self.namespace,
+                        PLURAL,
+                        field_selector=f"metadata.name={self.service}",
+                        timeout_seconds=300,
+                    ):
+                        spec = event["object"].get("spec", {})
+                        if self.on_settings is not None and event["type"] != "DELETED":
+                            self.on_settings(spec)
+            except asyncio.CancelledError:
+                raise
+            except (ApiException, OSError, ValueError) as exc:
+                log.warning("Service watch interrupted (%s); retrying", exc)
+                await asyncio.sleep(1)
+
+
+def settings_from_spec(spec: dict[str, Any]) -> dict[str, float]:
+    """Router settings the resource carries (DESIGN §5)."""
+    out: dict[str, float] = {}
+    if "healthPollRate" in spec:
+        out["health_poll_rate"] = duration(spec["healthPollRate"])
+    return out
