@@ -36,9 +36,10 @@ cluster-up: venv k8s-bin
 cluster-down: venv
 	$(PY) -m devcluster down
 
-# crds/ is generated from kubeforge/api.py; a unit test fails when they disagree.
+# crds/, the chart's CRD and RBAC, and deploy/ are generated from the Python sources; a unit
+# test fails when any of them is stale.
 crds: venv
-	$(PY) -m kubeforge.cli crd > crds/services.kubeforge.dev.yaml
+	$(PY) -m kubeforge.generate
 
 lint: venv
 	$(PY) -m ruff check .

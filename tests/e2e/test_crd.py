@@ -20,7 +20,9 @@ COUNTER = yaml.safe_load((REPO / "examples" / "counter.yaml").read_text())
 
 @pytest.fixture(scope="module")
 def crd(cluster: Any) -> str:
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / f"{CRD_NAME}.yaml"))
+    cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / f"{CRD_NAME}.yaml")
+    )
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
     return CRD_NAME
 

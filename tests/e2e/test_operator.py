@@ -59,7 +59,9 @@ class Operator:
 def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     if not hasattr(cluster, "control"):
         pytest.fail("on an external cluster, install the chart instead of running the operator")
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / f"{CRD_NAME}.yaml"))
+    cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / f"{CRD_NAME}.yaml")
+    )
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
 
     def gpus_free() -> bool:

@@ -24,6 +24,14 @@ def test_checked_in_crd_matches_the_models() -> None:
     assert CHECKED_IN.read_text() == crd_yaml(), "run `make crds` and commit crds/"
 
 
+def test_every_generated_file_is_current() -> None:
+    from kubeforge.generate import outputs
+
+    root = CHECKED_IN.parents[1]
+    stale = [rel for rel, text in outputs().items() if (root / rel).read_text() != text]
+    assert not stale, f"run `make crds` and commit: {stale}"
+
+
 def test_schema_is_structural() -> None:
     schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, key, value in _walk(schema):

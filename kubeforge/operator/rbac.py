@@ -1,0 +1,86 @@
+"""The operator's RBAC rules, one list for every place that ships them: deploy/ and the chart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+OPERATOR_RULES: list[dict[str, Any]] = [
+    # The resource it reconciles: watched, annotated by kopf (progress), status written.
+    {
+        "apiGroups": ["kubeforge.dev"],
+        "resources": ["services"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
+    {"apiGroups": ["kubeforge.dev"], "resources": ["services/status"], "verbs": ["get", "patch"]},
+    # Replica pods: listed, created by index, deleted on scale-down and rollout; get and watch
+    # because each router's Role grants them and RBAC lets nobody grant what it lacks.
+    {
+        "apiGroups": [""],
+        "resources": ["pods"],
+        "verbs": ["get", "list", "watch", "create", "delete"],
+    },
+    # The router Deployment and Service, its identity, and the router<->replica token: created.
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["create"]},
+    {
+        "apiGroups": [""],
+        "resources": ["services", "secrets", "serviceaccounts"],
+        "verbs": ["create"],
+    },
+    {
+        "apiGroups": ["rbac.authorization.k8s.io"],
+        "resources": ["roles", "rolebindings"],
+        "verbs": ["create"],
+    },
+    # What it does, as Events on the Service.
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+    # kopf discovers the resource's definition.
+    {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["list", "watch"],
+    },
+]
+
+NAMESPACE = "kubeforge-system"
+NAME = "kubeforge-operator"
+
+
+def deploy_manifest() -> str:
+    docs = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": NAME, "namespace": NAMESPACE},
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": NAME},
+            "rules": OPERATOR_RULES,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": NAME},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": NAME,
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}],
+        },
+    ]
+    header = (
+        "# Least privilege for the kubeforge operator: exactly the verbs it uses.\n"
+        "# Generated from kubeforge/operator/rbac.py by `make crds`. Do not edit.\n"
+    )
+    return header + yaml.safe_dump_all(docs, sort_keys=False, width=100)
+
+
+def chart_rules() -> str:
+    """The rules block the chart's ClusterRole template includes."""
+    header = "# Generated from kubeforge/operator/rbac.py by `make crds`. Do not edit.\n"
+    return header + yaml.safe_dump({"rules": OPERATOR_RULES}, sort_keys=False, width=100)

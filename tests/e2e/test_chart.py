@@ -1,0 +1,149 @@
+"""The Helm chart: lint, render with several values sets, install and uninstall for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.test_cluster import wait_for
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "kubeforge"
+
+
+def helm(cluster: Any, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    if not hasattr(cluster, "control"):
+        pytest.fail("chart tests use the helm built by `make k8s-bin`")
+    return subprocess.run(
+        [str(cluster.control.bins / "helm"), "--kubeconfig", str(cluster.kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=180,
+    )
+
+
+def render(cluster: Any, *sets: str) -> list[dict[str, Any]]:
+    args = [a for s in sets for a in ("--set", s)]
+    out = helm(cluster, "template", "kf", str(CHART), "-n", "kf-system", *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def test_chart_lints_clean(cluster: Any) -> None:
+    out = helm(cluster, "lint", str(CHART), "--strict")
+    assert "0 chart(s) failed" in out.stdout
+
+
+def test_chart_renders_with_several_values_sets(cluster: Any) -> None:
+    default = render(cluster)
+    assert kinds(default) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "Deployment",
+        "ServiceAccount",
+    ]
+    crd = next(d for d in default if d["kind"] == "CustomResourceDefinition")
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    deployment = next(d for d in default if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["kubeforge", "operator"]
+    assert "--all-namespaces" in container["args"]
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+    assert "CustomResourceDefinition" not in kinds(render(cluster, "crds.create=false"))
+    bare = render(
+        cluster, "rbac.create=false", "serviceAccount.create=false", "serviceAccount.name=mine"
+    )
+    assert kinds(bare) == ["CustomResourceDefinition", "Deployment"]
+    spec = next(d for d in bare if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "mine"
+    scoped = render(cluster, "operator.namespaces={team-a,team-b}", "image.tag=v9")
+    c = next(d for d in scoped if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert c["args"][:2] == ["--namespace=team-a", "--namespace=team-b"]
+    assert c["image"] == "kubeforge:v9"
+    rules = next(d for d in default if d["kind"] == "ClusterRole")["rules"]
+    shipped = yaml.safe_load_all((REPO / "deploy" / "operator-rbac.yaml").read_text())
+    assert rules == next(d for d in shipped if d["kind"] == "ClusterRole")["rules"]
+
+
+def test_values_schema_rejects_bad_values(cluster: Any) -> None:
+    out = helm(
+        cluster, "template", "kf", str(CHART), "--set", "image.pullPolicy=Sometimes", check=False
+    )
+    assert out.returncode != 0 and "pullPolicy" in out.stderr
+    out = helm(cluster, "template", "kf", str(CHART), "--set", "operatr.logLevel=INFO", check=False)
+    assert out.returncode != 0 and "operatr" in out.stderr
+
+
+def test_helm_install_runs_the_operator_and_uninstall_cleans_up(
+    cluster: Any, namespace: str
+) -> None:
+    helm(
+        cluster,
+        "install",
+        "kf",
+        str(CHART),
+        "-n",
+        "kf-system",
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "120s",
+    )
+    try:
+        pods = json.loads(cluster.kubectl("get", "pods", "-n", "kf-system", "-o", "json").stdout)[
+            "items"
+        ]
+        assert [p["status"]["phase"] for p in pods] == ["Running"]
+        doc = {
+            "apiVersion": "kubeforge.dev/v1alpha1",
+            "kind": "Service",
+            "metadata": {"name": "viahelm"},
+            "spec": {"replicas": 2, "actor": "examples.counter:Counter"},
+        }
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+
+        def ready() -> bool:
+            """the Service reconciled by the chart's operator is Ready"""
+            body = json.loads(
+                cluster.kubectl("get", "fsvc", "viahelm", "-n", namespace, "-o", "json").stdout
+            )
+            return body.get("status", {}).get("readyReplicas") == 2
+
+        wait_for(ready, 90)
+        cluster.kubectl("delete", "fsvc", "viahelm", "-n", namespace)
+    finally:
+        helm(cluster, "uninstall", "kf", "-n", "kf-system", "--wait", "--timeout", "120s")
+
+    def nothing_left() -> bool:
+        """no operator Deployment, ServiceAccount or pod is left"""
+        left = cluster.kubectl(
+            "get",
+            "deployments,serviceaccounts,pods",
+            "-n",
+            "kf-system",
+            "-l",
+            "app.kubernetes.io/instance=kf",
+            "-o",
+            "name",
+        ).stdout
+        return left.strip() == ""
+
+    wait_for(nothing_left, 60)  # pods go by garbage collection after the Deployment
+    cluster_scoped = cluster.kubectl("get", "clusterroles,clusterrolebindings", "-o", "name").stdout
+    assert "kf-operator" not in cluster_scoped
+    # The CRD stays, as documented: deleting it would delete every Service in the cluster.
+    assert cluster.kubectl("get", "crd", "services.kubeforge.dev", check=False).returncode == 0
