@@ -111,13 +111,26 @@ class ReplicaStatus(BaseModel):
     pod: str
     phase: str = ""
     ready: bool = False
-    healthy: bool = False
-    gpus: int = 0
     reason: str = ""
 
 
+class ReplicaMetrics(BaseModel):
+    """One replica as the router sees it."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    name: str
+    index: int = Field(..., ge=0)
+    state: str = ""
+    request_rate: float = Field(0.0, alias="requestRate")
+    p50_latency_ms: float = Field(0.0, alias="p50LatencyMs")
+    in_flight: int = Field(0, alias="inFlight")
+    queue_depth: int = Field(0, alias="queueDepth")
+    sessions: int = 0
+
+
 class ServiceMetrics(BaseModel):
-    """Written by the router at a throttled rate; the printer columns read from here."""
+    """Written by the router at a throttled rate, only when the figures change; the printer
+    columns read from here. The operator never writes `metrics` or `healthyReplicas`."""
 
     model_config = ConfigDict(populate_by_name=True)
     request_rate: float = Field(0.0, alias="requestRate")
@@ -128,6 +141,7 @@ class ServiceMetrics(BaseModel):
     queue_depth: int = Field(0, alias="queueDepth")
     in_flight: int = Field(0, alias="inFlight")
     active_sessions: int = Field(0, alias="activeSessions")
+    replicas: list[ReplicaMetrics] = Field(default_factory=list)
     last_update_time: str | None = Field(None, alias="lastUpdateTime")
 
 

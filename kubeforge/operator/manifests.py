@@ -245,11 +245,13 @@ ROUTER_RULES = [
     # Discovery: the Service's replica pods, and the resource's router settings.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["kubeforge.dev"], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+    # Live metrics and healthyReplicas into the resource's status (nothing else in it).
+    {"apiGroups": ["kubeforge.dev"], "resources": ["services/status"], "verbs": ["patch"]},
 ]
 
 
 def router_identity(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The router's ServiceAccount, Role and RoleBinding: only what discovery needs."""
+    """The router's ServiceAccount, Role and RoleBinding: discovery and its status fields."""
     service, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     meta = {
         "name": router_name(service),

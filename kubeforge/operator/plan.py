@@ -163,7 +163,6 @@ def plan(
         "observedGeneration": generation,
         "replicas": len(live) - len([n for n in out.delete if any(p.name == n for p in live)]),
         "readyReplicas": ready_count,
-        "healthyReplicas": ready_count,
         "updatedReplicas": updated,
         "selector": selector,
         "endpoint": endpoint,
@@ -174,7 +173,6 @@ def plan(
                 "pod": p.name,
                 "phase": p.phase,
                 "ready": p.ready,
-                "healthy": p.ready,
                 "reason": (p.unschedulable and "Unschedulable")
                 or (p.crash_looping and "CrashLoopBackOff")
                 or "",

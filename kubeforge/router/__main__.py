@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -85,8 +86,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     server = RouterServer(config, discovery)  # type: ignore[arg-type]
 
+    tasks: list[asyncio.Task[None]] = []
+
     async def start() -> None:
         port = await server.start()
+        if ns.service:
+            from kubeforge.router.status_writer import StatusWriter
+
+            writer = StatusWriter(server.router, ns.service, ns.namespace)
+            tasks.append(asyncio.get_running_loop().create_task(writer.run()))
         log.info(
             "router on %s:%d over %d replicas (%d healthy)",
             config.host,

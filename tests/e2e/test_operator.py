@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import json
 import os
 import signal
@@ -316,6 +317,28 @@ async def test_service_client_through_the_router_on_kubernetes(
             )
             await asyncio.sleep(0.2)
         await torchforge_scenario(client, tuple(f"tf-replica-{i}" for i in range(3)))
+        held = await client.start_session()
+        for _ in range(20):
+            await client.incr(held, 1)
+
+    def live_metrics() -> dict[str, Any] | None:
+        """the router wrote req/s and sessions into the resource's status"""
+        metrics = fsvc(cluster, namespace, "tf").get("status", {}).get("metrics") or {}
+        ok = metrics.get("requestRate", 0) > 0 and metrics.get("activeSessions", 0) >= 1
+        return metrics if ok else None
+
+    try:
+        metrics = wait_for(live_metrics, 30)
+    except AssertionError as exc:
+        log = cluster.pod_log(namespace, router["metadata"]["name"])[-3000:]
+        raise AssertionError(f"{exc}\n--- router log ---\n{log}") from None
+    written = datetime.datetime.strptime(metrics["lastUpdateTime"], "%Y-%m-%dT%H:%M:%SZ")
+    age = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) - written
+    assert age.total_seconds() < 30
+    assert [r["name"] for r in metrics["replicas"]] == [f"tf-replica-{i}" for i in range(3)]
+    row = cluster.kubectl("get", "fsvc", "tf", "-n", namespace).stdout.splitlines()[1].split()
+    assert float(row[5]) > 0 and int(row[6]) >= 1  # REQ/S and SESSIONS columns
+    assert fsvc(cluster, namespace, "tf")["status"]["healthyReplicas"] == 3
     # Without the token the router refuses the call.
     async with ServiceClient(url, token="wrong") as stranger:
         with pytest.raises(KubeforgeError, match="wrong token"):
