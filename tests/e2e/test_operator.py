@@ -153,8 +153,12 @@ def test_apply_scale_replace_and_delete(cluster: Any, namespace: str, operator: 
         ready(p) and p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] in (1, "1")
         for p in replicas
     )
-    row = cluster.kubectl("get", "fsvc", "-n", namespace).stdout.splitlines()[1].split()
-    assert row[:5] == ["counter", "3", "3", "3", "1"]
+
+    def row() -> list[str]:
+        return cluster.kubectl("get", "fsvc", "-n", namespace).stdout.splitlines()[1].split()
+
+    # NAME DESIRED READY HEALTHY GPUS: HEALTHY comes from the router's health polls.
+    wait_for(lambda: row()[:5] == ["counter", "3", "3", "3", "1"], 30)
 
     # Scale past the node's 4 GPUs: 4 Ready, 1 Pending, Degraded with the scheduler's words.
     cluster.kubectl("scale", "-n", namespace, "services.kubeforge.dev/counter", "--replicas=5")
