@@ -347,3 +347,131 @@ async def test_service_client_through_the_router_on_kubernetes(
     async with ServiceClient(url, token="wrong") as stranger:
         with pytest.raises(KubeforgeError, match="wrong token"):
             await stranger.whoami(None)
+
+
+def _router_pods(cluster: Any, namespace: str, name: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in replica_pods(cluster, namespace, name)
+        if p["metadata"]["labels"]["kubeforge.dev/component"] == "router"
+        and not p["metadata"].get("deletionTimestamp")
+        and ready(p)
+    ]
+
+
+def _token(cluster: Any, namespace: str, name: str) -> str:
+    secret = json.loads(
+        cluster.kubectl("get", "secret", f"{name}-token", "-n", namespace, "-o", "json").stdout
+    )
+    return base64.b64decode(secret["data"]["token"]).decode()
+
+
+async def _until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_kill9_replica_process_behind_the_kubernetes_router(
+    cluster: Any, namespace: str, operator: Operator
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=service("k9", 3, gpus=0))
+    wait_for(lambda: fsvc(cluster, namespace, "k9").get("status", {}).get("readyReplicas") == 3, 90)
+    wait_for(lambda: len(_router_pods(cluster, namespace, "k9")) == 1, 90)
+    url = f"http://{_router_pods(cluster, namespace, 'k9')[0]['status']['podIP']}:8080"
+    async with ServiceClient(url, token=_token(cluster, namespace, "k9")) as client:
+
+        async def states() -> list[str]:
+            return [r["state"] for r in await client.replicas()]
+
+        await _until(lambda: _eq(states(), ["HEALTHY"] * 3), 30, "3 healthy replicas")
+        sids = [await client.start_session() for _ in range(6)]
+        holder = {s: (await client.whoami(s))["replica"] for s in sids}
+        victim = next(
+            p
+            for p in replica_pods(cluster, namespace, "k9")
+            if p["metadata"]["name"] == "k9-replica-1"
+        )
+        pid = int(victim["status"]["containerStatuses"][0]["containerID"].split("://")[1])
+        errors: list[BaseException] = []
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            while not stop.is_set():
+                try:
+                    await client.whoami(None)
+                except KubeforgeError as exc:
+                    errors.append(exc)
+
+        workers = [asyncio.create_task(load()) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+
+        async def out_of_rotation() -> bool:
+            return not any(
+                r["name"] == "k9-replica-1" and r["state"] == "HEALTHY"
+                for r in await client.replicas()
+            )
+
+        await _until(out_of_rotation, 5, "left rotation")
+        left_after = time.monotonic() - killed
+        # The process node restarts the container; the router takes it back.
+        await _until(lambda: _eq(states(), ["HEALTHY"] * 3), 60, "rejoined")
+        stop.set()
+        await asyncio.gather(*workers)
+        assert left_after <= 0.2 + 1.0, left_after
+        # Calls without a session: only one that was already on the killed replica may fail,
+        # and it says so (DESIGN §3: a call that may have run is not retried). Issue 6 asks for
+        # no error at all; that needs a decision on retrying such calls, see the issue note.
+        assert len(errors) <= len(workers), errors
+        assert all(type(e).__name__ == "ReplicaLostError" for e in errors), errors
+        for sid in sids:
+            reply = await client.whoami(sid)
+            if holder[sid] == "k9-replica-1":
+                assert sid in client._moved  # re-pinned, followed transparently
+            else:
+                assert reply["replica"] == holder[sid]
+
+
+async def _eq(coro: Any, expected: Any) -> bool:
+    return await coro == expected
+
+
+async def test_two_router_pods_agree_on_sessions(
+    cluster: Any, namespace: str, operator: Operator
+) -> None:
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=service("duo", 3, gpus=0, router={"replicas": 2})
+    )
+    wait_for(lambda: len(_router_pods(cluster, namespace, "duo")) == 2, 90)
+    wait_for(
+        lambda: fsvc(cluster, namespace, "duo").get("status", {}).get("healthyReplicas") == 3, 60
+    )
+    token = _token(cluster, namespace, "duo")
+    first, second = (
+        f"http://{p['status']['podIP']}:8080" for p in _router_pods(cluster, namespace, "duo")
+    )
+    async with ServiceClient(first, token=token) as a, ServiceClient(second, token=token) as b:
+        sid = await a.start_session()
+        home = (await a.whoami(sid))["replica"]
+        assert {(await b.whoami(sid))["replica"] for _ in range(5)} == {home}
+    # Replace one router pod: the new one routes the old session the same way.
+    gone = _router_pods(cluster, namespace, "duo")[0]["metadata"]["name"]
+    cluster.kubectl("delete", "pod", "-n", namespace, gone)
+    wait_for(
+        lambda: (
+            len(_router_pods(cluster, namespace, "duo")) == 2
+            and gone not in [p["metadata"]["name"] for p in _router_pods(cluster, namespace, "duo")]
+        ),
+        90,
+    )
+    for pod in _router_pods(cluster, namespace, "duo"):
+        async with ServiceClient(f"http://{pod['status']['podIP']}:8080", token=token) as c:
+            await _until(lambda c=c: _eq(_states(c), ["HEALTHY"] * 3), 30, "router ready")
+            assert (await c.whoami(sid))["replica"] == home
+
+
+async def _states(client: ServiceClient) -> list[str]:
+    return [r["state"] for r in await client.replicas()]
