@@ -99,6 +99,27 @@ async def _ensure(create: Any, body: dict[str, Any], namespace: str) -> None:
             raise
 
 
+async def _ensure_router(
+    apps: client.AppsV1Api, deployment: dict[str, Any], namespace: str
+) -> None:
+    """Create the router Deployment, or re-apply it when its template hash changed."""
+    try:
+        await apps.create_namespaced_deployment(namespace, deployment)
+        return
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    name = deployment["metadata"]["name"]
+    current = await apps.read_namespaced_deployment(name, namespace)
+    wanted = deployment["metadata"]["annotations"][m.ROUTER_HASH]
+    if (current.metadata.annotations or {}).get(m.ROUTER_HASH) != wanted:
+        await apps.patch_namespaced_deployment(
+            name,
+            namespace,
+            {"metadata": {"annotations": {m.ROUTER_HASH: wanted}}, "spec": deployment["spec"]},
+        )
+
+
 async def reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
     core, apps = client.CoreV1Api(_api), client.AppsV1Api(_api)
     raw = dict(body)
@@ -124,7 +145,7 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
     await _ensure(rbac.create_namespaced_role, role, namespace)
     await _ensure(rbac.create_namespaced_role_binding, binding, namespace)
     deployment, router_service = m.router_objects(raw)
-    await _ensure(apps.create_namespaced_deployment, deployment, namespace)
+    await _ensure_router(apps, deployment, namespace)
     await _ensure(core.create_namespaced_service, router_service, namespace)
 
     pods = await core.list_namespaced_pod(namespace, label_selector=m.selector(name))

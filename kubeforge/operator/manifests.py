@@ -16,6 +16,7 @@ L_HASH = "kubeforge.dev/template-hash"
 REPLICA_PORT = 8000
 ROUTER_PORT = 8080
 GPU = "nvidia.com/gpu"
+ROUTER_HASH = "kubeforge.dev/router-hash"
 
 
 def replica_name(service: str, index: int) -> str:
@@ -222,6 +223,12 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
                 },
             },
         },
+    }
+    # The operator re-applies the Deployment when this changes (router settings, image, ...).
+    deployment["metadata"]["annotations"] = {
+        ROUTER_HASH: hashlib.sha256(
+            json.dumps(deployment["spec"], sort_keys=True).encode()
+        ).hexdigest()[:10]
     }
     svc = {
         "apiVersion": "v1",

@@ -21,8 +21,9 @@ OPERATOR_RULES: list[dict[str, Any]] = [
         "resources": ["pods"],
         "verbs": ["get", "list", "watch", "create", "delete"],
     },
-    # The router Deployment and Service, its identity, and the router<->replica token: created.
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["create"]},
+    # The router Deployment (re-applied when its settings change) and Service, its identity,
+    # and the router<->replica token.
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create", "patch"]},
     {
         "apiGroups": [""],
         "resources": ["services", "secrets", "serviceaccounts"],

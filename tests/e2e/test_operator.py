@@ -442,6 +442,9 @@ async def _eq(coro: Any, expected: Any) -> bool:
 async def test_two_router_pods_agree_on_sessions(
     cluster: Any, namespace: str, operator: Operator
 ) -> None:
+    # One router first; raising spec.router.replicas re-applies the router Deployment.
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=service("duo", 3, gpus=0))
+    wait_for(lambda: len(_router_pods(cluster, namespace, "duo")) == 1, 90)
     cluster.kubectl(
         "apply", "-n", namespace, "-f", "-", input=service("duo", 3, gpus=0, router={"replicas": 2})
     )
