@@ -309,19 +309,9 @@ class ControlPlane:
         )
 
     def kubectl(
-        self,
-        *args: str,
-        check: bool = True,
-        input: str | None = None,
+        self, *args: str, check: bool = True, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.bins / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
-            capture_output=True,
-            text=True,
-            check=check,
-            input=input,
-            timeout=60,
-        )
+        return run_kubectl(self.bins / "kubectl", self.kubeconfig, *args, check=check, input=input)
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop in reverse order, SIGKILL what outlives `grace`, remove the temp dir."""
@@ -337,6 +327,25 @@ class ControlPlane:
         self.procs.clear()
         if self.owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def run_kubectl(
+    kubectl: Path | str,
+    kubeconfig: Path,
+    *args: str,
+    check: bool = True,
+    input: str | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """kubectl with captured text output, for the harness and for tests."""
+    return subprocess.run(
+        [str(kubectl), "--kubeconfig", str(kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        input=input,
+        timeout=timeout,
+    )
 
 
 def _http_ok(url: str) -> bool:

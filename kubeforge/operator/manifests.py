@@ -175,7 +175,12 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
     spec = ServiceSpec.model_validate(body["spec"])
     service, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     labels = {L_SERVICE: service, L_COMPONENT: "router"}
-    owner = [owner_reference(body)]
+    meta = {
+        "name": router_name(service),
+        "namespace": namespace,
+        "labels": labels,
+        "ownerReferences": [owner_reference(body)],
+    }
     container = {
         "name": "router",
         "image": spec.image or "kubeforge:latest",
@@ -205,12 +210,7 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {
-            "name": router_name(service),
-            "namespace": namespace,
-            "labels": labels,
-            "ownerReferences": owner,
-        },
+        "metadata": dict(meta),
         "spec": {
             "replicas": spec.router.replicas,
             "selector": {"matchLabels": labels},
@@ -233,12 +233,7 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
     svc = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": router_name(service),
-            "namespace": namespace,
-            "labels": labels,
-            "ownerReferences": owner,
-        },
+        "metadata": dict(meta),
         "spec": {
             "type": "ClusterIP",
             "selector": labels,

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from devcluster.cluster import Cluster
+from devcluster.controlplane import run_kubectl
 
 
 class ExternalCluster:
@@ -28,19 +29,9 @@ class ExternalCluster:
         self.kubectl_bin = shutil.which("kubectl") or "kubectl"
 
     def kubectl(
-        self,
-        *args: str,
-        check: bool = True,
-        input: str | None = None,
+        self, *args: str, check: bool = True, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [self.kubectl_bin, "--kubeconfig", str(self.kubeconfig), *args],
-            capture_output=True,
-            text=True,
-            check=check,
-            input=input,
-            timeout=120,
-        )
+        return run_kubectl(self.kubectl_bin, self.kubeconfig, *args, check=check, input=input)
 
 
 @pytest.fixture(scope="session")

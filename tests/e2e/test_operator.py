@@ -112,6 +112,12 @@ def service(name: str, replicas: int, gpus: int = 1, **spec: Any) -> str:
     )
 
 
+def deploy(cluster: Any, ns: str, name: str, replicas: int, **kw: Any) -> None:
+    """Apply a Service and wait until all its replicas are Ready."""
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=service(name, replicas, **kw))
+    wait_for(lambda: fsvc(cluster, ns, name).get("status", {}).get("readyReplicas") == replicas, 90)
+
+
 def fsvc(cluster: Any, ns: str, name: str) -> dict[str, Any]:
     return json.loads(cluster.kubectl("get", "fsvc", name, "-n", ns, "-o", "json").stdout)
 
@@ -136,10 +142,7 @@ def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
 
 def test_apply_scale_replace_and_delete(cluster: Any, namespace: str, operator: Operator) -> None:
     started = time.monotonic()
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=service("counter", 3))
-    wait_for(
-        lambda: fsvc(cluster, namespace, "counter").get("status", {}).get("readyReplicas") == 3, 90
-    )
+    deploy(cluster, namespace, "counter", 3)
     print(f"apply -> 3 replicas Ready: {time.monotonic() - started:.1f}s")
     body = fsvc(cluster, namespace, "counter")
     assert condition(body, "Ready")["status"] == "True"
@@ -242,10 +245,7 @@ def replicas_only(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_changed_args_roll_out_one_replica_at_a_time(
     cluster: Any, namespace: str, operator: Operator
 ) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=service("roll", 3, gpus=1))
-    wait_for(
-        lambda: fsvc(cluster, namespace, "roll").get("status", {}).get("readyReplicas") == 3, 90
-    )
+    deploy(cluster, namespace, "roll", 3, gpus=1)
     old = {
         p["metadata"]["labels"]["kubeforge.dev/template-hash"]
         for p in replicas_only(replica_pods(cluster, namespace, "roll"))
@@ -271,10 +271,7 @@ def test_changed_args_roll_out_one_replica_at_a_time(
 def test_operator_killed_mid_scale_up_converges_without_duplicates(
     cluster: Any, namespace: str, operator: Operator
 ) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=service("crash", 1, gpus=0))
-    wait_for(
-        lambda: fsvc(cluster, namespace, "crash").get("status", {}).get("readyReplicas") == 1, 90
-    )
+    deploy(cluster, namespace, "crash", 1, gpus=0)
     cluster.kubectl("scale", "-n", namespace, "services.kubeforge.dev/crash", "--replicas=6")
     time.sleep(0.3)
     operator.kill9()

@@ -103,19 +103,24 @@ def test_call_and_status_commands() -> None:
         proc.wait(15)
 
 
+def run_once(spec: Path) -> subprocess.CompletedProcess[str]:
+    """`kubeforge run SPEC` expected to exit by itself (a bad spec)."""
+    return subprocess.run(
+        [*KUBEFORGE, "run", str(spec), "--port", str(free_port())],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 def test_run_rejects_bad_specs_before_starting_anything(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "apiVersion: kubeforge.dev/v1alpha1\nkind: Service\nmetadata: {name: x}\n"
         "spec: {replicas: -1, actor: 'not a path', healthPollRate: fast}\n"
     )
-    out = subprocess.run(
-        [*KUBEFORGE, "run", str(bad), "--port", str(free_port())],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = run_once(bad)
     assert out.returncode == 2
     for field in ("spec.replicas", "spec.actor", "spec.healthPollRate"):
         assert field in out.stderr, out.stderr
@@ -127,13 +132,7 @@ def test_run_reports_an_unknown_actor_clearly(tmp_path: Path) -> None:
         "apiVersion: kubeforge.dev/v1alpha1\nkind: Service\nmetadata: {name: x}\n"
         "spec: {replicas: 1, actor: 'examples.counter:Nope'}\n"
     )
-    out = subprocess.run(
-        [*KUBEFORGE, "run", str(spec), "--port", str(free_port())],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = run_once(spec)
     assert out.returncode == 1
     assert "has no attribute 'Nope'" in out.stdout + out.stderr
     assert "replica-0 exited with code 1" in out.stderr
