@@ -24,8 +24,13 @@ class ServiceClient(ServiceAPI):
         timeout: float = 300.0,
         raise_on_session_moved: bool = False,
         connections: int = 100,
+        at_most_once: bool = False,
     ) -> None:
-        """`token` defaults to $KUBEFORGE_TOKEN; `timeout` bounds every request."""
+        """`token` defaults to $KUBEFORGE_TOKEN; `timeout` bounds every request.
+
+        `at_most_once` stops the router from re-sending a call without a session that was cut
+        short by its replica's death (by default such a call runs again on another replica).
+        """
         super().__init__()
         self.url = url.rstrip("/")
         token = token if token is not None else os.environ.get("KUBEFORGE_TOKEN")
@@ -33,6 +38,7 @@ class ServiceClient(ServiceAPI):
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._connections = connections
         self.raise_on_session_moved = raise_on_session_moved
+        self.at_most_once = at_most_once
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ServiceClient:

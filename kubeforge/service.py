@@ -42,6 +42,7 @@ class ServiceConfig:
     startup_timeout: float = 120.0
     stop_grace: float = 10.0
     raise_on_session_moved: bool = False
+    at_most_once: bool = False  # never re-send a sessionless call lost with its replica
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_replicas, int) or self.num_replicas < 1:
@@ -73,6 +74,7 @@ class Service(ServiceAPI):
             raise ValueError(f"{actor_def.__qualname__} has no @endpoint methods")
         self.actor_path = import_path_of(actor_def)
         self.raise_on_session_moved = cfg.raise_on_session_moved
+        self.at_most_once = cfg.at_most_once
         # GPUs are checked here, before anything starts.
         self._gpus = (
             gpus.assign(cfg.num_replicas, cfg.procs, gpus.visible_gpus()) if cfg.with_gpus else None

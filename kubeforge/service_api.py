@@ -59,6 +59,9 @@ class ServiceAPI(ABC):
     """The calls every kubeforge service front end offers; subclasses supply the transport."""
 
     raise_on_session_moved: bool = False
+    # A call without a session that its replica's death cut short is sent to another replica
+    # unless this is set (DESIGN §3); set it when an endpoint's outside effects must not repeat.
+    at_most_once: bool = False
 
     def __init__(self) -> None:
         self._moved: dict[str, str] = {}  # session id the caller holds -> where it lives now
@@ -100,6 +103,8 @@ class ServiceAPI(ABC):
             headers[wire.H_SESSION] = self._moved.get(sid, sid).encode()
             if self.raise_on_session_moved:
                 headers[wire.H_SESSION_MOVED] = b"error"
+        elif self.at_most_once:
+            headers[wire.H_DELIVERY] = wire.AT_MOST_ONCE
         reply = await self._send_call(endpoint, _encode_call(endpoint, args, kwargs), headers)
         if sid is not None and b"x-kubeforge-session-moved-from" in reply.headers:
             new_id = reply.headers[wire.H_SESSION].decode()

@@ -23,6 +23,9 @@ SESSIONS_PATH = "/v1/sessions"
 H_SESSION = b"x-kubeforge-session"
 H_SESSION_MOVED = b"x-kubeforge-session-moved"  # request: "error" to get SessionMovedError
 H_TIMEOUT = b"x-kubeforge-timeout"  # request: seconds the caller is willing to wait
+# request: "at-most-once" to forbid re-sending a sessionless call lost with its replica
+H_DELIVERY = b"x-kubeforge-delivery"
+AT_MOST_ONCE = b"at-most-once"
 H_AUTH = b"authorization"
 H_CONTENT_TYPE = b"content-type"
 # response: the call never reached the actor (overloaded, draining); the router may go elsewhere

@@ -184,6 +184,13 @@ class Router:
                 line = extra + b"x-kubeforge-session: " + placement.session_id.encode() + b"\r\n"
             try:
                 resp = await self._send(replica, path_b, line, body)
+            except ReplicaLostError:
+                if not self._may_resend(sid_raw, headers) or attempt >= self.config.retries:
+                    raise
+                tried.add(replica.index)
+                attempt += 1
+                self.retries_total += 1
+                continue
             except ConnectFailed as exc:
                 tried.add(replica.index)
                 self.table.connection_failed(replica, str(exc))
@@ -215,6 +222,17 @@ class Router:
                     (_MOVED_FROM, sid_raw),
                 ]
             return out
+
+    @staticmethod
+    def _may_resend(sid: bytes | None, headers: dict[bytes, bytes]) -> bool:
+        """May a call that its replica's death cut short be sent to another replica?
+
+        Only without a session (a session's state died with its replica: the caller must know)
+        and unless the caller asked for at-most-once delivery. Whatever the call did inside the
+        dead process is gone with it, so running it again elsewhere is what a caller of a
+        stateless endpoint wants; effects outside the process may happen twice.
+        """
+        return sid is None and headers.get(wire.H_DELIVERY) != wire.AT_MOST_ONCE
 
     def _forwarded(self, headers: dict[bytes, bytes]) -> bytes:
         """The header lines a call carries on to its replica: token, body type, deadline."""
@@ -298,7 +316,18 @@ class Router:
             if resp is None:
                 self._record(replica, started, False)
                 err = self._lost(replica, error)  # type: ignore[arg-type]
-                conn.answer(req, wire.error_response(err, ctype))
+                answer = wire.error_response(err, ctype)
+                if (
+                    isinstance(err, ReplicaLostError)
+                    and self.config.retries > 0
+                    and self._may_resend(sid, headers)
+                ):
+                    self.retries_total += 1
+                    asyncio.get_running_loop().create_task(
+                        self._finish_call(req, conn, {replica.index}, answer)
+                    )
+                    return
+                conn.answer(req, answer)
                 return
             self._record(replica, started, resp.status < 400)
             retryable = resp.status == 503 and resp.headers.get(wire.H_RETRYABLE)
@@ -311,7 +340,7 @@ class Router:
                     table.set_state(replica, ReplicaState.UNHEALTHY, "draining")
                 self.retries_total += 1
                 asyncio.get_running_loop().create_task(
-                    self._finish_call(req, conn, {replica.index}, resp)
+                    self._finish_call(req, conn, {replica.index}, resp.raw)
                 )
                 return
             conn.answer(
@@ -331,11 +360,14 @@ class Router:
         return sent
 
     async def _finish_call(
-        self, req: Request, conn: HttpProtocol, tried: set[int], last: ClientResponse
+        self, req: Request, conn: HttpProtocol, tried: set[int], last: Response | bytes
     ) -> None:
-        """Continue a fast call that must be retried elsewhere, answering as `call` would."""
+        """Continue a fast call that must be retried elsewhere, answering as `call` would.
+
+        `last` is the answer of the failed attempt, given when no replica is left to try.
+        """
         if len(tried) >= len(self.table.replicas):
-            conn.answer(req, last.raw)
+            conn.answer(req, last)
             return
         try:
             resp = await self.call(req.path, req.body, req.headers, tried, attempt=1)
