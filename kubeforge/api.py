@@ -129,8 +129,9 @@ class ReplicaMetrics(BaseModel):
 
 
 class ServiceMetrics(BaseModel):
-    """Written by the router at a throttled rate, only when the figures change; the printer
-    columns read from here. The operator never writes `metrics` or `healthyReplicas`."""
+    """Written by the routers at a throttled rate, only when the figures change; the printer
+    columns read from here. The operator never writes `metrics`, `routers` or
+    `healthyReplicas`."""
 
     model_config = ConfigDict(populate_by_name=True)
     request_rate: float = Field(0.0, alias="requestRate")
@@ -142,6 +143,29 @@ class ServiceMetrics(BaseModel):
     in_flight: int = Field(0, alias="inFlight")
     active_sessions: int = Field(0, alias="activeSessions")
     replicas: list[ReplicaMetrics] = Field(default_factory=list)
+    last_update_time: str | None = Field(None, alias="lastUpdateTime")
+
+
+class RouterReplicaShare(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    request_rate: float = Field(0.0, alias="requestRate")
+    p50_latency_ms: float = Field(0.0, alias="p50LatencyMs")
+    in_flight: int = Field(0, alias="inFlight")
+
+
+class RouterShare(BaseModel):
+    """One router pod's part of the traffic; `metrics` combines every live router's share."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    request_rate: float = Field(0.0, alias="requestRate")
+    error_rate: float = Field(0.0, alias="errorRate")
+    p50_latency_ms: float = Field(0.0, alias="p50LatencyMs")
+    p95_latency_ms: float = Field(0.0, alias="p95LatencyMs")
+    p99_latency_ms: float = Field(0.0, alias="p99LatencyMs")
+    in_flight: int = Field(0, alias="inFlight")
+    replicas: dict[str, RouterReplicaShare] = Field(
+        default_factory=dict, description="Per replica pod name."
+    )
     last_update_time: str | None = Field(None, alias="lastUpdateTime")
 
 
@@ -157,6 +181,9 @@ class ServiceStatus(BaseModel):
     conditions: list[Condition] = Field(default_factory=list)
     replica_statuses: list[ReplicaStatus] = Field(default_factory=list, alias="replicaStatuses")
     metrics: ServiceMetrics | None = None
+    routers: dict[str, RouterShare] = Field(
+        default_factory=dict, description="Each router pod's share of the metrics, by pod name."
+    )
 
 
 class Metadata(BaseModel):

@@ -199,7 +199,11 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "name": "KUBEFORGE_TOKEN",
                 "valueFrom": {"secretKeyRef": {"name": token_secret_name(service), "key": "token"}},
-            }
+            },
+            {  # names this router's share of the metrics in status.routers
+                "name": "KUBEFORGE_ROUTER_NAME",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+            },
         ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 2},

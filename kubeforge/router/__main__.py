@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 
 from kubeforge import _runtime, wire
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
                     log.info("setting %s = %s from the Service resource", key, value)
                     setattr(config, key, value)
 
-        discovery: object = KubernetesDiscovery(ns.service, ns.namespace, on_settings=follow)
+        k8s = KubernetesDiscovery(ns.service, ns.namespace, on_settings=follow)
+        discovery: object = k8s
     elif not ns.replica:
         sys.exit("kubeforge.router: give --replica URL (repeatable) or --service NAME")
     else:
@@ -93,7 +95,14 @@ def main(argv: list[str] | None = None) -> None:
         if ns.service:
             from kubeforge.router.status_writer import StatusWriter
 
-            writer = StatusWriter(server.router, ns.service, ns.namespace)
+            writer = StatusWriter(
+                server.router,
+                ns.service,
+                ns.namespace,
+                os.environ.get("KUBEFORGE_ROUTER_NAME") or socket.gethostname(),
+                observed=lambda: k8s.status,
+                live_routers=lambda: k8s.routers,
+            )
             tasks.append(asyncio.get_running_loop().create_task(writer.run()))
         log.info(
             "router on %s:%d over %d replicas (%d healthy)",

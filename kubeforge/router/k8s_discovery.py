@@ -2,7 +2,8 @@
 
 A pod joins when it is Ready and has an IP, and leaves at once when the watch says it is gone
 or not ready (a silent death is caught by the router's own health polls). The Service resource
-is watched too, so a changed healthPollRate takes effect without a restart.
+is watched too, so a changed healthPollRate takes effect without a restart, and so is the set
+of router pods, whose shares of the metrics the status writer combines.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class KubernetesDiscovery:
         self.namespace = namespace
         self.on_settings = on_settings
         self.members: dict[int, tuple[str, str]] = {}  # index -> (pod name, url)
+        self.routers: set[str] | None = None  # router pods that exist, once listed
+        self.status: dict[str, Any] | None = None  # the resource's status as last seen
 
     async def run(self, sink: ReplicaSink) -> None:
         api = await api_client()
@@ -67,6 +70,11 @@ class KubernetesDiscovery:
             await api.close()
 
     def _apply(self, sink: ReplicaSink, kind: str, pod: Any) -> None:
+        if (pod.metadata.labels or {}).get("kubeforge.dev/component") == "router":
+            if self.routers is not None:
+                gone = kind == "DELETED" or pod.metadata.deletion_timestamp is not None
+                (self.routers.discard if gone else self.routers.add)(pod.metadata.name)
+            return
         index = int((pod.metadata.labels or {}).get("kubeforge.dev/replica-index", -1))
         member = None if kind == "DELETED" else _member(pod)
         known = self.members.get(index)
@@ -88,11 +96,12 @@ class KubernetesDiscovery:
 
     async def _watch_pods(self, api: client.ApiClient, sink: ReplicaSink) -> None:
         core = client.CoreV1Api(api)
-        selector = f"kubeforge.dev/service={self.service},kubeforge.dev/component=replica"
+        selector = f"kubeforge.dev/service={self.service}"  # replicas and routers
         while True:
             try:
                 listed = await core.list_namespaced_pod(self.namespace, label_selector=selector)
                 seen = set()
+                self.routers = set()
                 for pod in listed.items:
                     seen.add(pod.metadata.name)
                     self._apply(sink, "ADDED", pod)
@@ -129,9 +138,11 @@ class KubernetesDiscovery:
                         field_selector=f"metadata.name={self.service}",
                         timeout_seconds=300,
                     ):
-                        spec = event["object"].get("spec", {})
-                        if self.on_settings is not None and event["type"] != "DELETED":
-                            self.on_settings(spec)
+                        if event["type"] == "DELETED":
+                            continue
+                        self.status = event["object"].get("status") or {}
+                        if self.on_settings is not None:
+                            self.on_settings(event["object"].get("spec", {}))
             except asyncio.CancelledError:
                 raise
             except (ApiException, OSError, ValueError) as exc:

@@ -455,6 +455,23 @@ async def test_two_router_pods_agree_on_sessions(
         sid = await a.start_session()
         home = (await a.whoami(sid))["replica"]
         assert {(await b.whoami(sid))["replica"] for _ in range(5)} == {home}
+        for _ in range(20):
+            await a.whoami(None)
+            await b.whoami(None)
+
+    def both_shares() -> dict[str, Any] | None:
+        """each router pod publishes its share; the totals combine both"""
+        status = fsvc(cluster, namespace, "duo").get("status", {})
+        shares = status.get("routers") or {}
+        rates = [s.get("requestRate", 0) for s in shares.values()]
+        total = (status.get("metrics") or {}).get("requestRate", 0)
+        ok = len(rates) == 2 and min(rates) > 0 and abs(total - sum(rates)) < 0.02
+        return status if ok else None
+
+    status = wait_for(both_shares, 30)
+    assert set(status["routers"]) == {
+        p["metadata"]["name"] for p in _router_pods(cluster, namespace, "duo")
+    }
     # Replace one router pod: the new one routes the old session the same way.
     gone = _router_pods(cluster, namespace, "duo")[0]["metadata"]["name"]
     cluster.kubectl("delete", "pod", "-n", namespace, gone)
@@ -469,6 +486,9 @@ async def test_two_router_pods_agree_on_sessions(
         async with ServiceClient(f"http://{pod['status']['podIP']}:8080", token=token) as c:
             await _until(lambda c=c: _eq(_states(c), ["HEALTHY"] * 3), 30, "router ready")
             assert (await c.whoami(sid))["replica"] == home
+    # The deleted router's share leaves the status; the new pod publishes its own.
+    now = {p["metadata"]["name"] for p in _router_pods(cluster, namespace, "duo")}
+    wait_for(lambda: set(fsvc(cluster, namespace, "duo")["status"].get("routers") or {}) == now, 30)
 
 
 async def _states(client: ServiceClient) -> list[str]:

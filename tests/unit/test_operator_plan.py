@@ -123,38 +123,3 @@ def test_template_hash_changes_with_the_spec_not_the_index() -> None:
     assert template_hash(pod_template(changed)) != h
     scaled = {**BODY, "spec": {**BODY["spec"], "replicas": 9}}
     assert template_hash(pod_template(scaled)) == h
-
-
-def test_router_status_patch_touches_only_its_own_fields() -> None:
-    from kubeforge.router.status_writer import status_patch
-
-    summary = {
-        "service": {
-            "healthy_replicas": 2,
-            "total_request_rate": 12.345,
-            "error_rate": 0.0,
-            "p50_latency": 0.0012,
-            "p95_latency": 0.002,
-            "p99_latency": 0.003,
-            "total_sessions": 4,
-        },
-        "replicas": {
-            0: {
-                "name": "c-replica-0",
-                "index": 0,
-                "state": "HEALTHY",
-                "request_rate": 12.345,
-                "p50_latency": 0.0012,
-                "in_flight": 1,
-                "queue_depth": 2,
-                "assigned_sessions": 4,
-            }
-        },
-    }
-    patch = status_patch(summary)
-    assert set(patch) == {"healthyReplicas", "metrics"}  # disjoint from the operator's fields
-    assert patch["metrics"]["requestRate"] == 12.35
-    assert patch["metrics"]["activeSessions"] == 4 and patch["metrics"]["queueDepth"] == 2
-    assert patch["metrics"]["replicas"][0]["p50LatencyMs"] == 1.2
-    plan_fields = set(run(1, pods((0, True))).status)
-    assert not plan_fields & set(patch)
