@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,8 @@ class Replica:
     window: SlidingWindow
     state: ReplicaState = ReplicaState.STARTING
     instance: str | None = None
-    in_flight: int = 0  # this router's calls to it, now
+    in_flight: int = 0  # this router's calls to it, now (on the Python call path)
+    relayed: int = 0  # this router's calls to it through the native relay, at its last drain
     external: int = 0  # everyone else's running + queued calls, as last reported
     active: int = 0  # calls running on it, as last reported
     queued: int = 0  # queue depth it last reported
@@ -52,7 +54,12 @@ class Replica:
 
     @property
     def load(self) -> int:
-        return self.in_flight + self.external
+        return self.in_flight + self.relayed + self.external
+
+    @property
+    def open_calls(self) -> int:
+        """This router's calls to it, now, on either call path."""
+        return self.in_flight + self.relayed
 
     @property
     def sessions(self) -> int:
@@ -82,6 +89,7 @@ class RoutingTable:
         self.aliases: OrderedDict[str, str] = OrderedDict()  # re-pinned session -> new id
         self.sessions_moved = 0
         self._turn = 0
+        self.on_change: Callable[[], None] | None = None  # membership or health changed
 
     # membership and health ----------------------------------------------------------------
 
@@ -101,6 +109,8 @@ class RoutingTable:
             (r for r in self.replicas.values() if r.state is ReplicaState.HEALTHY),
             key=lambda r: r.index,
         )
+        if self.on_change is not None:
+            self.on_change()
 
     def set_state(self, replica: Replica, state: ReplicaState, reason: str = "") -> None:
         if replica.state is not state:
@@ -130,7 +140,7 @@ class RoutingTable:
             )
         replica.instance = instance
         running = int(health.get("in_flight", 0)) + int(health.get("queued", 0))
-        replica.external = max(0, running - replica.in_flight)
+        replica.external = max(0, running - replica.open_calls)
         replica.active = int(health.get("in_flight", 0))
         replica.queued = int(health.get("queued", 0))
         replica.sessions_reported = int(health.get("sessions", 0))
@@ -163,10 +173,10 @@ class RoutingTable:
             return self._least(lambda r: r.load, exclude)
         self._turn = turn = (self._turn + 1) % n
         best = pool[turn]
-        best_load = best.in_flight + best.external
+        best_load = best.in_flight + best.relayed + best.external
         for i in range(1, n):
             r = pool[(turn + i) % n]
-            load = r.in_flight + r.external
+            load = r.in_flight + r.relayed + r.external
             if load < best_load:
                 best, best_load = r, load
         return best

@@ -36,6 +36,7 @@ from kubeforge.http.server import HttpProtocol, Request, Response
 from kubeforge.metrics import SlidingWindow
 from kubeforge.router.core import Placement, Replica, ReplicaState, RoutingTable
 from kubeforge.router.discovery import Discovery, split_url
+from kubeforge.router.native import NativeRelay
 from kubeforge.router.sessions import SessionCodec
 
 log = logging.getLogger("kubeforge.router")
@@ -68,6 +69,18 @@ class Router:
         self._auth = wire.bearer(config.token)
         self._auth_line = b"authorization: " + self._auth + b"\r\n" if self._auth else b""
         self._tasks: list[asyncio.Task[Any]] = []
+        self.native: NativeRelay | None = None
+
+    def attach(self, native: NativeRelay) -> None:
+        """Let the native relay take the common calls; it follows every change of the table."""
+        self.native = native
+        self.table.on_change = native.push
+        native.push()
+
+    def collect(self) -> None:
+        """Bring in what the native relay measured since last asked (before any report)."""
+        if self.native is not None:
+            self.native.collect()
 
     def replica_added(self, index: int, name: str, url: str) -> None:
         host, port = split_url(url)
@@ -119,9 +132,12 @@ class Router:
                 upstream.expire(now)
 
     async def poll_all(self) -> None:
+        self.collect()  # loads reported by replicas are split into ours and others' with it
         replicas = list(self.table.replicas.values())
         await asyncio.gather(*(self._poll(r) for r in replicas))
         self.polled_once = True
+        if self.native is not None:
+            self.native.push()
 
     async def _poll(self, replica: Replica) -> None:
         upstream = self.upstreams.get(replica.index)
@@ -358,6 +374,35 @@ class Router:
         if not sent:
             replica.in_flight -= 1
         return sent
+
+    async def resume(
+        self, path: str, body: bytes, headers: dict[bytes, bytes], index: int, failure: str
+    ) -> Response:
+        """A call the native relay sent to replica `index` that failed: what `call` would
+        have done next. `failure` is `connect`, `lost`, `timeout` or `retryable <ErrorType>`."""
+        replica = self.table.replicas.get(index)
+        if replica is None:  # gone from the table meanwhile
+            return await self.call(path, body, headers)
+        if failure == "connect":
+            self.table.connection_failed(replica, "connection failed")
+            await asyncio.sleep(self._backoff(1))
+        elif failure in ("lost", "timeout"):
+            cut = ConnectionLost("connection lost") if failure == "lost" else UpstreamTimeout()
+            err = self._lost(replica, cut)
+            if not (
+                isinstance(err, ReplicaLostError)
+                and self.config.retries > 0
+                and self._may_resend(headers.get(wire.H_SESSION), headers)
+                and len(self.table.replicas) > 1
+            ):
+                raise err
+        elif failure.startswith("retryable "):
+            if failure == "retryable DrainingError":
+                self.table.set_state(replica, ReplicaState.UNHEALTHY, "draining")
+        else:
+            raise ValueError(f"unknown relay failure {failure!r}")
+        self.retries_total += 1
+        return await self.call(path, body, headers, {index}, attempt=1)
 
     async def _finish_call(
         self, req: Request, conn: HttpProtocol, tried: set[int], last: Response | bytes

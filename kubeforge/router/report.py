@@ -37,7 +37,7 @@ def replica_entry(r: Replica, now: float) -> dict[str, Any]:
         "p95_latency": stats.p95,
         "p99_latency": stats.p99,
         "active_requests": active,
-        "in_flight": r.in_flight,
+        "in_flight": r.open_calls,
         "queue_depth": r.queued,
         "assigned_sessions": r.sessions,
         "capacity_utilization": min(1.0, active / r.max_concurrent),

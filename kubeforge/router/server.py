@@ -1,17 +1,21 @@
 """The router server: the HTTP edge around the router engine.
 
-`/v1/call/...` is answered by `Router.relay`, a callback-only relay, whenever it can; every
-other request is translated here into one engine call.
+`/v1/call/...` is answered by the native relay (Rust, `router/native.py`) when it is built, or
+else by `Router.relay`, a callback-only relay in Python, whenever they can; every other request
+is translated here into one engine call. With the native relay this server listens on a
+loopback port behind it.
 """
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import time
 
 from kubeforge import openapi, prom, wire
 from kubeforge.errors import KubeforgeError
 from kubeforge.http.server import HttpServer, Request, Response
-from kubeforge.router import report
+from kubeforge.router import native, report
 from kubeforge.router.discovery import Discovery
 from kubeforge.router.engine import Router, RouterConfig
 
@@ -20,21 +24,45 @@ class RouterServer:
     def __init__(self, config: RouterConfig, discovery: Discovery) -> None:
         self.config = config
         self.router = Router(config, discovery)
+        self.native = native.wanted()
         self.http = HttpServer(
-            self.handle, config.max_body, on_error=wire.http_error, fast=self.router.relay
+            self.handle,
+            config.max_body,
+            on_error=wire.http_error,
+            fast=None if self.native else self.router.relay,
         )
         self._auth = wire.bearer(config.token)
+        self._secret = secrets.token_hex(16).encode()
+        self._relay: native.NativeRelay | None = None
         self._openapi = wire.encode(openapi.document("kubeforge router", None, True))
 
     async def start(self) -> int:
         await self.router.start()
-        port = await self.http.start(self.config.host, self.config.port)
-        self.config.port = port
-        return port
+        if not self.native:
+            self.config.port = await self.http.start(self.config.host, self.config.port)
+            return self.config.port
+        backend = await self.http.start("127.0.0.1", 0)
+        self._relay = native.NativeRelay(
+            self.router, self.config.host, self.config.port, backend, self._secret.decode()
+        )
+        self.router.attach(self._relay)
+        self.config.port = self._relay.port
+        return self.config.port
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self._relay is not None:
+            await self._relay.close(grace)
         await self.http.close(grace)
         await self.router.stop()
+
+    def _relay_failure(self, req: Request) -> tuple[int, str] | None:
+        """(replica index, how) when the native relay passes on a call that failed there."""
+        failed = req.headers.get(native.H_RELAY_FAILED)
+        secret = req.headers.get(native.H_RELAY_SECRET)
+        if failed is None or secret is None or not hmac.compare_digest(secret, self._secret):
+            return None
+        index, _, how = failed.decode().partition(" ")
+        return int(index), how
 
     async def handle(self, req: Request) -> Response:
         path = req.path
@@ -43,6 +71,9 @@ class RouterServer:
                 # Here only when `Router.relay` declined: bad token, a session that must move,
                 # or no pooled connection yet.
                 wire.check_token(req, self._auth)
+                failed = self._relay_failure(req)
+                if failed is not None:
+                    return await self.router.resume(path, req.body, req.headers, *failed)
                 return await self.router.call(path, req.body, req.headers)
             if path.startswith("/v1/"):
                 wire.check_token(req, self._auth)
@@ -65,6 +96,7 @@ class RouterServer:
 
     async def _control(self, req: Request, path: str) -> Response:
         method = req.method
+        self.router.collect()
         if path.startswith(wire.CALL_ALL_PREFIX) and method == "POST":
             return await self.router.broadcast(
                 path[len(wire.CALL_ALL_PREFIX) :], req.body, req.headers.get(wire.H_CONTENT_TYPE)
@@ -82,4 +114,5 @@ class RouterServer:
         return wire.http_error(404, f"no route for {method} {path}")
 
     def prometheus(self) -> bytes:
+        self.router.collect()
         return report.prometheus(self.router, time.monotonic())

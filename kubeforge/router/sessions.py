@@ -30,6 +30,11 @@ class SessionCodec:
     def __init__(self, key: str | None) -> None:
         self._key = (key or "kubeforge-session").encode()
 
+    @property
+    def key(self) -> str:
+        """The MAC key, for the native relay, which checks session ids itself."""
+        return self._key.decode()
+
     def _mac(self, body: str) -> str:
         return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()[:16]
 

@@ -50,6 +50,7 @@ class StatusWriter:
     def next_patch(self) -> dict[str, Any] | None:
         """The patch to send now, or None when status (or our last write) already says it."""
         seen = self.observed()
+        self.router.collect()
         patch = status.status_patch(
             report.summary(self.router, time.monotonic()),
             self.me,

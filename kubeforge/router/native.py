@@ -1,0 +1,118 @@
+"""The native relay (`kubeforge._relay`, Rust, in relay/) as the router's call path.
+
+The relay owns the router's public port and relays calls whose destination needs no decision;
+it hands everything else to the router's Python server on a loopback port, marked with a
+per-process secret, including relayed calls that failed (which replica, and how). So Python's
+routing table stays the one authority: this module pushes it to the relay whenever it changes
+and pulls the relay's latency samples and in-flight counts into the same windows and counters
+the Python call path feeds.
+
+When the extension is not built (or KUBEFORGE_RELAY=python), the router relays calls in Python
+with the same semantics, only slower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from kubeforge.router.core import ReplicaState
+from kubeforge.router.discovery import split_url
+
+if TYPE_CHECKING:
+    from kubeforge.router.engine import Router
+
+try:
+    from kubeforge import _relay  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _relay = None
+
+log = logging.getLogger("kubeforge.router")
+
+H_RELAY_SECRET = b"x-kubeforge-relay-secret"
+H_RELAY_FAILED = b"x-kubeforge-relay-failed"
+
+
+def wanted() -> bool:
+    """Use the native relay: built, and not turned off with KUBEFORGE_RELAY=python."""
+    choice = os.environ.get("KUBEFORGE_RELAY", "native")
+    if choice not in ("native", "python"):
+        raise ValueError(f"KUBEFORGE_RELAY must be 'native' or 'python', not {choice!r}")
+    if choice == "python":
+        return False
+    if _relay is None:
+        log.warning("the native relay is not built: calls are relayed in Python (slower)")
+        return False
+    return True
+
+
+def _ipv4_first(host: str, port: int) -> str:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return str(infos[0][4][0])
+
+
+class NativeRelay:
+    def __init__(self, router: Router, host: str, port: int, backend_port: int, secret: str):
+        cfg = router.config
+        self.router = router
+        self._ips: dict[str, str] = {}  # replica URL -> its IP, resolved once
+        self._relay = _relay.Relay(
+            _ipv4_first(host, port),
+            port,
+            backend_port,
+            cfg.token,
+            secret,
+            router.table.codec.key,
+            cfg.request_timeout,
+            cfg.max_body,
+        )
+        self.port: int = self._relay.port
+
+    def push(self) -> None:
+        """Give the relay the routing table as it is now."""
+        rows = []
+        for r in self.router.table.replicas.values():
+            ip = self._ips.get(r.url)
+            if ip is None:
+                host, port = split_url(r.url)
+                ip = self._ips[r.url] = _ipv4_first(host, port)
+            rows.append(
+                (
+                    r.index,
+                    ip,
+                    split_url(r.url)[1],
+                    r.state is ReplicaState.HEALTHY,
+                    r.instance or "",
+                    r.external + r.in_flight,
+                )
+            )
+        self._relay.set_replicas(rows)
+
+    def collect(self) -> None:
+        """Fold the relay's samples and in-flight counts into the routing table's replicas."""
+        samples, in_flight = self._relay.drain()
+        replicas = self.router.table.replicas
+        now = time.monotonic()
+        for index, seconds, ok in samples:
+            replica = replicas.get(index)
+            if replica is not None:
+                replica.window.record(now, seconds, ok)
+                replica.total_requests += 1
+                if ok:
+                    replica.successful_requests += 1
+                else:
+                    replica.failed_requests += 1
+        for index, count in in_flight:
+            replica = replicas.get(index)
+            if replica is not None:
+                replica.relayed = count
+
+    async def close(self, grace: float) -> None:
+        """Stop accepting; calls being answered get `grace` seconds (the Python server, which
+        some of them wait on, keeps running meanwhile)."""
+        await asyncio.to_thread(self._relay.close, grace)

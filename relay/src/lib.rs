@@ -1,0 +1,184 @@
+//! `kubeforge._relay`: the router's call path in Rust (DESIGN §3, "a lean data path").
+//!
+//! The relay owns the router's public port. It relays `POST /v1/call/...` to a replica itself
+//! when Python's routing table (pushed here with `set_replicas`) says where the call goes
+//! without a decision: a call without a session to the least-loaded healthy replica, a call in
+//! a session to its own healthy replica. Every other request, and every relayed call that
+//! failed, goes to the router's Python server on a loopback port, marked with a per-process
+//! secret; Python then answers exactly as it would without the relay. Latency samples and
+//! in-flight counts come back through `drain`, so Python keeps the one metrics implementation.
+//!
+//! One thread runs a single-threaded tokio runtime: on a two-core pod a second thread would
+//! only compete with the replicas' own work.
+
+mod conn;
+mod http;
+mod state;
+
+use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use state::{Sample, Settings, State};
+
+pub struct Shared {
+    pub settings: Settings,
+    pub state: Mutex<State>,
+    pub busy: AtomicUsize, // requests being answered now
+}
+
+#[pyclass(module = "kubeforge._relay")]
+struct Relay {
+    shared: Arc<Shared>,
+    port: u16,
+    stop: watch::Sender<bool>,
+    grace: Arc<Mutex<Duration>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn ip(host: &str) -> PyResult<IpAddr> {
+    host.parse()
+        .map_err(|_| PyValueError::new_err(format!("not an IP address: {host:?}")))
+}
+
+#[pymethods]
+impl Relay {
+    /// Bind `host:port` now (so a busy port fails here) and start relaying in a thread.
+    #[new]
+    #[pyo3(signature = (host, port, backend_port, token, secret, session_key, request_timeout, max_body))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        host: &str,
+        port: u16,
+        backend_port: u16,
+        token: Option<String>,
+        secret: String,
+        session_key: String,
+        request_timeout: f64,
+        max_body: usize,
+    ) -> PyResult<Self> {
+        let listener = StdListener::bind((ip(host)?, port))
+            .map_err(|e| PyOSError::new_err(format!("cannot bind {host}:{port}: {e}")))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| PyOSError::new_err(e.to_string()))?
+            .port();
+        let backend = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), backend_port);
+        let shared = Arc::new(Shared {
+            settings: Settings::new(backend, token, &secret, session_key, max_body),
+            state: Mutex::new(State::new(Duration::from_secs_f64(request_timeout))),
+            busy: AtomicUsize::new(0),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let grace = Arc::new(Mutex::new(Duration::ZERO));
+        let thread = {
+            let (shared, grace) = (shared.clone(), grace.clone());
+            std::thread::Builder::new()
+                .name("kubeforge-relay".into())
+                .spawn(move || run(shared, listener, stopped, grace))
+                .map_err(|e| PyOSError::new_err(e.to_string()))?
+        };
+        Ok(Relay {
+            shared,
+            port,
+            stop,
+            grace,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    #[getter]
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The replicas: (index, ip, port, healthy, instance, load others put on it).
+    fn set_replicas(&self, replicas: Vec<(u32, String, u16, bool, String, i64)>) -> PyResult<()> {
+        let mut update = Vec::with_capacity(replicas.len());
+        for (index, host, port, healthy, instance, external) in replicas {
+            update.push((
+                index,
+                SocketAddr::new(ip(&host)?, port),
+                healthy,
+                instance,
+                external,
+            ));
+        }
+        self.shared.state.lock().unwrap().set_replicas(update);
+        Ok(())
+    }
+
+    fn set_request_timeout(&self, seconds: f64) {
+        self.shared.state.lock().unwrap().request_timeout = Duration::from_secs_f64(seconds);
+    }
+
+    /// Samples since the last drain, (index, seconds, ok), and the calls in flight per index.
+    fn drain(&self) -> (Vec<Sample>, Vec<(u32, i64)>) {
+        let mut state = self.shared.state.lock().unwrap();
+        let samples = std::mem::take(&mut state.samples);
+        let in_flight = state
+            .replicas
+            .iter()
+            .map(|r| (r.index, r.in_flight))
+            .collect();
+        (samples, in_flight)
+    }
+
+    /// Stop accepting, let calls being answered finish within `grace` seconds, then close.
+    fn close(&self, py: Python<'_>, grace: f64) {
+        *self.grace.lock().unwrap() = Duration::from_secs_f64(grace.max(0.0));
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.lock().unwrap().take() {
+            py.allow_threads(|| {
+                let _ = thread.join();
+            });
+        }
+    }
+}
+
+fn run(
+    shared: Arc<Shared>,
+    listener: StdListener,
+    mut stopped: watch::Receiver<bool>,
+    grace: Arc<Mutex<Duration>>,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        let listener = TcpListener::from_std(listener).expect("a listener");
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        tokio::spawn(conn::serve(shared.clone(), stream, stopped.clone()));
+                    }
+                }
+                _ = stopped.changed() => break,
+            }
+        }
+        drop(listener);
+        let deadline = Instant::now() + *grace.lock().unwrap();
+        while shared.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    // Dropping the runtime drops every connection task, closing their sockets.
+}
+
+#[pymodule]
+fn _relay(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Relay>()?;
+    Ok(())
+}
