@@ -6,7 +6,8 @@ PYTEST := $(PY) -m pytest
 
 .PHONY: venv test unit integration e2e crds k8s-bin cluster-up cluster-down lint bench bench-tools clean
 
-$(VENV)/.installed: pyproject.toml
+# The install builds the router's native relay (relay/, Rust) with cargo: edits there rebuild it.
+$(VENV)/.installed: pyproject.toml relay/Cargo.toml relay/Cargo.lock $(wildcard relay/src/*.rs)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -19,8 +20,10 @@ test: lint unit integration e2e
 unit: venv
 	$(PYTEST) tests/unit
 
+# Twice: with the native relay (the default) and with the Python call path it falls back to.
 integration: venv
 	$(PYTEST) tests/integration
+	KUBEFORGE_RELAY=python $(PYTEST) tests/integration -k "not native_relay"
 
 # The e2e tier: a real control plane built from its Go modules (versions in k8s/versions.env),
 # cached outside the repo; `make k8s-bin` is a no-op when the cache is warm.
@@ -44,6 +47,8 @@ crds: venv
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	cargo fmt --manifest-path relay/Cargo.toml --check
+	cargo clippy --quiet --manifest-path relay/Cargo.toml --release -- -D warnings
 
 # Benchmarks need wrk and nginx (Debian) and vllm-router (PyPI) as the peers they compare with.
 bench-tools: venv
@@ -57,4 +62,4 @@ bench: bench-tools
 	$(PY) bench/operator_memory.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info relay/target kubeforge/_relay*.so

@@ -8,6 +8,8 @@ Starts three no-op replicas (``examples.echo:Echo``) and drives the same tiny re
 * nginx        -- nginx as a plain reverse proxy (least_conn, upstream keepalive), the
                   "boring, well-tuned" baseline for a proxy hop;
 * kf-router    -- ``python -m kubeforge.router`` over the same replicas;
+* kf-router/s  -- the same router with every call in a session (3 sessions, taken in turn by
+                  wrk's ``request()``, which costs wrk some speed of its own);
 * vllm-router  -- the Rust router from PyPI (``vllm-router``), if installed, as a second
                   point of comparison.
 
@@ -267,6 +269,30 @@ def write_lua(path: Path, token: str | None) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_session_lua(path: Path, token: str | None, sessions: Sequence[str]) -> None:
+    """Calls in sessions: wrk's request() hands each call the next of `sessions` in turn."""
+    ids = ", ".join(f'"{sid}"' for sid in sessions)
+    auth = f'["Authorization"] = "Bearer {token}", ' if token else ""
+    path.write_text(
+        f"local sessions = {{{ids}}}\n"
+        "local i = 0\n"
+        "request = function()\n"
+        "  i = i % #sessions + 1\n"
+        f'  return wrk.format("POST", nil, {{{auth}["Content-Type"] = "application/json", '
+        f'["X-Kubeforge-Session"] = sessions[i]}}, [[{CALL_BODY}]])\n'
+        "end\n"
+    )
+
+
+def start_sessions(url: str, n: int, headers: dict[str, str]) -> list[str]:
+    ids = []
+    for _ in range(n):
+        req = urllib.request.Request(url + "/v1/sessions", data=b"", headers=headers)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            ids.append(json.loads(resp.read())["session_id"])
+    return ids
+
+
 def wrk_argv(url: str, conns: int, threads: int, duration: int, script: Path) -> list[str]:
     return [
         "wrk",
@@ -459,10 +485,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 procs.wait_ready(name, url + "/readyz", args.startup_timeout, auth)
             print(f"replicas ready: {' '.join(replica_urls)}", flush=True)
 
-            def bench(target: str, urls: Sequence[str], pid: int | None = None) -> None:
+            def bench(
+                target: str, urls: Sequence[str], pid: int | None = None, lua: Path = script
+            ) -> None:
                 results[target] = {}
                 for c in conn_list:
-                    r = measure(urls, c, args.threads, args.duration, script, pid)
+                    r = measure(urls, c, args.threads, args.duration, lua, pid)
                     procs.check_alive(replica_names)
                     results[target][c] = r
                     print(
@@ -471,12 +499,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         flush=True,
                     )
 
-            def proxied(target: str, argv: list[str], ready_path: str, port: int) -> None:
+            def proxied(
+                target: str, argv: list[str], ready_path: str, port: int, sessions: bool = False
+            ) -> None:
                 url = f"http://127.0.0.1:{port}"
                 try:
                     proc = procs.start(target, argv)
                     procs.wait_ready(target, url + ready_path, args.startup_timeout, auth)
                     bench(target, [url], proc.pid)
+                    if sessions:  # the same router, every call in a session
+                        lua = tmp / "session.lua"
+                        write_session_lua(lua, args.token, start_sessions(url, 3, auth))
+                        bench(target + "/s", [url], proc.pid, lua)
                 except StartError as e:
                     procs.check_alive(replica_names)  # a dead replica is fatal, not per-target
                     failed[target] = str(e)
@@ -512,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for u in replica_urls:
                 kf_argv += ["--replica", u]
             kf_argv += ["--port", str(port), "--host", "127.0.0.1"]
-            proxied("kf-router", kf_argv, "/readyz", port)
+            proxied("kf-router", kf_argv, "/readyz", port, sessions=True)
 
             # (d) vllm-router
             if not vllm_router_available():
@@ -598,11 +632,13 @@ def report(
     print()
     for c in conn_list:
         router, direct = get("kf-router", c), get("direct", c)
+        in_sessions = get("kf-router/s", c)
         vllm, nginx = get("vllm-router", c), get("nginx", c)
         added = router.p50_ms - direct.p50_ms if router and direct else None
         vllm_added = vllm.p50_ms - direct.p50_ms if vllm and direct else None
         ratios[str(c)] = {
             "router_over_nginx_rps": ratio(router, nginx),
+            "router_in_sessions_over_nginx_rps": ratio(in_sessions, nginx),
             "router_over_direct_rps": ratio(router, direct),
             "vllm_router_over_nginx_rps": ratio(vllm, nginx),
             "router_over_vllm_router_rps": ratio(router, vllm),
@@ -614,7 +650,8 @@ def report(
             f"c={c:<4} router/nginx {fmt(r['router_over_nginx_rps'], '.2f')}  "
             f"router/direct {fmt(r['router_over_direct_rps'], '.2f')}  "
             f"vllm-router/nginx {fmt(r['vllm_router_over_nginx_rps'], '.2f')}  "
-            f"router added p50 vs direct {fmt(added, '+.2f')} ms"
+            f"router added p50 vs direct {fmt(added, '+.2f')} ms  "
+            f"router in sessions/nginx {fmt(r['router_in_sessions_over_nginx_rps'], '.2f')}"
         )
     if 16 in conn_list:
         print(

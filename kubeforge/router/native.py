@@ -112,6 +112,10 @@ class NativeRelay:
             if replica is not None:
                 replica.relayed = count
 
+    def counts(self) -> dict[str, int]:
+        relayed, handed_over = self._relay.counts()
+        return {"relayed": relayed, "handed_over": handed_over}
+
     async def close(self, grace: float) -> None:
         """Stop accepting; calls being answered get `grace` seconds (the Python server, which
         some of them wait on, keeps running meanwhile)."""

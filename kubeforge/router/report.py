@@ -73,6 +73,12 @@ def metrics(router: Router, now: float) -> dict[str, Any]:
     """Everything: the summary plus the service-wide window as measured at the router."""
     out = summary(router, now)
     out["window"] = merged_stats([r.window for r in _ordered(router)], now).as_dict()
+    # Which call path answers calls, and how many the native relay passed to Python.
+    out["relay"] = (
+        {"kind": "native", **router.native.counts()}
+        if router.native is not None
+        else {"kind": "python"}
+    )
     return out
 
 

@@ -131,6 +131,7 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
                     && state.healthy_count() > 1
             };
             if !retry {
+                shared.state.lock().unwrap().calls_relayed += 1;
                 return Answer {
                     bytes,
                     close: false,
@@ -246,6 +247,9 @@ async fn delegate(
     head: &RequestHead,
     failed: Option<(u32, String)>,
 ) -> Answer {
+    if head.is_call {
+        shared.state.lock().unwrap().calls_handed_over += 1;
+    }
     let head_bytes = &raw[..head.head_len];
     let mut out = Vec::with_capacity(raw.len() + 128);
     let mut lines = head_bytes.split(|&b| b == b'\n');

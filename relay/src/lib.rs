@@ -134,6 +134,12 @@ impl Relay {
         (samples, in_flight)
     }
 
+    /// Calls (relayed to a replica, handed over to the Python server) since the start.
+    fn counts(&self) -> (u64, u64) {
+        let state = self.shared.state.lock().unwrap();
+        (state.calls_relayed, state.calls_handed_over)
+    }
+
     /// Stop accepting, let calls being answered finish within `grace` seconds, then close.
     fn close(&self, py: Python<'_>, grace: f64) {
         *self.grace.lock().unwrap() = Duration::from_secs_f64(grace.max(0.0));

@@ -69,6 +69,8 @@ pub struct State {
     pub samples: Vec<Sample>,
     pub backend_idle: Vec<TcpStream>,
     pub request_timeout: Duration,
+    pub calls_relayed: u64, // calls answered by a replica through the relay
+    pub calls_handed_over: u64, // calls passed to the Python server (decisions, failures)
     turn: usize,
 }
 
@@ -79,6 +81,8 @@ impl State {
             samples: Vec::new(),
             backend_idle: Vec::new(),
             request_timeout,
+            calls_relayed: 0,
+            calls_handed_over: 0,
             turn: 0,
         }
     }
