@@ -128,10 +128,8 @@ class ReplicaMetrics(BaseModel):
     sessions: int = 0
 
 
-class ServiceMetrics(BaseModel):
-    """Written by the routers at a throttled rate, only when the figures change; the printer
-    columns read from here. The operator never writes `metrics`, `routers` or
-    `healthyReplicas`."""
+class Traffic(BaseModel):
+    """Rates and latencies of calls, as measured at a router."""
 
     model_config = ConfigDict(populate_by_name=True)
     request_rate: float = Field(0.0, alias="requestRate")
@@ -139,8 +137,15 @@ class ServiceMetrics(BaseModel):
     p50_latency_ms: float = Field(0.0, alias="p50LatencyMs")
     p95_latency_ms: float = Field(0.0, alias="p95LatencyMs")
     p99_latency_ms: float = Field(0.0, alias="p99LatencyMs")
-    queue_depth: int = Field(0, alias="queueDepth")
     in_flight: int = Field(0, alias="inFlight")
+
+
+class ServiceMetrics(Traffic):
+    """Written by the routers at a throttled rate, only when the figures change; the printer
+    columns read from here. The operator never writes `metrics`, `routers` or
+    `healthyReplicas`."""
+
+    queue_depth: int = Field(0, alias="queueDepth")
     active_sessions: int = Field(0, alias="activeSessions")
     replicas: list[ReplicaMetrics] = Field(default_factory=list)
     last_update_time: str | None = Field(None, alias="lastUpdateTime")
@@ -153,16 +158,9 @@ class RouterReplicaShare(BaseModel):
     in_flight: int = Field(0, alias="inFlight")
 
 
-class RouterShare(BaseModel):
+class RouterShare(Traffic):
     """One router pod's part of the traffic; `metrics` combines every live router's share."""
 
-    model_config = ConfigDict(populate_by_name=True)
-    request_rate: float = Field(0.0, alias="requestRate")
-    error_rate: float = Field(0.0, alias="errorRate")
-    p50_latency_ms: float = Field(0.0, alias="p50LatencyMs")
-    p95_latency_ms: float = Field(0.0, alias="p95LatencyMs")
-    p99_latency_ms: float = Field(0.0, alias="p99LatencyMs")
-    in_flight: int = Field(0, alias="inFlight")
     replicas: dict[str, RouterReplicaShare] = Field(
         default_factory=dict, description="Per replica pod name."
     )

@@ -60,7 +60,7 @@ class NativeRelay:
     def __init__(self, router: Router, host: str, port: int, backend_port: int, secret: str):
         cfg = router.config
         self.router = router
-        self._ips: dict[str, str] = {}  # replica URL -> its IP, resolved once
+        self._addresses: dict[str, tuple[str, int]] = {}  # replica URL -> (IP, port), resolved once
         self._relay = _relay.Relay(
             _ipv4_first(host, port),
             port,
@@ -77,26 +77,21 @@ class NativeRelay:
         """Give the relay the routing table as it is now."""
         rows = []
         for r in self.router.table.replicas.values():
-            ip = self._ips.get(r.url)
-            if ip is None:
+            address = self._addresses.get(r.url)
+            if address is None:
                 host, port = split_url(r.url)
-                ip = self._ips[r.url] = _ipv4_first(host, port)
-            rows.append(
-                (
-                    r.index,
-                    ip,
-                    split_url(r.url)[1],
-                    r.state is ReplicaState.HEALTHY,
-                    r.instance or "",
-                    r.external + r.in_flight,
-                )
-            )
+                address = self._addresses[r.url] = (_ipv4_first(host, port), port)
+            healthy = r.state is ReplicaState.HEALTHY
+            # The relay adds its own calls in flight to this load (everyone else's, and ours on
+            # the Python path).
+            rows.append((r.index, *address, healthy, r.instance or "", r.external + r.in_flight))
         self._relay.set_replicas(rows)
 
     def collect(self) -> None:
         """Fold the relay's samples and in-flight counts into the routing table's replicas."""
         samples, in_flight = self._relay.drain()
         replicas = self.router.table.replicas
+        # Samples are at most one health-poll period old; they count as taken now.
         now = time.monotonic()
         for index, seconds, ok in samples:
             replica = replicas.get(index)

@@ -162,7 +162,9 @@ impl State {
 
     pub fn record(&mut self, index: u32, seconds: f64, ok: bool) {
         if let Some(r) = self.slot(index) {
-            r.in_flight -= 1;
+            // Never below zero: a replica re-added at a new address starts from zero while
+            // calls to its old address may still finish.
+            r.in_flight = (r.in_flight - 1).max(0);
         }
         if self.samples.len() < MAX_SAMPLES {
             self.samples.push((index, seconds, ok));

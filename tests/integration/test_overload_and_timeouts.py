@@ -65,6 +65,20 @@ async def test_call_past_its_timeout_gets_a_timeout_error(
     assert status == 200
 
 
+async def test_router_ends_a_call_past_its_own_timeout(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    replicas = procs.replicas("examples.slow:Slow", 2)  # replicas would wait 60 s
+    router = procs.router(replicas, "--request-timeout", "300ms")
+    started = time.monotonic()
+    status, body, _ = await call(http, router.url, "work", 3.0)
+    assert status == 504 and body["error"]["type"] == "RequestTimeoutError"
+    assert "did not answer within 0.3s" in body["error"]["message"]
+    assert time.monotonic() - started < 2.0  # not re-sent to the other replica either
+    status, body, _ = await call(http, router.url, "work", 0.01)
+    assert status == 200
+
+
 async def test_sigterm_drains_running_calls_then_exits(
     procs: Procs, http: aiohttp.ClientSession
 ) -> None:
