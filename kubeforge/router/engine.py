@@ -124,9 +124,11 @@ class Router:
                 log.exception("health poll failed")
 
     async def _expire_forever(self) -> None:
-        """Deadlines of relayed calls and health checks, checked ten times a second."""
+        """Deadlines of relayed calls and health checks, checked ten times a second; the native
+        relay's samples come in at the same pace, a few thousand at most each time."""
         while True:
             await asyncio.sleep(0.1)
+            self.collect()
             now = time.monotonic()
             for upstream in list(self.upstreams.values()):
                 upstream.expire(now)
@@ -381,7 +383,13 @@ class Router:
         """A call the native relay sent to replica `index` that failed: what `call` would
         have done next. `failure` is `connect`, `lost`, `timeout` or `retryable <ErrorType>`."""
         replica = self.table.replicas.get(index)
-        if replica is None:  # gone from the table meanwhile
+        if replica is None:  # removed from the table meanwhile
+            if failure == "timeout" or (
+                failure == "lost" and not self._may_resend(headers.get(wire.H_SESSION), headers)
+            ):
+                raise ReplicaLostError(
+                    f"replica {index} was removed during the call; it may or may not have run"
+                )
             return await self.call(path, body, headers)
         if failure == "connect":
             self.table.connection_failed(replica, "connection failed")

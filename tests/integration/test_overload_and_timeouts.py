@@ -5,8 +5,8 @@ import time
 
 import aiohttp
 
-from tests.integration.conftest import call
-from tests.integration.procs import Procs
+from tests.integration.conftest import call, start_session
+from tests.integration.procs import Procs, http_get
 
 
 async def test_calls_queue_beyond_the_limit_and_are_refused_beyond_the_queue(
@@ -93,3 +93,42 @@ async def test_sigterm_drains_running_calls_then_exits(
     assert [o[0] for o in outcomes] == [200, 200, 200]
     await asyncio.get_running_loop().run_in_executor(None, replica.popen.wait, 5)
     assert replica.popen.returncode == 0
+
+
+async def test_router_sends_a_refused_call_elsewhere(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    # No queue, one slot; the router's polls are too slow to see the other caller's load.
+    replicas = procs.replicas(
+        "examples.slow:Slow", 2, "--max-concurrent-requests", "1", "--max-queued-requests", "0"
+    )
+    router = procs.router(replicas, "--health-poll-rate", "10s")
+    busy = asyncio.create_task(call(http, replicas[0].url, "work", 2.0))  # around the router
+    await asyncio.sleep(0.3)
+    outcomes = [await call(http, router.url, "work", 0.01) for _ in range(6)]
+    assert [o[0] for o in outcomes] == [200] * 6  # the refused ones ran on replica 1
+    assert http_get(router.url + "/v1/metrics")[1]["service"]["retries"] >= 1
+    assert (await busy)[0] == 200
+
+
+async def test_a_draining_replica_hands_its_sessions_on(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    replicas = procs.replicas("examples.slow:Slow", 2, "--drain-grace", "5s")
+    router = procs.router(replicas, "--health-poll-rate", "10s")  # found by the refusal alone
+    sessions = [await start_session(http, router.url) for _ in range(2)]
+    doomed = next(s for s in sessions if s.startswith("0."))  # the id names its replica
+    for _ in range(3):  # pooled connections to replica 0 exist now
+        assert (await call(http, router.url, "work", 0.0, session=doomed))[0] == 200
+    # A long call keeps replica 0 alive while it drains; new calls get 503 DrainingError.
+    running = asyncio.create_task(call(http, replicas[0].url, "work", 1.5))
+    await asyncio.sleep(0.2)
+    replicas[0].term()
+    await asyncio.sleep(0.2)
+    status, _, headers = await call(http, router.url, "work", 0.0, session=doomed)
+    assert status == 200
+    assert headers.get("X-Kubeforge-Session-Moved-From") == doomed
+    assert headers["X-Kubeforge-Session"].startswith("1.")
+    lost = http_get(router.url + "/v1/replicas")[1][0]
+    assert (lost["state"], lost["reason"]) == ("UNHEALTHY", "draining")
+    assert (await running)[0] == 200  # and the running call finished
