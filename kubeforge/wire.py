@@ -12,11 +12,30 @@ from typing import Any
 
 import msgpack
 
-from kubeforge.errors import BadRequestError, KubeforgeError, UnauthorizedError
+from kubeforge.errors import (
+    BadRequestError,
+    KubeforgeError,
+    UnauthorizedError,
+    UnknownEndpointError,
+)
 from kubeforge.http.server import Request, Response
 
 CALL_PREFIX = "/v1/call/"
 CALL_ALL_PREFIX = "/v1/call_all/"
+
+
+def endpoint_of(path: str, prefix: str) -> str:
+    """The endpoint named by a call path; only a Python identifier can name one.
+
+    The router writes the endpoint into the request line it sends on, so a decoded path with
+    spaces or CR/LF must never get that far.
+    """
+    name = path[len(prefix) :]
+    if not name.isidentifier():
+        raise UnknownEndpointError(f"{name!r} is not an endpoint name")
+    return name
+
+
 SESSIONS_PATH = "/v1/sessions"
 
 # Header names as the lower-case bytes the parser hands over.
@@ -114,6 +133,7 @@ _HTTP_ERROR_TYPES = {
     404: "NotFound",
     405: "MethodNotAllowed",
     413: "PayloadTooLargeError",
+    431: "HeadTooLargeError",
 }
 
 

@@ -14,6 +14,7 @@ import httptools
 log = logging.getLogger("kubeforge.http")
 
 JSON_TYPE = b"application/json"
+MAX_HEAD = 64 * 1024  # bytes of one request head (request line and headers); more gets 431
 
 
 class Request:
@@ -120,6 +121,11 @@ class HttpProtocol(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_len = 0
         self._too_large = False
+        # Head size: chunks that arrive wholly inside one head are counted (llhttp itself keeps
+        # no limit); the chunk a head starts in is not, and is bounded by the read size.
+        self._in_head = False
+        self._heads = 0
+        self._head_bytes = 0
 
     # asyncio.Protocol ----------------------------------------------------------------------
 
@@ -135,6 +141,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._too_large:
             return  # discarding the rest of an oversized body until we close
+        began, heads = self._in_head, self._heads
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -142,6 +149,10 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if not self._too_large:
                 self._fail(400, f"malformed HTTP request: {exc}")
+        if began and self._in_head and heads == self._heads:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._fail(431, f"request head exceeds {MAX_HEAD} bytes")
 
     # httptools callbacks -------------------------------------------------------------------
     # Each callback is a call from C into Python on every request, so there are as few as the
@@ -153,8 +164,13 @@ class HttpProtocol(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._body_len = 0
+        self._in_head = False
+        self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
+        if not self._in_head:
+            self._in_head = True
+            self._heads += 1
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -167,6 +183,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        self._in_head = False
         if self._too_large:
             return
         self._body_len += len(body)

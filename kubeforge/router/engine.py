@@ -310,6 +310,8 @@ class Router:
         """
         if req.method != "POST" or not req.path.startswith(wire.CALL_PREFIX):
             return False
+        if not req.path[len(wire.CALL_PREFIX) :].isidentifier():
+            return False  # `handle` refuses it: the path goes into our request line
         headers = req.headers
         if self._auth is not None and headers.get(wire.H_AUTH) != self._auth:
             return False  # `call` answers 401 (with a constant-time compare)

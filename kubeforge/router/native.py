@@ -69,6 +69,7 @@ class NativeRelay:
             secret,
             router.table.codec.key,
             cfg.request_timeout,
+            cfg.health_timeout,  # to connect: a replica that cannot accept in this long is down
             cfg.max_body,
         )
         self.port: int = self._relay.port

@@ -71,6 +71,7 @@ class RouterServer:
                 # Here only when `Router.relay` declined: bad token, a session that must move,
                 # or no pooled connection yet.
                 wire.check_token(req, self._auth)
+                wire.endpoint_of(path, wire.CALL_PREFIX)
                 failed = self._relay_failure(req)
                 if failed is not None:
                     return await self.router.resume(path, req.body, req.headers, *failed)
@@ -99,7 +100,9 @@ class RouterServer:
         self.router.collect()
         if path.startswith(wire.CALL_ALL_PREFIX) and method == "POST":
             return await self.router.broadcast(
-                path[len(wire.CALL_ALL_PREFIX) :], req.body, req.headers.get(wire.H_CONTENT_TYPE)
+                wire.endpoint_of(path, wire.CALL_ALL_PREFIX),
+                req.body,
+                req.headers.get(wire.H_CONTENT_TYPE),
             )
         if path == wire.SESSIONS_PATH and method == "POST":
             return await self.router.start_session()

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -14,6 +14,10 @@ use crate::http::{parse_request, parse_response, Request, RequestHead, ResponseH
 use crate::Shared;
 
 const READ_CHUNK: usize = 16 * 1024;
+/// Longest request head accepted; longer ones get 431 (the body limit is `max_body`).
+const MAX_HEAD: usize = 64 * 1024;
+/// Slack on top of the request timeout for the Python server's own answer.
+const SERVER_SLACK: Duration = Duration::from_secs(10);
 
 /// Why a relayed call did not produce an answer to pass on; Python decides what happens next.
 #[derive(Clone, Copy)]
@@ -42,13 +46,21 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, mut stop: watch::
     let _ = client.set_nodelay(true);
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     loop {
+        let mut pending: Option<RequestHead> = None;
         let head = loop {
-            if !buf.is_empty() {
+            if pending.is_none() && !buf.is_empty() {
                 match parse_request(&buf, shared.settings.max_body) {
-                    Request::Head(h) if buf.len() >= h.head_len + h.content_length => break h,
-                    Request::Head(_) | Request::Partial => {}
+                    Request::Head(h) => pending = Some(h),
+                    Request::Partial if buf.len() > MAX_HEAD => {
+                        let _ = client.write_all(&head_too_large()).await;
+                        return;
+                    }
+                    Request::Partial => {}
                     Request::HandOver => return hand_over(&shared, client, buf).await,
                 }
+            }
+            if let Some(h) = pending.take_if(|h| buf.len() >= h.head_len + h.content_length) {
+                break h;
             }
             buf.reserve(READ_CHUNK);
             let read = if buf.is_empty() {
@@ -89,7 +101,7 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
     let target = {
         let mut state = shared.state.lock().unwrap();
         let auth = shared.settings.auth.as_deref();
-        if auth.is_some_and(|want| slice(raw, head.auth) != Some(want)) {
+        if auth.is_some_and(|want| !same(slice(raw, head.auth).unwrap_or(b""), want)) {
             None // the Python server answers 401
         } else {
             let index = match session {
@@ -111,30 +123,41 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
     let request = upstream_request(shared, raw, head, &host, session);
     let started = Instant::now();
     let timeout = shared.state.lock().unwrap().request_timeout;
-    let outcome = tokio::time::timeout(timeout, exchange(pooled, addr, &request)).await;
+    let connect = shared.settings.connect_timeout;
+    let outcome = tokio::time::timeout(timeout, exchange(pooled, addr, &request, connect)).await;
     let seconds = started.elapsed().as_secs_f64();
     let failure = match outcome {
-        Ok(Ok((bytes, resp, conn))) => {
+        Ok(Ok(Exchanged {
+            bytes,
+            head: resp,
+            conn,
+            reusable,
+        })) => {
             let retry = {
                 let mut state = shared.state.lock().unwrap();
                 state.record(index, seconds, resp.status < 400);
-                if resp.keep_alive {
+                if reusable {
                     state.put_idle(index, addr, conn);
                 }
                 // Overloaded or draining: the actor never saw the call, so Python may send it
                 // elsewhere (a session leaves its replica only when it drains).
-                resp.status == 503
+                let retry = resp.status == 503
                     && resp
                         .retryable
                         .as_deref()
                         .is_some_and(|kind| session.is_none() || kind == b"DrainingError")
-                    && state.healthy_count() > 1
+                    && state.healthy_count() > 1;
+                if !retry {
+                    state.calls_relayed += 1;
+                }
+                retry
             };
             if !retry {
-                shared.state.lock().unwrap().calls_relayed += 1;
+                // A replica that closes after its answer makes the caller reconnect too, so a
+                // call pipelined behind this one is never relayed after a `close`.
                 return Answer {
                     bytes,
-                    close: false,
+                    close: !resp.keep_alive,
                 };
             }
             let kind = String::from_utf8_lossy(resp.retryable.as_deref().unwrap_or(b""));
@@ -188,17 +211,26 @@ fn upstream_request(
     out
 }
 
-/// Send one request and read its complete response: (raw response, head, the connection).
+struct Exchanged {
+    bytes: Vec<u8>, // the response exactly as received, nothing after it
+    head: ResponseHead,
+    conn: TcpStream,
+    reusable: bool, // keep-alive, and nothing arrived beyond the response
+}
+
+/// Send one request and read its complete response.
 async fn exchange(
     pooled: Option<TcpStream>,
     addr: SocketAddr,
     request: &[u8],
-) -> Result<(Vec<u8>, ResponseHead, TcpStream), Failure> {
+    connect_timeout: Duration,
+) -> Result<Exchanged, Failure> {
     let mut conn = match pooled {
         Some(conn) => conn,
         None => {
-            let conn = TcpStream::connect(addr)
+            let conn = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
                 .await
+                .map_err(|_| Failure::Connect)?
                 .map_err(|_| Failure::Connect)?;
             let _ = conn.set_nodelay(true);
             conn
@@ -225,17 +257,25 @@ async fn exchange(
                         Ok(_) => {}
                     }
                 }
-                let keep = head.keep_alive && buf.len() == total;
-                let head = ResponseHead {
-                    keep_alive: keep,
-                    ..head
-                };
-                return Ok((buf, head, conn));
+                let reusable = head.keep_alive && buf.len() == total;
+                buf.truncate(total);
+                return Ok(Exchanged {
+                    bytes: buf,
+                    head,
+                    conn,
+                    reusable,
+                });
             }
+            Ok(None) if buf.len() > MAX_HEAD => return Err(Failure::Lost),
             Ok(None) => {}
             Err(_) => return Err(Failure::Lost),
         }
     }
+}
+
+/// Constant-time comparison, for the caller's token.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Pass a request to the Python server, marked as coming from this relay, with what went
@@ -250,12 +290,15 @@ async fn delegate(
     if head.is_call {
         shared.state.lock().unwrap().calls_handed_over += 1;
     }
-    let head_bytes = &raw[..head.head_len];
+    // The head is written anew, line by line, with CRLF endings whatever the caller used.
     let mut out = Vec::with_capacity(raw.len() + 128);
-    let mut lines = head_bytes.split(|&b| b == b'\n');
+    let mut lines = raw[..head.head_len]
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .filter(|line| !line.is_empty());
     if let Some(request_line) = lines.next() {
         out.extend_from_slice(request_line);
-        out.push(b'\n');
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(&shared.settings.secret_line);
     if let Some((index, kind)) = failed {
@@ -265,58 +308,78 @@ async fn delegate(
         if line.len() >= 18 && line[..18].eq_ignore_ascii_case(b"x-kubeforge-relay-") {
             continue;
         }
-        if !line.is_empty() {
-            out.extend_from_slice(line);
-            out.push(b'\n');
-        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&raw[head.head_len..]);
     let backend = shared.settings.backend;
-    let pooled = {
+    let connect = shared.settings.connect_timeout;
+    let (pooled, timeout) = {
         let mut state = shared.state.lock().unwrap();
-        std::iter::from_fn(|| state.backend_idle.pop()).find(still_open)
+        let pooled = std::iter::from_fn(|| state.backend_idle.pop()).find(still_open);
+        (pooled, state.request_timeout + SERVER_SLACK)
     };
-    // A pooled connection may have been closed by the server meanwhile: then try a fresh one.
-    let first = match pooled {
-        Some(conn) => exchange(Some(conn), backend, &out).await.ok(),
-        None => None,
+    let attempt = async {
+        // A pooled connection the server closed meanwhile never got the request: then once
+        // more on a fresh one.
+        match pooled {
+            Some(conn) => match exchange(Some(conn), backend, &out, connect).await {
+                Err(Failure::Connect) => exchange(None, backend, &out, connect).await,
+                other => other,
+            },
+            None => exchange(None, backend, &out, connect).await,
+        }
     };
-    let result = match first {
-        Some(ok) => Ok(ok),
-        None => exchange(None, backend, &out).await,
-    };
-    match result {
-        Ok((bytes, resp, conn)) => {
-            if resp.keep_alive {
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(done)) => {
+            if done.reusable {
                 let mut state = shared.state.lock().unwrap();
                 if state.backend_idle.len() < 64 {
-                    state.backend_idle.push(conn);
+                    state.backend_idle.push(done.conn);
                 }
             }
             Answer {
-                bytes,
-                close: !resp.keep_alive,
+                bytes: done.bytes,
+                close: !done.head.keep_alive,
             }
         }
-        Err(_) => Answer {
+        _ => Answer {
             bytes: server_gone(),
             close: true,
         },
     }
 }
 
-/// The answer when the router's own Python server cannot be reached (it is stopping).
-fn server_gone() -> Vec<u8> {
-    let body =
-        br#"{"error": {"type": "NoHealthyReplicasError", "message": "the router is stopping"}}"#;
+/// A complete error answer in the wire protocol's shape; the connection closes after it.
+fn error_response(status: &str, kind: &str, message: &str) -> Vec<u8> {
+    let body = format!(r#"{{"error": {{"type": "{kind}", "message": "{message}"}}}}"#);
     let mut out = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
-    out.extend_from_slice(body);
+    out.extend_from_slice(body.as_bytes());
     out
+}
+
+/// The answer when the router's own Python server cannot be reached (it is stopping).
+fn server_gone() -> Vec<u8> {
+    error_response(
+        "503 Service Unavailable",
+        "NoHealthyReplicasError",
+        "the router's server did not answer",
+    )
+}
+
+fn head_too_large() -> Vec<u8> {
+    let message = format!("request head exceeds {MAX_HEAD} bytes");
+    error_response(
+        "431 Request Header Fields Too Large",
+        "HeadTooLargeError",
+        &message,
+    )
 }
 
 /// A pooled connection still usable: no EOF, reset or stray bytes arrived while it was idle.
@@ -327,13 +390,12 @@ pub fn still_open(conn: &TcpStream) -> bool {
 
 /// Give the rest of the connection to the Python server as a byte tunnel.
 async fn hand_over(shared: &Shared, mut client: TcpStream, buf: Vec<u8>) {
-    let backend = shared.settings.backend;
-    let Ok(mut server) = TcpStream::connect(backend).await else {
-        return;
-    };
-    let _ = server.set_nodelay(true);
-    if server.write_all(&buf).await.is_err() {
-        return;
+    shared.busy.fetch_add(1, Ordering::SeqCst); // a stopping relay gives it its grace period
+    if let Ok(mut server) = TcpStream::connect(shared.settings.backend).await {
+        let _ = server.set_nodelay(true);
+        if server.write_all(&buf).await.is_ok() {
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        }
     }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    shared.busy.fetch_sub(1, Ordering::SeqCst);
 }

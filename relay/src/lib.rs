@@ -43,6 +43,14 @@ struct Relay {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+fn seconds(value: f64, what: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} must be a finite number of seconds >= 0, not {value}"
+        ))
+    })
+}
+
 fn ip(host: &str) -> PyResult<IpAddr> {
     host.parse()
         .map_err(|_| PyValueError::new_err(format!("not an IP address: {host:?}")))
@@ -52,7 +60,7 @@ fn ip(host: &str) -> PyResult<IpAddr> {
 impl Relay {
     /// Bind `host:port` now (so a busy port fails here) and start relaying in a thread.
     #[new]
-    #[pyo3(signature = (host, port, backend_port, token, secret, session_key, request_timeout, max_body))]
+    #[pyo3(signature = (host, port, backend_port, token, secret, session_key, request_timeout, connect_timeout, max_body))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: &str,
@@ -62,8 +70,11 @@ impl Relay {
         secret: String,
         session_key: String,
         request_timeout: f64,
+        connect_timeout: f64,
         max_body: usize,
     ) -> PyResult<Self> {
+        let request_timeout = seconds(request_timeout, "request_timeout")?;
+        let connect_timeout = seconds(connect_timeout, "connect_timeout")?;
         let listener = StdListener::bind((ip(host)?, port))
             .map_err(|e| PyOSError::new_err(format!("cannot bind {host}:{port}: {e}")))?;
         listener
@@ -75,8 +86,15 @@ impl Relay {
             .port();
         let backend = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), backend_port);
         let shared = Arc::new(Shared {
-            settings: Settings::new(backend, token, &secret, session_key, max_body),
-            state: Mutex::new(State::new(Duration::from_secs_f64(request_timeout))),
+            settings: Settings::new(
+                backend,
+                token,
+                &secret,
+                session_key,
+                max_body,
+                connect_timeout,
+            ),
+            state: Mutex::new(State::new(request_timeout)),
             busy: AtomicUsize::new(0),
         });
         let (stop, stopped) = watch::channel(false);
@@ -118,8 +136,9 @@ impl Relay {
         Ok(())
     }
 
-    fn set_request_timeout(&self, seconds: f64) {
-        self.shared.state.lock().unwrap().request_timeout = Duration::from_secs_f64(seconds);
+    fn set_request_timeout(&self, value: f64) -> PyResult<()> {
+        self.shared.state.lock().unwrap().request_timeout = seconds(value, "request_timeout")?;
+        Ok(())
     }
 
     /// Samples since the last drain, (index, seconds, ok), and the calls in flight per index.
@@ -142,7 +161,7 @@ impl Relay {
 
     /// Stop accepting, let calls being answered finish within `grace` seconds, then close.
     fn close(&self, py: Python<'_>, grace: f64) {
-        *self.grace.lock().unwrap() = Duration::from_secs_f64(grace.max(0.0));
+        *self.grace.lock().unwrap() = seconds(grace.max(0.0), "grace").unwrap_or(Duration::ZERO);
         let _ = self.stop.send(true);
         if let Some(thread) = self.thread.lock().unwrap().take() {
             py.allow_threads(|| {
@@ -167,8 +186,12 @@ fn run(
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        tokio::spawn(conn::serve(shared.clone(), stream, stopped.clone()));
+                    match accepted {
+                        Ok((stream, _)) => {
+                            tokio::spawn(conn::serve(shared.clone(), stream, stopped.clone()));
+                        }
+                        // Out of file descriptors, say: pause rather than spin.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
                 }
                 _ = stopped.changed() => break,

@@ -40,6 +40,7 @@ pub struct Settings {
     pub secret_line: Vec<u8>,  // the header line that tells Python a request came from here
     pub session_key: Vec<u8>,
     pub max_body: usize,
+    pub connect_timeout: Duration,
 }
 
 impl Settings {
@@ -49,6 +50,7 @@ impl Settings {
         secret: &str,
         session_key: String,
         max_body: usize,
+        connect_timeout: Duration,
     ) -> Self {
         Settings {
             backend,
@@ -60,6 +62,7 @@ impl Settings {
             secret_line: format!("x-kubeforge-relay-secret: {secret}\r\n").into_bytes(),
             session_key: session_key.into_bytes(),
             max_body,
+            connect_timeout,
         }
     }
 }
@@ -149,7 +152,8 @@ impl State {
         let index: u32 = parts.next()?.parse().ok()?;
         let instance = parts.next()?;
         let _nonce = parts.next()?;
-        if mac.len() != 16 {
+        // Lower-case hex only, as Python's codec writes and accepts it.
+        if mac.len() != 16 || !mac.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return None;
         }
         let expected = hex::decode(mac).ok()?;

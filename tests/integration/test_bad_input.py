@@ -109,6 +109,40 @@ async def test_unparsable_http_gets_400_and_the_server_lives(base: str) -> None:
     assert status == 200
 
 
+async def _raw(base: str, data: bytes, reply_timeout: float = 5.0) -> bytes:
+    """Send raw bytes; the first line of the answer (b"" when the server just closes)."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), reply_timeout)
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_a_head_ended_by_a_bare_newline_gets_an_answer(base: str) -> None:
+    line = await _raw(base, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\n")
+    assert line.startswith((b"HTTP/1.1 200", b"HTTP/1.1 400")), line  # answered, not hung
+
+
+async def test_an_endless_head_gets_431(base: str) -> None:
+    head = b"GET /healthz HTTP/1.1\r\nX-Long: " + b"a" * (200 * 1024)
+    line = await _raw(base, head)
+    assert line.startswith(b"HTTP/1.1 431"), line
+    status, _ = await _post(base, "/v1/call/incr", b'{"args": [1]}')
+    assert status == 200
+
+
+async def test_a_path_cannot_smuggle_header_lines(base: str) -> None:
+    for path in ("/v1/call/incr%0d%0aX-Evil:%201", "/v1/call_all/incr%0d%0aX-Evil:%201"):
+        status, body = await _post(base, path, b"{}")
+        assert status == 404, body  # (replicas have no call_all route at all)
+        assert body["error"]["type"] in ("UnknownEndpointError", "NotFound"), body
+
+
 async def test_chunked_body_and_expect_continue_work(base: str) -> None:
     async def chunks() -> AsyncIterator[bytes]:
         yield b'{"args": '
