@@ -252,6 +252,14 @@ class Router:
         """
         return sid is None and headers.get(wire.H_DELIVERY) != wire.AT_MOST_ONCE
 
+    def _resend_lost(self, err: KubeforgeError, headers: dict[bytes, bytes]) -> bool:
+        """Send again elsewhere a call whose replica was lost under it (not one that timed out)."""
+        return (
+            isinstance(err, ReplicaLostError)
+            and self.config.retries > 0
+            and self._may_resend(headers.get(wire.H_SESSION), headers)
+        )
+
     def _forwarded(self, headers: dict[bytes, bytes]) -> bytes:
         """The header lines a call carries on to its replica: token, body type, deadline."""
         extra = self._auth_line
@@ -337,11 +345,7 @@ class Router:
                 self._record(replica, started, False)
                 err = self._lost(replica, error)  # type: ignore[arg-type]
                 answer = wire.error_response(err, ctype)
-                if (
-                    isinstance(err, ReplicaLostError)
-                    and self.config.retries > 0
-                    and self._may_resend(sid, headers)
-                ):
+                if self._resend_lost(err, headers):
                     self.retries_total += 1
                     asyncio.get_running_loop().create_task(
                         self._finish_call(req, conn, {replica.index}, answer)
@@ -399,12 +403,7 @@ class Router:
         elif failure in ("lost", "timeout"):
             cut = ConnectionLost("connection lost") if failure == "lost" else UpstreamTimeout()
             err = self._lost(replica, cut)
-            if not (
-                isinstance(err, ReplicaLostError)
-                and self.config.retries > 0
-                and self._may_resend(headers.get(wire.H_SESSION), headers)
-                and len(self.table.replicas) > 1
-            ):
+            if not (self._resend_lost(err, headers) and len(self.table.replicas) > 1):
                 raise err
         elif failure.startswith("retryable "):
             if failure == "retryable DrainingError":

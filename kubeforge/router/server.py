@@ -68,8 +68,9 @@ class RouterServer:
         path = req.path
         try:
             if path.startswith(wire.CALL_PREFIX) and req.method == "POST":
-                # Here only when `Router.relay` declined: bad token, a session that must move,
-                # or no pooled connection yet.
+                # Here only when a relay (native or `Router.relay`) passed the call on: a bad
+                # token, a session that must move, no pooled connection yet, or, from the native
+                # relay, an attempt that failed (`resume` continues it).
                 wire.check_token(req, self._auth)
                 wire.endpoint_of(path, wire.CALL_PREFIX)
                 failed = self._relay_failure(req)
