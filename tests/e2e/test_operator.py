@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from devcluster.controlplane import write_kubeconfig
@@ -340,6 +341,13 @@ async def test_service_client_through_the_router_on_kubernetes(
     row = cluster.kubectl("get", "fsvc", "tf", "-n", namespace).stdout.splitlines()[1].split()
     assert float(row[5]) > 0 and int(row[6]) >= 1  # REQ/S and SESSIONS columns
     assert fsvc(cluster, namespace, "tf")["status"]["healthyReplicas"] == 3
+    # The router pod relays calls in Rust (relay/, built into the package).
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http,
+        http.get(url + "/v1/metrics") as resp,
+    ):
+        relay = (await resp.json())["relay"]
+    assert relay["kind"] == "native" and relay["relayed"] > 20, relay
     # Without the token the router refuses the call.
     async with ServiceClient(url, token="wrong") as stranger:
         with pytest.raises(KubeforgeError, match="wrong token"):
