@@ -95,6 +95,23 @@ async def test_sigterm_drains_running_calls_then_exits(
     assert replica.popen.returncode == 0
 
 
+async def test_router_sigterm_finishes_running_calls_then_exits(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    router = procs.router(procs.replicas("examples.slow:Slow", 2))
+    sid = await start_session(http, router.url)
+    calls = [
+        asyncio.create_task(call(http, router.url, "work", 0.8)),
+        asyncio.create_task(call(http, router.url, "work", 0.8, session=sid)),
+    ]
+    await asyncio.sleep(0.3)
+    router.term()
+    outcomes = await asyncio.gather(*calls)
+    assert [(o[0], o[1]["result"]) for o in outcomes] == [(200, 0.8), (200, 0.8)]
+    await asyncio.get_running_loop().run_in_executor(None, router.popen.wait, 5)
+    assert router.popen.returncode == 0
+
+
 async def test_router_sends_a_refused_call_elsewhere(
     procs: Procs, http: aiohttp.ClientSession
 ) -> None:
