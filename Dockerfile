@@ -19,8 +19,9 @@ RUN pip wheel --no-cache-dir --no-deps -w /wheels .
 
 FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-COPY --from=build /wheels /wheels
-RUN pip install /wheels/*.whl && rm -rf /wheels \
+# The wheel stays in the image: replica_image/Dockerfile installs the same one from here.
+COPY --from=build /wheels /opt/kubeforge/wheels
+RUN pip install /opt/kubeforge/wheels/*.whl \
     && useradd --uid 1000 --no-create-home --shell /usr/sbin/nologin kubeforge
 
 USER 1000

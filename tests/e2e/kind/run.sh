@@ -25,7 +25,8 @@ if [ -f Dockerfile ]; then
   kind load docker-image kubeforge:e2e --name "$name"
 fi
 if [ -d replica_image ]; then
-  docker build -t kubeforge-replica:e2e -f replica_image/Dockerfile .
+  docker build -t kubeforge-replica:e2e --build-arg KUBEFORGE_IMAGE=kubeforge:e2e \
+    -f replica_image/Dockerfile .
   kind load docker-image kubeforge-replica:e2e --name "$name"
 fi
 if [ -d charts/kubeforge ]; then
