@@ -18,8 +18,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-# Fields of one router's share whose changes are worth a write (lastUpdateTime is not).
+# The write time: carried in status, but never a reason to write again.
 _STAMP = "lastUpdateTime"
+# A share with every figure at zero: what a peer's share lacks counts as zero.
+_ZERO = {
+    "requestRate": 0.0,
+    "errorRate": 0.0,
+    "p50LatencyMs": 0.0,
+    "p95LatencyMs": 0.0,
+    "p99LatencyMs": 0.0,
+    "inFlight": 0,
+    "replicas": {},
+}
+
+
+def _unstamped(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != _STAMP}
 
 
 def share(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,7 +75,7 @@ def combine(shares: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Service-wide figures from every router's share (taken in pod-name order, so every
     router computes the same floats from the same shares)."""
     ordered = [shares[name] for name in sorted(shares)]
-    rate = sum(s.get("requestRate", 0.0) for s in ordered)
+    rate = sum(s["requestRate"] for s in ordered)
     return {
         "requestRate": round(rate, 2),
         "errorRate": round(_weighted((s["requestRate"], s["errorRate"]) for s in ordered), 4),
@@ -73,7 +87,7 @@ def combine(shares: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _replica_figures(name: str, shares: list[Mapping[str, Any]]) -> dict[str, Any]:
-    parts = [s["replicas"][name] for s in shares if name in s.get("replicas", {})]
+    parts = [s["replicas"][name] for s in shares if name in s["replicas"]]
     return {
         "requestRate": round(sum(p["requestRate"] for p in parts), 2),
         "p50LatencyMs": round(_weighted((p["requestRate"], p["p50LatencyMs"]) for p in parts), 2),
@@ -97,7 +111,7 @@ def status_patch(
     peers = peers or {}
     alive = live if live is not None and me in live else None
     shares = {
-        name: {k: v for k, v in s.items() if k != _STAMP}
+        name: {**_ZERO, **_unstamped(s)}
         for name, s in peers.items()
         if name != me and isinstance(s, Mapping) and (alive is None or name in alive)
     }
@@ -136,15 +150,14 @@ def already_written(patch: Mapping[str, Any], status: Mapping[str, Any] | None) 
         return False
     if status.get("healthyReplicas") != patch["healthyReplicas"]:
         return False
-    current = {k: v for k, v in (status.get("metrics") or {}).items() if k != _STAMP}
-    if current != patch["metrics"]:
+    if _unstamped(status.get("metrics") or {}) != patch["metrics"]:
         return False
     written = status.get("routers") or {}
     for name, entry in patch["routers"].items():
         if entry is None:
             if name in written:
                 return False
-        elif {k: v for k, v in (written.get(name) or {}).items() if k != _STAMP} != entry:
+        elif _unstamped(written.get(name) or {}) != entry:
             return False
     return True
 

@@ -122,7 +122,7 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
 
     let request = upstream_request(shared, raw, head, &host, session);
     let started = Instant::now();
-    let timeout = shared.state.lock().unwrap().request_timeout;
+    let timeout = shared.settings.request_timeout;
     let connect = shared.settings.connect_timeout;
     let outcome = tokio::time::timeout(timeout, exchange(pooled, addr, &request, connect)).await;
     let seconds = started.elapsed().as_secs_f64();
@@ -315,10 +315,10 @@ async fn delegate(
     out.extend_from_slice(&raw[head.head_len..]);
     let backend = shared.settings.backend;
     let connect = shared.settings.connect_timeout;
-    let (pooled, timeout) = {
+    let timeout = shared.settings.request_timeout + SERVER_SLACK;
+    let pooled = {
         let mut state = shared.state.lock().unwrap();
-        let pooled = std::iter::from_fn(|| state.backend_idle.pop()).find(still_open);
-        (pooled, state.request_timeout + SERVER_SLACK)
+        std::iter::from_fn(|| state.backend_idle.pop()).find(still_open)
     };
     let attempt = async {
         // A pooled connection the server closed meanwhile never got the request: then once

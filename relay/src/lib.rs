@@ -92,9 +92,10 @@ impl Relay {
                 &secret,
                 session_key,
                 max_body,
+                request_timeout,
                 connect_timeout,
             ),
-            state: Mutex::new(State::new(request_timeout)),
+            state: Mutex::new(State::new()),
             busy: AtomicUsize::new(0),
         });
         let (stop, stopped) = watch::channel(false);
@@ -133,11 +134,6 @@ impl Relay {
             ));
         }
         self.shared.state.lock().unwrap().set_replicas(update);
-        Ok(())
-    }
-
-    fn set_request_timeout(&self, value: f64) -> PyResult<()> {
-        self.shared.state.lock().unwrap().request_timeout = seconds(value, "request_timeout")?;
         Ok(())
     }
 

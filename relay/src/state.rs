@@ -40,6 +40,7 @@ pub struct Settings {
     pub secret_line: Vec<u8>,  // the header line that tells Python a request came from here
     pub session_key: Vec<u8>,
     pub max_body: usize,
+    pub request_timeout: Duration,
     pub connect_timeout: Duration,
 }
 
@@ -50,6 +51,7 @@ impl Settings {
         secret: &str,
         session_key: String,
         max_body: usize,
+        request_timeout: Duration,
         connect_timeout: Duration,
     ) -> Self {
         Settings {
@@ -62,6 +64,7 @@ impl Settings {
             secret_line: format!("x-kubeforge-relay-secret: {secret}\r\n").into_bytes(),
             session_key: session_key.into_bytes(),
             max_body,
+            request_timeout,
             connect_timeout,
         }
     }
@@ -71,19 +74,17 @@ pub struct State {
     pub replicas: Vec<Replica>, // in index order
     pub samples: Vec<Sample>,
     pub backend_idle: Vec<TcpStream>,
-    pub request_timeout: Duration,
     pub calls_relayed: u64, // calls answered by a replica through the relay
     pub calls_handed_over: u64, // calls passed to the Python server (decisions, failures)
     turn: usize,
 }
 
 impl State {
-    pub fn new(request_timeout: Duration) -> Self {
+    pub fn new() -> Self {
         State {
             replicas: Vec::new(),
             samples: Vec::new(),
             backend_idle: Vec::new(),
-            request_timeout,
             calls_relayed: 0,
             calls_handed_over: 0,
             turn: 0,
