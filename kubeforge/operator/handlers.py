@@ -17,7 +17,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubeforge.operator import manifests as m
-from kubeforge.operator.plan import PodView, plan
+from kubeforge.operator.plan import Observed, PodView, plan
 
 GROUP, VERSION, PLURAL = "kubeforge.dev", "v1alpha1", "services"
 RECONCILE_EVERY = 2.0  # seconds; events on create/update/resume reconcile at once
@@ -153,14 +153,16 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
     current = m.template_hash(m.pod_template(raw))
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     decided = plan(
-        body.spec.get("replicas", 1),
-        current,
-        views,
-        body.metadata.get("generation", 0),
-        m.selector(name),
-        m.endpoint(raw),
-        list(body.get("status", {}).get("conditions", [])),
-        now,
+        Observed(
+            desired=body.spec.get("replicas", 1),
+            template_hash=current,
+            pods=views,
+            generation=body.metadata.get("generation", 0),
+            selector=m.selector(name),
+            endpoint=m.endpoint(raw),
+            previous_conditions=list(body.get("status", {}).get("conditions", [])),
+            now=now,
+        )
     )
     for index in decided.create:
         await _ensure(core.create_namespaced_pod, m.replica_pod(raw, index), namespace)

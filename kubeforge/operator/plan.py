@@ -2,12 +2,50 @@
 
 Level-based and idempotent: the plan depends only on what is observed now, so the operator can
 be killed and restarted at any moment and converge to the same place.
+
+One pass: replace failed replicas, then either scale (when the count is off) or roll the
+template forward (when it is right), then describe the result in status.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+FAILED = "Failed"  # pod phase: the pod will not recover on its own
+
+
+class ConditionType(StrEnum):
+    """The Service's status.conditions types (DESIGN §5; there is no `phase`)."""
+
+    READY = "Ready"
+    PROGRESSING = "Progressing"
+    DEGRADED = "Degraded"
+
+
+class Reason(StrEnum):
+    """Reasons on conditions, events and replica entries: wire values that users and tools match."""
+
+    # Ready
+    ALL_REPLICAS_READY = "AllReplicasReady"
+    REPLICAS_NOT_READY = "ReplicasNotReady"
+    # Progressing (RollingUpdate is also the event for each replica a rollout replaces)
+    SCALING_UP = "ScalingUp"
+    SCALING_DOWN = "ScalingDown"
+    ROLLING_UPDATE = "RollingUpdate"
+    WAITING_FOR_READY = "WaitingForReady"
+    STABLE = "Stable"
+    # Degraded (Unschedulable is also a replica entry's reason)
+    UNSCHEDULABLE = "Unschedulable"
+    CRASH_LOOP = "CrashLoop"
+    AS_EXPECTED = "AsExpected"
+    # Events
+    REPLICA_FAILED = "ReplicaFailed"
+    SCALED_DOWN = "ScaledDown"
+    SCALED_UP = "ScaledUp"
+    # Replica entries: the kubelet's own word
+    CRASH_LOOP_BACK_OFF = "CrashLoopBackOff"
 
 
 @dataclass(frozen=True)
@@ -24,6 +62,20 @@ class PodView:
     crash_looping: str = ""  # the container's waiting message when in CrashLoopBackOff
 
 
+@dataclass(frozen=True)
+class Observed:
+    """Everything one planning pass looks at, read from the cluster just before it."""
+
+    desired: int  # spec.replicas
+    template_hash: str  # hash of the pod template the spec asks for now
+    pods: list[PodView]  # every replica pod, including ones being deleted
+    generation: int  # metadata.generation, echoed as observedGeneration
+    selector: str  # label selector of the replica pods (scale subresource)
+    endpoint: str  # the router's URL
+    previous_conditions: list[dict[str, Any]]  # status.conditions as last written
+    now: str  # RFC 3339 timestamp for conditions that change status in this pass
+
+
 @dataclass
 class Plan:
     create: list[int] = field(default_factory=list)
@@ -32,153 +84,241 @@ class Plan:
     events: list[tuple[str, str]] = field(default_factory=list)  # (reason, message)
 
 
+def plan(observed: Observed) -> Plan:
+    """Decide which replica pods to create and delete, and the status that describes them."""
+    live = sorted((p for p in observed.pods if not p.deleting), key=lambda p: p.index)
+    settling = any(p.deleting for p in observed.pods)
+    live, replaced = _replace_failed(live)
+    if len(live) > observed.desired:
+        live, change = _scale_down(live, observed.desired)
+    elif len(live) < observed.desired:
+        change = _scale_up(observed, len(live))
+    else:
+        change = _roll(live, observed.template_hash, settling)
+    out = Plan(
+        create=change.create,
+        delete=replaced.delete + change.delete,
+        events=replaced.events + change.events,
+    )
+    out.status = _status(observed, live, settling, out)
+    return out
+
+
+def _event(reason: Reason, message: str) -> tuple[str, str]:
+    """An event as (reason, message), with the reason as a plain str: the wire value, no enum."""
+    return (reason.value, message)
+
+
+def _replace_failed(live: list[PodView]) -> tuple[list[PodView], Plan]:
+    """Delete failed pods: they never recover. They stop counting as replicas, so the scale step
+    creates their replacements in the same pass (at the lowest free index: a failed pod holds
+    its own index until it is gone).
+
+    Returns the replicas that remain, and the deletions.
+    """
+    failed = [p for p in live if p.phase == FAILED]
+    return [p for p in live if p.phase != FAILED], Plan(
+        delete=[p.name for p in failed],
+        events=[_event(Reason.REPLICA_FAILED, f"{p.name} failed; replacing it") for p in failed],
+    )
+
+
+def _scale_down(live: list[PodView], desired: int) -> tuple[list[PodView], Plan]:
+    """Remove the surplus: unready replicas first (they serve nothing), then the highest index,
+    so the indices that stay are the dense low ones.
+
+    Returns the replicas that remain, and the deletions.
+    """
+    gone = sorted(live, key=lambda p: (p.ready, -p.index))[: len(live) - desired]
+    return [p for p in live if p not in gone], Plan(
+        delete=[p.name for p in gone],
+        events=[_event(Reason.SCALED_DOWN, f"removed {p.name}") for p in gone],
+    )
+
+
+def _scale_up(observed: Observed, live: int) -> Plan:
+    """Create the missing replicas at the lowest free indices, so names stay dense and stable.
+
+    An index stays taken while any pod holds it, even one being deleted or failed: its name
+    frees up only once that pod is gone.
+    """
+    taken = {p.index for p in observed.pods}
+    free = (i for i in range(observed.desired + len(observed.pods)) if i not in taken)
+    create = [next(free) for _ in range(observed.desired - live)]
+    return Plan(
+        create=create,
+        events=[_event(Reason.SCALED_UP, f"creating replica {i}") for i in create],
+    )
+
+
+def _roll(live: list[PodView], template_hash: str, settling: bool) -> Plan:
+    """Move outdated replicas to the new template one at a time: delete one, and the next pass
+    recreates it updated. GPUs asked for never exceed replicas x gpusPerReplica.
+
+    Nothing goes while a pod is still being deleted. When all replicas are ready the highest
+    outdated index goes; when exactly one is unready and it is outdated, it goes (it is already
+    down, so replacing it costs nothing); otherwise wait for readiness.
+    """
+    outdated = [p for p in live if p.template_hash != template_hash]
+    if not outdated or settling:
+        return Plan()
+    ready = sum(p.ready for p in live)
+    if ready == len(live):
+        victim = max(outdated, key=lambda p: p.index)
+        message = f"replacing {victim.name} with the new template"
+    elif ready == len(live) - 1 and (down := [p for p in outdated if not p.ready]):
+        victim = down[0]
+        message = f"replacing {victim.name}"
+    else:
+        return Plan()
+    return Plan(delete=[victim.name], events=[_event(Reason.ROLLING_UPDATE, message)])
+
+
+def _status(
+    observed: Observed, live: list[PodView], settling: bool, decided: Plan
+) -> dict[str, Any]:
+    """The status block. Counts leave out the pods this pass deletes, so they describe where
+    the plan leads rather than replicas about to go.
+
+    `live` is the replicas after failed and scaled-down pods are dropped; it still holds a
+    rollout's victim, which counts as not yet updated.
+    """
+    remaining = [p for p in live if p.name not in decided.delete]
+    ready = sum(p.ready for p in remaining)
+    updated = sum(p.template_hash == observed.template_hash for p in remaining)
+    working = bool(
+        decided.create
+        or decided.delete
+        or settling
+        or updated < len(live)
+        or ready < observed.desired
+    )
+    progressing = _progressing_reason(
+        creating=bool(decided.create),
+        replicas=len(live),
+        desired=observed.desired,
+        updated=updated,
+        working=working,
+    )
+    return {
+        "observedGeneration": observed.generation,
+        "replicas": len(remaining),
+        "readyReplicas": ready,
+        "updatedReplicas": updated,
+        "selector": observed.selector,
+        "endpoint": observed.endpoint,
+        "conditions": _conditions(
+            observed, live, ready=ready, updated=updated, working=working, progressing=progressing
+        ),
+        "replicaStatuses": [_replica_status(p) for p in remaining],
+    }
+
+
+def _progressing_reason(
+    *, creating: bool, replicas: int, desired: int, updated: int, working: bool
+) -> Reason:
+    """Why the Service is (or is not) progressing: the first that applies, most specific first.
+
+    `replicas` counts the live replicas after this pass's scale-down, `updated` those on the
+    current template that this pass keeps.
+    """
+    if creating:
+        return Reason.SCALING_UP
+    if replicas > desired:
+        return Reason.SCALING_DOWN
+    if updated < replicas:
+        return Reason.ROLLING_UPDATE
+    if working:
+        return Reason.WAITING_FOR_READY
+    return Reason.STABLE
+
+
+def _degraded(live: list[PodView]) -> tuple[Reason, str]:
+    """What keeps replicas from running, if anything: the scheduler's reason (not enough GPUs)
+    outranks a crash loop, since a pod that cannot be placed never gets to crash."""
+    unschedulable = [p for p in live if p.unschedulable]
+    if unschedulable:
+        first = unschedulable[0]
+        return Reason.UNSCHEDULABLE, (
+            f"{len(unschedulable)} replica(s) cannot be scheduled: "
+            f"{first.name}: {first.unschedulable}"
+        )
+    crashing = [p for p in live if p.crash_looping]
+    if crashing:
+        return Reason.CRASH_LOOP, f"{crashing[0].name}: {crashing[0].crash_looping}"
+    return Reason.AS_EXPECTED, ""
+
+
+def _conditions(
+    observed: Observed,
+    live: list[PodView],
+    *,
+    ready: int,
+    updated: int,
+    working: bool,
+    progressing: Reason,
+) -> list[dict[str, Any]]:
+    """Ready, Progressing and Degraded, each with a reason a person or a tool can act on."""
+    previous = {c["type"]: c for c in observed.previous_conditions}
+
+    def condition(kind: ConditionType, ok: bool, reason: Reason, message: str) -> dict[str, Any]:
+        return _condition(
+            kind, ok, reason, message, observed.generation, previous.get(kind, {}), observed.now
+        )
+
+    all_ready = ready >= observed.desired
+    degraded, why = _degraded(live)
+    return [
+        condition(
+            ConditionType.READY,
+            all_ready,
+            Reason.ALL_REPLICAS_READY if all_ready else Reason.REPLICAS_NOT_READY,
+            f"{ready}/{observed.desired} replicas ready",
+        ),
+        condition(
+            ConditionType.PROGRESSING,
+            working,
+            progressing,
+            f"{updated}/{observed.desired} replicas up to date",
+        ),
+        condition(ConditionType.DEGRADED, degraded != Reason.AS_EXPECTED, degraded, why),
+    ]
+
+
 def _condition(
-    kind: str,
+    kind: ConditionType,
     ok: bool,
-    reason: str,
+    reason: Reason,
     message: str,
     generation: int,
-    previous: dict[str, dict[str, Any]],
+    before: dict[str, Any],
     now: str,
 ) -> dict[str, Any]:
+    """One condition. lastTransitionTime moves only when the status flips (a new reason or
+    message alone keeps it), so it tells how long the Service has been in this state."""
     status = "True" if ok else "False"
-    before = previous.get(kind, {})
     changed = before.get("status") != status
     return {
-        "type": kind,
+        "type": kind.value,
         "status": status,
-        "reason": reason,
+        "reason": reason.value,
         "message": message,
         "observedGeneration": generation,
         "lastTransitionTime": now if changed else before.get("lastTransitionTime", now),
     }
 
 
-def plan(
-    desired: int,
-    current_hash: str,
-    pods: list[PodView],
-    generation: int,
-    selector: str,
-    endpoint: str,
-    previous_conditions: list[dict[str, Any]],
-    now: str,
-) -> Plan:
-    out = Plan()
-    live = sorted((p for p in pods if not p.deleting), key=lambda p: p.index)
-    settling = any(p.deleting for p in pods)
-    # Failed pods are replaced under the same index.
-    for p in live:
-        if p.phase == "Failed":
-            out.delete.append(p.name)
-            out.events.append(("ReplicaFailed", f"{p.name} failed; replacing it"))
-    live = [p for p in live if p.phase != "Failed"]
-
-    if len(live) > desired:
-        # Scale down: unready ones first, then the highest index.
-        victims = sorted(live, key=lambda p: (p.ready, -p.index))
-        gone = victims[: len(live) - desired]
-        out.delete += [p.name for p in gone]
-        out.events += [("ScaledDown", f"removed {p.name}") for p in gone]
-        live = [p for p in live if p not in gone]
-    elif len(live) < desired:
-        taken = {p.index for p in pods}  # a deleting pod's index frees up once it is gone
-        free = (i for i in range(desired + len(pods)) if i not in taken)
-        out.create = [next(free) for _ in range(desired - len(live))]
-        out.events += [("ScaledUp", f"creating replica {i}") for i in out.create]
-    else:
-        outdated = [p for p in live if p.template_hash != current_hash]
-        ready = sum(p.ready for p in live)
-        if outdated and not settling and ready == len(live):
-            # Roll one replica at a time: delete it, the next pass recreates it updated. GPUs
-            # asked for never exceed replicas x gpusPerReplica.
-            victim = max(outdated, key=lambda p: p.index)
-            out.delete.append(victim.name)
-            out.events.append(("RollingUpdate", f"replacing {victim.name} with the new template"))
-        elif outdated and not settling and ready < len(live):
-            unready_outdated = [p for p in outdated if not p.ready]
-            if unready_outdated and ready >= len(live) - 1:
-                victim = unready_outdated[0]  # already down: replacing it costs nothing
-                out.delete.append(victim.name)
-                out.events.append(("RollingUpdate", f"replacing {victim.name}"))
-
-    ready_count = sum(p.ready for p in live if p.name not in out.delete)
-    updated = sum(p.template_hash == current_hash for p in live if p.name not in out.delete)
-    prev = {c["type"]: c for c in previous_conditions}
-    unschedulable = [p for p in live if p.unschedulable]
-    crashing = [p for p in live if p.crash_looping]
-    working = bool(
-        out.create or out.delete or settling or updated < len(live) or ready_count < desired
-    )
-    if unschedulable:
-        degraded = (
-            "Unschedulable",
-            f"{len(unschedulable)} replica(s) cannot be scheduled: "
-            f"{unschedulable[0].name}: {unschedulable[0].unschedulable}",
-        )
-    elif crashing:
-        degraded = ("CrashLoop", f"{crashing[0].name}: {crashing[0].crash_looping}")
-    else:
-        degraded = ("AsExpected", "")
-    conditions = [
-        _condition(
-            "Ready",
-            ready_count >= desired,
-            "AllReplicasReady" if ready_count >= desired else "ReplicasNotReady",
-            f"{ready_count}/{desired} replicas ready",
-            generation,
-            prev,
-            now,
-        ),
-        _condition(
-            "Progressing",
-            working,
-            (
-                "ScalingUp"
-                if out.create
-                else "ScalingDown"
-                if len(live) > desired
-                else "RollingUpdate"
-                if updated < len(live)
-                else "WaitingForReady"
-                if working
-                else "Stable"
-            ),
-            f"{updated}/{desired} replicas up to date",
-            generation,
-            prev,
-            now,
-        ),
-        _condition(
-            "Degraded",
-            bool(unschedulable or crashing),
-            degraded[0],
-            degraded[1],
-            generation,
-            prev,
-            now,
-        ),
-    ]
-    out.status = {
-        "observedGeneration": generation,
-        "replicas": len(live) - len([n for n in out.delete if any(p.name == n for p in live)]),
-        "readyReplicas": ready_count,
-        "updatedReplicas": updated,
-        "selector": selector,
-        "endpoint": endpoint,
-        "conditions": conditions,
-        "replicaStatuses": [
-            {
-                "index": p.index,
-                "pod": p.name,
-                "phase": p.phase,
-                "ready": p.ready,
-                "reason": (p.unschedulable and "Unschedulable")
-                or (p.crash_looping and "CrashLoopBackOff")
-                or "",
-            }
-            for p in live
-            if p.name not in out.delete
-        ],
+def _replica_status(pod: PodView) -> dict[str, Any]:
+    """One replica's entry, with why it is not running when the scheduler or kubelet says."""
+    reason = ""
+    if pod.unschedulable:
+        reason = Reason.UNSCHEDULABLE.value
+    elif pod.crash_looping:
+        reason = Reason.CRASH_LOOP_BACK_OFF.value
+    return {
+        "index": pod.index,
+        "pod": pod.name,
+        "phase": pod.phase,
+        "ready": pod.ready,
+        "reason": reason,
     }
-    return out

@@ -2,8 +2,18 @@
 
 from typing import Any
 
+import pytest
+
 from kubeforge.operator.manifests import GPU, pod_template, replica_pod, template_hash
-from kubeforge.operator.plan import PodView, plan
+from kubeforge.operator.plan import (
+    ConditionType,
+    Observed,
+    Plan,
+    PodView,
+    Reason,
+    _progressing_reason,
+    plan,
+)
 
 H = "h1"
 
@@ -14,18 +24,29 @@ def pods(*specs: tuple[int, bool], hash_: str = H) -> list[PodView]:
 
 def run(
     desired: int, current: list[PodView], hash_: str = H, prev: list[dict[str, Any]] | None = None
-):
-    return plan(desired, hash_, current, 3, "sel", "http://x", prev or [], "T")
+) -> Plan:
+    return plan(
+        Observed(
+            desired=desired,
+            template_hash=hash_,
+            pods=current,
+            generation=3,
+            selector="sel",
+            endpoint="http://x",
+            previous_conditions=prev or [],
+            now="T",
+        )
+    )
 
 
-def cond(p: Any, kind: str) -> dict[str, Any]:
+def cond(p: Plan, kind: str) -> dict[str, Any]:
     return next(c for c in p.status["conditions"] if c["type"] == kind)
 
 
 def test_scale_up_fills_the_lowest_free_indices() -> None:
     p = run(5, pods((0, True), (2, True), (4, True)))
     assert p.create == [1, 3] and p.delete == []
-    assert cond(p, "Progressing")["reason"] == "ScalingUp"
+    assert cond(p, ConditionType.PROGRESSING)["reason"] == Reason.SCALING_UP
 
 
 def test_scale_down_removes_unready_first_then_highest_index() -> None:
@@ -67,17 +88,85 @@ def test_conditions_carry_reasons_and_keep_transition_times() -> None:
         ),
     ]
     p = run(2, stuck)
-    assert cond(p, "Ready")["status"] == "False"
-    degraded = cond(p, "Degraded")
-    assert degraded["status"] == "True" and degraded["reason"] == "Unschedulable"
+    assert cond(p, ConditionType.READY)["status"] == "False"
+    degraded = cond(p, ConditionType.DEGRADED)
+    assert degraded["status"] == "True" and degraded["reason"] == "Unschedulable"  # wire value
     assert "Insufficient nvidia.com/gpu" in degraded["message"]
     fine = run(
         1,
         pods((0, True)),
         prev=[{"type": "Ready", "status": "True", "lastTransitionTime": "EARLIER"}],
     )
-    assert cond(fine, "Ready")["lastTransitionTime"] == "EARLIER"  # unchanged status
+    assert cond(fine, ConditionType.READY)["lastTransitionTime"] == "EARLIER"  # unchanged status
     assert fine.status["readyReplicas"] == 1 and fine.status["observedGeneration"] == 3
+
+
+@pytest.mark.parametrize(
+    ("creating", "replicas", "desired", "updated", "working", "reason"),
+    [
+        (True, 2, 3, 2, True, Reason.SCALING_UP),
+        (True, 4, 3, 1, True, Reason.SCALING_UP),  # creating wins over everything after it
+        (False, 4, 3, 4, True, Reason.SCALING_DOWN),
+        (False, 4, 3, 1, True, Reason.SCALING_DOWN),  # over a rollout too
+        (False, 3, 3, 2, True, Reason.ROLLING_UPDATE),
+        (False, 3, 3, 3, True, Reason.WAITING_FOR_READY),
+        (False, 3, 3, 3, False, Reason.STABLE),
+        (False, 0, 0, 0, False, Reason.STABLE),
+    ],
+)
+def test_progressing_reason_takes_the_first_that_applies(
+    creating: bool, replicas: int, desired: int, updated: int, working: bool, reason: Reason
+) -> None:
+    got = _progressing_reason(
+        creating=creating, replicas=replicas, desired=desired, updated=updated, working=working
+    )
+    assert got == reason
+
+
+@pytest.mark.parametrize(
+    ("desired", "current", "hash_", "working", "reason"),
+    [
+        (3, pods((0, True), (1, True)), H, True, Reason.SCALING_UP),
+        (2, pods((0, True), (1, True), hash_="old"), H, True, Reason.ROLLING_UPDATE),
+        (2, pods((0, True), (1, False)), H, True, Reason.WAITING_FOR_READY),
+        (2, pods((0, True), (1, True)), H, False, Reason.STABLE),
+    ],
+)
+def test_progressing_condition_says_what_the_pass_is_doing(
+    desired: int, current: list[PodView], hash_: str, working: bool, reason: Reason
+) -> None:
+    progressing = cond(run(desired, current, hash_), ConditionType.PROGRESSING)
+    assert progressing["status"] == str(working) and progressing["reason"] == reason
+
+
+def was(status: str, **fields: str) -> dict[str, str]:
+    """A condition's fields as an earlier pass wrote them."""
+    return {"status": status, "lastTransitionTime": "EARLIER", **fields}
+
+
+# A steady Service (one ready replica): Ready True, Progressing False, Degraded False.
+@pytest.mark.parametrize(
+    ("kind", "before", "transition"),
+    [
+        (ConditionType.READY, was("True"), "EARLIER"),
+        (ConditionType.READY, was("False"), "T"),
+        (ConditionType.PROGRESSING, was("False"), "EARLIER"),
+        (ConditionType.PROGRESSING, was("True"), "T"),
+        (ConditionType.DEGRADED, was("False"), "EARLIER"),
+        (ConditionType.DEGRADED, was("True"), "T"),
+        # Only the status counts: a different reason or message keeps the time.
+        (ConditionType.PROGRESSING, was("False", reason="ScalingUp"), "EARLIER"),
+        (ConditionType.READY, was("True", message="0/1 replicas ready"), "EARLIER"),
+        # Same status but no time recorded, or never written before: stamp it now.
+        (ConditionType.READY, {"status": "True"}, "T"),
+        (ConditionType.READY, None, "T"),
+    ],
+)
+def test_last_transition_time_moves_only_when_status_changes(
+    kind: ConditionType, before: dict[str, Any] | None, transition: str
+) -> None:
+    prev = [] if before is None else [{"type": kind.value, **before}]
+    assert cond(run(1, pods((0, True)), prev=prev), kind)["lastTransitionTime"] == transition
 
 
 BODY = {
