@@ -8,18 +8,21 @@ from kubeforge.actor import Actor, endpoint
 from kubeforge.errors import (
     BroadcastError,
     KubeforgeError,
+    NestedSpawnError,
     NoHealthyReplicasError,
     OverloadedError,
     RemoteError,
     ReplicaLostError,
     RequestTimeoutError,
     SessionMovedError,
+    UnguardedMainError,
 )
 
 __all__ = [
     "Actor",
     "BroadcastError",
     "KubeforgeError",
+    "NestedSpawnError",
     "NoHealthyReplicasError",
     "OverloadedError",
     "RemoteError",
@@ -29,6 +32,7 @@ __all__ = [
     "ServiceClient",
     "ServiceConfig",
     "SessionMovedError",
+    "UnguardedMainError",
     "endpoint",
 ]
 

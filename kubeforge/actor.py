@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
+from kubeforge import spawn_guard
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _ENDPOINT_ATTR = "__kubeforge_endpoint__"
@@ -88,7 +90,8 @@ def load_actor_class(path: str) -> type:
         if module_name.endswith(".py"):
             module = _load_script(module_name)
         else:
-            module = importlib.import_module(module_name)
+            with spawn_guard.importing_script(module_name):  # a module can start one too
+                module = importlib.import_module(module_name)
     except (ImportError, OSError) as exc:
         raise ValueError(f"cannot import actor module {module_name!r}: {exc}") from exc
     obj: Any = module
@@ -106,7 +109,11 @@ def load_actor_class(path: str) -> type:
 
 def _load_script(path: str) -> ModuleType:
     """Load the user's main script the way multiprocessing's spawn does: as `__mp_main__`, so
-    its `if __name__ == "__main__":` block does not run again in the replica."""
+    its `if __name__ == "__main__":` block does not run again in the replica.
+
+    Code outside that block does run again, so starting kubeforge processes during the import
+    is refused (`spawn_guard`): a Service started there would recurse in every replica.
+    """
     if (
         "__mp_main__" in sys.modules
         and getattr(sys.modules["__mp_main__"], "__file__", None) == path
@@ -117,7 +124,12 @@ def _load_script(path: str) -> ModuleType:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules["__mp_main__"] = module
-    spec.loader.exec_module(module)
+    try:
+        with spawn_guard.importing_script(path):
+            spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop("__mp_main__", None)  # as importlib drops a module that failed
+        raise
     return module
 
 

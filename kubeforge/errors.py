@@ -85,6 +85,22 @@ class NoHealthyReplicasError(KubeforgeError, RuntimeError):
     status = 503
 
 
+class UnguardedMainError(KubeforgeError, RuntimeError):
+    """A script started kubeforge processes while a replica imported it; refused, not recursed.
+
+    multiprocessing raises a RuntimeError for the same mistake ("before the current process has
+    finished its bootstrapping phase"); this one names the script and the guard to add.
+    """
+
+
+class NestedSpawnError(KubeforgeError, RuntimeError):
+    """A process kubeforge started tried to start kubeforge processes: the depth guard.
+
+    Replicas and routers never start replicas, so refusing it bounds any recursion the
+    unguarded-main check missed to one level.
+    """
+
+
 class RequestTimeoutError(KubeforgeError, TimeoutError):
     status = 504
 

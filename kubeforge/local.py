@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubeforge import spawn_guard
+from kubeforge.errors import UnguardedMainError
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -40,6 +43,14 @@ def _python_path() -> str:
     return os.pathsep.join(dict.fromkeys(entries))
 
 
+def _actor_script(args: Any) -> str | None:
+    """The script in a replica's `--actor /path/script.py:Class` argument, if it has one."""
+    argv = list(args) if isinstance(args, list | tuple) else []
+    if "--actor" not in argv[:-1]:
+        return None
+    return spawn_guard.script_of_actor(str(argv[argv.index("--actor") + 1]))
+
+
 @dataclass
 class Processes:
     """Child processes started in order and stopped together, with their names for errors."""
@@ -48,9 +59,15 @@ class Processes:
     names: dict[int, str] = field(default_factory=dict)
 
     def spawn(self, argv: list[str], name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start `python argv`; the one place kubeforge starts processes, so guarded here."""
+        spawn_guard.check_can_spawn(name)
+        # The marker makes the child refuse to start kubeforge processes of its own.
+        marker = {spawn_guard.SPAWNED_BY_ENV: str(os.getpid())}
         # Own process group: a Ctrl-C reaches the parent only, which then stops the children
         # in order (replicas drain) instead of all of them dying at once.
-        proc = subprocess.Popen([sys.executable, *argv], env={**os.environ, **env}, process_group=0)
+        proc = subprocess.Popen(
+            [sys.executable, *argv], env={**os.environ, **env, **marker}, process_group=0
+        )
         self.children.append(proc)
         self.names[proc.pid] = name
         return proc
@@ -60,12 +77,21 @@ class Processes:
         return [p.pid for p in self.children]
 
     def check_alive(self) -> None:
-        for proc in self.children:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.names[proc.pid]} exited with code {proc.returncode} while starting; "
-                    "see its output above"
+        exited = [proc for proc in self.children if proc.poll() is not None]
+        # A replica whose script starts a Service at import exits quietly with a dedicated code
+        # and leaves the explanation to us: raised here once, not once per replica.
+        for proc in exited:
+            if proc.returncode == spawn_guard.EXIT_UNGUARDED_MAIN:
+                script = _actor_script(proc.args) or "the actor's script"
+                raise UnguardedMainError(
+                    f"{self.names[proc.pid]} refused to start: "
+                    + spawn_guard.unguarded_main_message(script)
                 )
+        if exited:
+            raise RuntimeError(
+                f"{self.names[exited[0].pid]} exited with code {exited[0].returncode} while "
+                "starting; see its output above"
+            )
 
     def wait_ready(
         self, urls: list[str], deadline: float, what: str, progress: Callable[[str], None]

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kubeforge import gpus, wire
+from kubeforge import gpus, spawn_guard, wire
 from kubeforge.actor import endpoints_of, import_path_of
 from kubeforge.local import ReplicaSet
 from kubeforge.router import report
@@ -66,6 +66,9 @@ class Service(ServiceAPI):
     def __init__(
         self, cfg: ServiceConfig, actor_def: type, *actor_args: Any, **actor_kwargs: Any
     ) -> None:
+        # Before anything else (GPUs included): a Service that would recurse (a replica importing
+        # an unguarded script, or any process kubeforge started) is refused, not attempted.
+        spawn_guard.check_can_spawn("a Service")
         super().__init__()
         self.cfg = cfg
         self.actor_def = actor_def

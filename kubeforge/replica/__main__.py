@@ -7,8 +7,9 @@ import logging
 import os
 import sys
 
-from kubeforge import _runtime, wire
+from kubeforge import _runtime, spawn_guard, wire
 from kubeforge.actor import load_actor_class
+from kubeforge.errors import UnguardedMainError
 from kubeforge.replica.server import ReplicaConfig, ReplicaServer
 
 log = logging.getLogger("kubeforge.replica")
@@ -62,6 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, os.getcwd())  # `examples.echo:Echo` from the working directory works
     try:
         actor_cls = load_actor_class(ns.actor)
+    except UnguardedMainError as exc:
+        # A kubeforge parent reports it once for all its replicas (it knows the exit code);
+        # N copies of the same explanation would bury it. Alone (a pod), say it here.
+        if not os.environ.get(spawn_guard.SPAWNED_BY_ENV):
+            print(f"kubeforge.replica: {exc}", file=sys.stderr, flush=True)
+        sys.exit(spawn_guard.EXIT_UNGUARDED_MAIN)
     except ValueError as exc:
         sys.exit(f"kubeforge.replica: {exc}")
     if ns.max_concurrent_requests < 1 or ns.max_queued_requests < 0:
