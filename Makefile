@@ -17,8 +17,10 @@ venv: $(VENV)/.installed
 
 test: lint unit integration e2e
 
+# The relay's own tests (Rust) link against libpython instead of being loaded by it.
 unit: venv
 	$(PYTEST) tests/unit
+	cargo test --quiet --manifest-path relay/Cargo.toml --no-default-features
 
 # Twice: with the native relay (the default) and with the Python call path it falls back to.
 integration: venv
@@ -49,6 +51,7 @@ lint: venv
 	$(PY) -m ruff format --check .
 	cargo fmt --manifest-path relay/Cargo.toml --check
 	cargo clippy --quiet --manifest-path relay/Cargo.toml --release -- -D warnings
+	cargo clippy --quiet --manifest-path relay/Cargo.toml --tests --no-default-features -- -D warnings
 
 # Benchmarks need wrk and nginx (Debian) and vllm-router (PyPI) as the peers they compare with.
 bench-tools: venv

@@ -12,6 +12,17 @@ from typing import Any
 
 import msgpack
 
+from kubeforge.contract import (  # noqa: F401  (re-exported: the wire protocol's names)
+    CALL_ALL_PREFIX,
+    CALL_PREFIX,
+    H_DELIVERY,
+    H_RETRYABLE,
+    H_SESSION,
+    H_SESSION_MOVED,
+    H_SESSION_MOVED_FROM,
+    H_TIMEOUT,
+    SESSIONS_PATH,
+)
 from kubeforge.errors import (
     BadRequestError,
     KubeforgeError,
@@ -19,9 +30,6 @@ from kubeforge.errors import (
     UnknownEndpointError,
 )
 from kubeforge.http.server import Request, Response
-
-CALL_PREFIX = "/v1/call/"
-CALL_ALL_PREFIX = "/v1/call_all/"
 
 
 def endpoint_of(path: str, prefix: str) -> str:
@@ -36,19 +44,9 @@ def endpoint_of(path: str, prefix: str) -> str:
     return name
 
 
-SESSIONS_PATH = "/v1/sessions"
-
-# Header names as the lower-case bytes the parser hands over.
-H_SESSION = b"x-kubeforge-session"
-H_SESSION_MOVED = b"x-kubeforge-session-moved"  # request: "error" to get SessionMovedError
-H_TIMEOUT = b"x-kubeforge-timeout"  # request: seconds the caller is willing to wait
-# request: "at-most-once" to forbid re-sending a sessionless call lost with its replica
-H_DELIVERY = b"x-kubeforge-delivery"
-AT_MOST_ONCE = b"at-most-once"
+AT_MOST_ONCE = b"at-most-once"  # the H_DELIVERY value that forbids re-sending a lost call
 H_AUTH = b"authorization"
 H_CONTENT_TYPE = b"content-type"
-# response: the call never reached the actor (overloaded, draining); the router may go elsewhere
-H_RETRYABLE = b"x-kubeforge-retryable"
 
 JSON = b"application/json"
 MSGPACK = b"application/msgpack"

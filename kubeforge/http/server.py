@@ -223,7 +223,7 @@ class HttpProtocol(asyncio.Protocol):
                 if self.fast(req, self):
                     return
             except Exception as exc:
-                self._crashed(req, exc)
+                self.crashed(req, exc)
                 return
         asyncio.get_running_loop().create_task(self._run_handler(req))
 
@@ -231,11 +231,11 @@ class HttpProtocol(asyncio.Protocol):
         try:
             resp = await self.handler(req)
         except Exception as exc:
-            self._crashed(req, exc)
+            self.crashed(req, exc)
             return
         self.answer(req, resp)
 
-    def _crashed(self, req: Request, exc: Exception) -> None:
+    def crashed(self, req: Request, exc: Exception) -> None:
         """A bug in a handler: answer 500, log it, keep serving the connection."""
         log.error("handler failed for %s %s", req.method, req.path, exc_info=exc)
         self.answer(req, self.on_error(500, f"internal error: {type(exc).__name__}: {exc}"))

@@ -34,14 +34,49 @@ from kubeforge.http.client import (
 )
 from kubeforge.http.server import HttpProtocol, Request, Response
 from kubeforge.metrics import SlidingWindow
+from kubeforge.router import retry
 from kubeforge.router.core import Placement, Replica, ReplicaState, RoutingTable
 from kubeforge.router.discovery import Discovery, split_url
 from kubeforge.router.native import NativeRelay
+from kubeforge.router.retry import Outcome
 from kubeforge.router.sessions import SessionCodec
 
 log = logging.getLogger("kubeforge.router")
 
-_MOVED_FROM = b"x-kubeforge-session-moved-from"
+_SESSION_LINE = wire.H_SESSION + b": "
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """An attempt that did not produce the call's answer: on which replica, what happened, and
+    the replica's own answer when it refused the call (None when the native relay holds it)."""
+
+    index: int
+    outcome: Outcome
+    detail: str = ""
+    answer: Response | None = None
+
+
+class PassOn(Exception):
+    """The caller's answer is the replica's refusal, which the native relay holds."""
+
+
+def _outcome_of(error: UpstreamError) -> Outcome:
+    if isinstance(error, ConnectFailed):
+        return Outcome.CONNECT
+    if isinstance(error, UpstreamTimeout):
+        return Outcome.TIMEOUT
+    return Outcome.LOST
+
+
+def _passed_on(resp: ClientResponse) -> Response:
+    """A replica's refusal as the caller gets it when it is not sent again."""
+    return Response(
+        resp.status,
+        resp.body,
+        resp.headers.get(wire.H_CONTENT_TYPE, wire.JSON),
+        [(wire.H_RETRYABLE, resp.headers[wire.H_RETRYABLE])],
+    )
 
 
 @dataclass
@@ -168,22 +203,36 @@ class Router:
         path: str,
         body: bytes,
         headers: dict[bytes, bytes],
-        tried: set[int] | None = None,
-        attempt: int = 0,
+        failed: Failed | None = None,
+        first: Replica | None = None,
     ) -> Response:
-        """The general call path: placement of new and moved sessions, connects, retries.
+        """The general call path: placement of new and moved sessions, connects, re-sends.
 
         `headers` are the call's wire headers (lower-case names): session, content type,
-        timeout, session-moved preference.
+        timeout, delivery, session-moved preference. `failed` is a first attempt that a relay
+        (the callback relay below, or the native one) made and that failed: the call goes on
+        from there exactly as if this loop had made it. `first` is where the callback relay
+        already chose to send a call without a session, when it had no pooled connection there.
         """
         sid_raw = headers.get(wire.H_SESSION)
         extra = self._forwarded(headers)
         path_b = path.encode()
-        tried = tried or set()
+        tried: set[int] = set()
+        attempt = 0
         while True:
+            if failed is not None:
+                tried.add(failed.index)
+                decision = self._judge(failed, attempt, tried, headers)
+                if not decision.resend:
+                    return self._give_up(failed, decision)
+                attempt += 1
+                self.retries_total += 1
+                if decision.backoff:
+                    await asyncio.sleep(decision.backoff * random.uniform(0.5, 1))
             placement: Placement | None = None
             if sid_raw is None:
-                replica = self.table.pick(frozenset(tried))
+                replica = first or self.table.pick(frozenset(tried))
+                first = None
                 line = extra
             else:
                 placement = await self._place(sid_raw.decode(), frozenset(tried))
@@ -199,65 +248,71 @@ class Router:
                         session_id=placement.session_id,
                         replica=replica.name,
                     )
-                line = extra + b"x-kubeforge-session: " + placement.session_id.encode() + b"\r\n"
+                line = extra + _SESSION_LINE + placement.session_id.encode() + b"\r\n"
             try:
                 resp = await self._send(replica, path_b, line, body)
-            except ReplicaLostError:
-                if not self._may_resend(sid_raw, headers) or attempt >= self.config.retries:
-                    raise
-                tried.add(replica.index)
-                attempt += 1
-                self.retries_total += 1
+            except UpstreamError as exc:
+                failed = Failed(replica.index, _outcome_of(exc), str(exc))
                 continue
-            except ConnectFailed as exc:
-                tried.add(replica.index)
-                self.table.connection_failed(replica, str(exc))
-                attempt += 1
-                if attempt > self.config.retries:
-                    raise NoHealthyReplicasError(
-                        f"call failed after {attempt} attempts; last: {exc}"
-                    ) from None
-                self.retries_total += 1
-                await asyncio.sleep(self._backoff(attempt))
+            refused = Outcome.of_answer(resp.status, resp.headers.get(wire.H_RETRYABLE))
+            if refused is not None:
+                failed = Failed(replica.index, refused, answer=_passed_on(resp))
                 continue
-            retryable = resp.status == 503 and resp.headers.get(wire.H_RETRYABLE)
-            if retryable and attempt < self.config.retries:
-                # Overloaded or draining: the actor never saw the call, so it may go elsewhere.
-                # A session cannot leave its replica for mere overload, only when it drains.
-                draining = retryable == b"DrainingError"
-                if sid_raw is None or draining:
-                    if draining:
-                        self.table.set_state(replica, ReplicaState.UNHEALTHY, "draining")
-                    tried.add(replica.index)
-                    attempt += 1
-                    self.retries_total += 1
-                    if len(tried) < len(self.table.replicas):
-                        continue
             out = Response(resp.status, resp.body, resp.headers.get(wire.H_CONTENT_TYPE, wire.JSON))
             if placement is not None and placement.moved_from is not None:
                 out.headers = [
-                    (b"x-kubeforge-session", placement.session_id.encode()),
-                    (_MOVED_FROM, sid_raw),
+                    (wire.H_SESSION, placement.session_id.encode()),
+                    (wire.H_SESSION_MOVED_FROM, sid_raw),
                 ]
             return out
 
-    @staticmethod
-    def _may_resend(sid: bytes | None, headers: dict[bytes, bytes]) -> bool:
-        """May a call that its replica's death cut short be sent to another replica?
+    def _judge(
+        self, failed: Failed, attempt: int, tried: set[int], headers: dict[bytes, bytes]
+    ) -> retry.Decision:
+        """Take what a failed attempt says about its replica's health, then ask the one rule."""
+        replica = self.table.replicas.get(failed.index)
+        reason = failed.outcome.unhealthy_reason
+        if replica is not None and reason is not None:
+            self.table.set_state(replica, ReplicaState.UNHEALTHY, failed.detail or reason)
+        return retry.decide(
+            failed.outcome,
+            attempt,
+            self.config.retries,
+            at_most_once=retry.at_most_once(headers),
+            in_session=wire.H_SESSION in headers,
+            others=sum(r.index not in tried for r in self.table.healthy),
+            backoff_base=self.config.retry_backoff,
+        )
 
-        Only without a session (a session's state died with its replica: the caller must know)
-        and unless the caller asked for at-most-once delivery. Whatever the call did inside the
-        dead process is gone with it, so running it again elsewhere is what a caller of a
-        stateless endpoint wants; effects outside the process may happen twice.
+    def _give_up(self, failed: Failed, decision: retry.Decision) -> Response:
+        """The caller's answer for a call that will not be sent again.
+
+        A replica's refusal is passed on as it is (its message says why it refused); a call
+        that got no answer gets the error that says what may have happened to it.
         """
-        return sid is None and headers.get(wire.H_DELIVERY) != wire.AT_MOST_ONCE
+        if failed.outcome in (Outcome.OVERLOADED, Outcome.DRAINING):
+            if failed.answer is None:
+                raise PassOn()  # the native relay holds the replica's answer
+            return failed.answer
+        raise self._error(failed, decision.why)
 
-    def _resend_lost(self, err: KubeforgeError, headers: dict[bytes, bytes]) -> bool:
-        """Send again elsewhere a call whose replica was lost under it (not one that timed out)."""
-        return (
-            isinstance(err, ReplicaLostError)
-            and self.config.retries > 0
-            and self._may_resend(headers.get(wire.H_SESSION), headers)
+    def _error(self, failed: Failed, why: str) -> KubeforgeError:
+        replica = self.table.replicas.get(failed.index)
+        name = replica.name if replica is not None else f"replica {failed.index}"
+        if failed.outcome is Outcome.TIMEOUT:
+            return RequestTimeoutError(
+                f"{name} did not answer within {self.config.request_timeout:g}s",
+                replica=name,
+            )
+        if failed.outcome is Outcome.LOST:
+            return ReplicaLostError(
+                f"{name} was lost during the call ({failed.detail or 'connection lost'}); "
+                f"it may or may not have run (not sent again: {why})",
+                replica=name,
+            )
+        return NoHealthyReplicasError(
+            f"the call could not be delivered: {name}: {failed.detail or failed.outcome} "
+            f"(not sent again: {why})"
         )
 
     def _forwarded(self, headers: dict[bytes, bytes]) -> bytes:
@@ -268,10 +323,12 @@ class Router:
             extra += b"content-type: " + ctype + b"\r\n"
         deadline = headers.get(wire.H_TIMEOUT)
         if deadline:
-            extra += b"x-kubeforge-timeout: " + deadline + b"\r\n"
+            extra += wire.H_TIMEOUT + b": " + deadline + b"\r\n"
         return extra
 
-    async def _send(self, replica: Replica, path: bytes, headers: bytes, body: bytes) -> Any:
+    async def _send(
+        self, replica: Replica, path: bytes, headers: bytes, body: bytes
+    ) -> ClientResponse:
         """One relayed request, with the bookkeeping the routing core and metrics need."""
         upstream = self.upstreams[replica.index]
         replica.in_flight += 1
@@ -281,8 +338,6 @@ class Router:
             resp = await upstream.request(b"POST", path, headers, body, self.config.request_timeout)
             ok = resp.status < 400
             return resp
-        except (ConnectionLost, UpstreamTimeout) as exc:
-            raise self._lost(replica, exc) from None
         finally:
             self._record(replica, started, ok)
 
@@ -296,25 +351,12 @@ class Router:
         else:
             replica.failed_requests += 1
 
-    def _lost(self, replica: Replica, exc: ConnectionLost | UpstreamTimeout) -> KubeforgeError:
-        """The error for a call that reached a replica and got no answer."""
-        if isinstance(exc, UpstreamTimeout):
-            return RequestTimeoutError(
-                f"replica {replica.name} did not answer within {self.config.request_timeout:g}s",
-                replica=replica.name,
-            )
-        self.table.connection_failed(replica, str(exc))
-        return ReplicaLostError(
-            f"replica {replica.name} was lost during the call ({exc}); it may or may not have run",
-            replica=replica.name,
-        )
-
     def relay(self, req: Request, conn: HttpProtocol) -> bool:
         """The common case of `call`, relayed with callbacks only, or False to take `call`.
 
         Taken when: a call whose session (if any) sits on its healthy replica, with the right
-        token, and a pooled connection to the chosen replica. Everything else, and anything
-        that needs a retry, goes through `call`, which has the same semantics.
+        token, and a pooled connection to the chosen replica. Everything else goes through
+        `call`, and so does an attempt made here that failed: `call` goes on from it.
         """
         if req.method != "POST" or not req.path.startswith(wire.CALL_PREFIX):
             return False
@@ -324,7 +366,6 @@ class Router:
         if self._auth is not None and headers.get(wire.H_AUTH) != self._auth:
             return False  # `call` answers 401 (with a constant-time compare)
         extra = self._forwarded(headers)
-        ctype = headers.get(wire.H_CONTENT_TYPE)
         sid = headers.get(wire.H_SESSION)
         table = self.table
         try:
@@ -334,103 +375,67 @@ class Router:
                 replica = table.sticky(sid.decode())
                 if replica is None:
                     return False  # the session must move first
-                extra += b"x-kubeforge-session: " + sid + b"\r\n"
+                extra += _SESSION_LINE + sid + b"\r\n"
         except KubeforgeError:
             return False
         replica.in_flight += 1
         started = time.monotonic()
 
         def done(resp: ClientResponse | None, error: UpstreamError | None) -> None:
+            self._record(replica, started, resp is not None and resp.status < 400)
             if resp is None:
-                self._record(replica, started, False)
-                err = self._lost(replica, error)  # type: ignore[arg-type]
-                answer = wire.error_response(err, ctype)
-                if self._resend_lost(err, headers):
-                    self.retries_total += 1
-                    asyncio.get_running_loop().create_task(
-                        self._finish_call(req, conn, {replica.index}, answer)
+                assert error is not None
+                failed = Failed(replica.index, _outcome_of(error), str(error))
+            else:
+                refused = Outcome.of_answer(resp.status, resp.headers.get(wire.H_RETRYABLE))
+                if refused is None:
+                    conn.answer(
+                        req,
+                        resp.raw
+                        if req.keep_alive
+                        else Response(
+                            resp.status, resp.body, resp.headers.get(wire.H_CONTENT_TYPE, wire.JSON)
+                        ),
                     )
                     return
-                conn.answer(req, answer)
-                return
-            self._record(replica, started, resp.status < 400)
-            retryable = resp.status == 503 and resp.headers.get(wire.H_RETRYABLE)
-            if (
-                retryable
-                and self.config.retries > 0
-                and (sid is None or retryable == b"DrainingError")
-            ):
-                if retryable == b"DrainingError":
-                    table.set_state(replica, ReplicaState.UNHEALTHY, "draining")
-                self.retries_total += 1
-                asyncio.get_running_loop().create_task(
-                    self._finish_call(req, conn, {replica.index}, resp.raw)
-                )
-                return
-            conn.answer(
-                req,
-                resp.raw
-                if req.keep_alive
-                else Response(
-                    resp.status, resp.body, resp.headers.get(wire.H_CONTENT_TYPE, wire.JSON)
-                ),
-            )
+                failed = Failed(replica.index, refused, answer=_passed_on(resp))
+            asyncio.get_running_loop().create_task(self._go_on(req, conn, failed))
 
         sent = self.upstreams[replica.index].send(
             b"POST", req.path.encode(), extra, req.body, self.config.request_timeout, done
         )
         if not sent:
             replica.in_flight -= 1
-        return sent
+            if sid is not None:
+                return False  # `call` places it on the same replica
+            # No pooled connection: `call` connects to the replica chosen here, so that the
+            # choice (and its place in the tie-break rotation) is made once.
+            asyncio.get_running_loop().create_task(self._go_on(req, conn, first=replica))
+        return True
 
-    async def resume(
-        self, path: str, body: bytes, headers: dict[bytes, bytes], index: int, failure: str
-    ) -> Response:
-        """A call the native relay sent to replica `index` that failed: what `call` would
-        have done next. `failure` is `connect`, `lost`, `timeout` or `retryable <ErrorType>`."""
-        replica = self.table.replicas.get(index)
-        if replica is None:  # removed from the table meanwhile
-            if failure == "timeout" or (
-                failure == "lost" and not self._may_resend(headers.get(wire.H_SESSION), headers)
-            ):
-                raise ReplicaLostError(
-                    f"replica {index} was removed during the call; it may or may not have run"
-                )
-            return await self.call(path, body, headers)
-        if failure == "connect":
-            self.table.connection_failed(replica, "connection failed")
-            await asyncio.sleep(self._backoff(1))
-        elif failure in ("lost", "timeout"):
-            cut = ConnectionLost("connection lost") if failure == "lost" else UpstreamTimeout()
-            err = self._lost(replica, cut)
-            if not (self._resend_lost(err, headers) and len(self.table.replicas) > 1):
-                raise err
-        elif failure.startswith("retryable "):
-            if failure == "retryable DrainingError":
-                self.table.set_state(replica, ReplicaState.UNHEALTHY, "draining")
-        else:
-            raise ValueError(f"unknown relay failure {failure!r}")
-        self.retries_total += 1
-        return await self.call(path, body, headers, {index}, attempt=1)
-
-    async def _finish_call(
-        self, req: Request, conn: HttpProtocol, tried: set[int], last: Response | bytes
+    async def _go_on(
+        self,
+        req: Request,
+        conn: HttpProtocol,
+        failed: Failed | None = None,
+        first: Replica | None = None,
     ) -> None:
-        """Continue a fast call that must be retried elsewhere, answering as `call` would.
-
-        `last` is the answer of the failed attempt, given when no replica is left to try.
-        """
-        if len(tried) >= len(self.table.replicas):
-            conn.answer(req, last)
-            return
+        """Finish a call the callback relay started, answering as `call` does."""
         try:
-            resp = await self.call(req.path, req.body, req.headers, tried, attempt=1)
+            resp = await self.call(req.path, req.body, req.headers, failed, first)
         except KubeforgeError as err:
             resp = wire.error_response(err, req.headers.get(wire.H_CONTENT_TYPE))
+        except Exception as exc:  # answered as the server answers a crashed handler
+            conn.crashed(req, exc)
+            return
         conn.answer(req, resp)
 
-    def _backoff(self, attempt: int) -> float:
-        return min(self.config.retry_backoff * 2 ** (attempt - 1), 0.5) * random.uniform(0.5, 1)
+    async def resume(
+        self, path: str, body: bytes, headers: dict[bytes, bytes], index: int, report: str
+    ) -> Response:
+        """A call the native relay sent to replica `index` that failed as `report` says
+        (`connect`, `lost`, `timeout` or `refused <ErrorType>`): what `call` does next."""
+        return await self.call(path, body, headers, Failed(index, Outcome.of_report(report)))
 
     async def _place(self, session_id: str, exclude: frozenset[int]) -> Placement:
         """Where a session goes now; a fresh placement is registered with its replica first."""
@@ -524,11 +529,14 @@ class Router:
         statuses: set[int] = set()
         for replica, outcome in zip(replicas, outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                err = (
-                    outcome
-                    if isinstance(outcome, KubeforgeError)
-                    else ReplicaLostError(f"{type(outcome).__name__}: {outcome}")
-                )
+                if isinstance(outcome, UpstreamError):
+                    failed = Failed(replica.index, _outcome_of(outcome), str(outcome))
+                    self._judge(failed, 0, {replica.index}, {})  # its health, nothing more
+                    err = self._error(failed, "a broadcast is sent once")
+                elif isinstance(outcome, KubeforgeError):
+                    err = outcome
+                else:
+                    err = ReplicaLostError(f"{type(outcome).__name__}: {outcome}")
                 errors[replica.name] = err.to_wire()
                 statuses.add(err.status)
                 results.append(None)

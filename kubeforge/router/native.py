@@ -33,9 +33,6 @@ except ImportError:  # pragma: no cover - depends on the build
 
 log = logging.getLogger("kubeforge.router")
 
-H_RELAY_SECRET = b"x-kubeforge-relay-secret"
-H_RELAY_FAILED = b"x-kubeforge-relay-failed"
-
 
 def wanted() -> bool:
     """Use the native relay: built, and not turned off with KUBEFORGE_RELAY=python."""

@@ -12,12 +12,12 @@ import hmac
 import secrets
 import time
 
-from kubeforge import openapi, prom, wire
+from kubeforge import contract, openapi, prom, wire
 from kubeforge.errors import KubeforgeError
 from kubeforge.http.server import HttpServer, Request, Response
 from kubeforge.router import native, report
 from kubeforge.router.discovery import Discovery
-from kubeforge.router.engine import Router, RouterConfig
+from kubeforge.router.engine import PassOn, Router, RouterConfig
 
 
 class RouterServer:
@@ -57,8 +57,8 @@ class RouterServer:
 
     def _relay_failure(self, req: Request) -> tuple[int, str] | None:
         """(replica index, how) when the native relay passes on a call that failed there."""
-        failed = req.headers.get(native.H_RELAY_FAILED)
-        secret = req.headers.get(native.H_RELAY_SECRET)
+        failed = req.headers.get(contract.H_RELAY_FAILED)
+        secret = req.headers.get(contract.H_RELAY_SECRET)
         if failed is None or secret is None or not hmac.compare_digest(secret, self._secret):
             return None
         index, _, how = failed.decode().partition(" ")
@@ -74,9 +74,12 @@ class RouterServer:
                 wire.check_token(req, self._auth)
                 wire.endpoint_of(path, wire.CALL_PREFIX)
                 failed = self._relay_failure(req)
-                if failed is not None:
+                if failed is None:
+                    return await self.router.call(path, req.body, req.headers)
+                try:
                     return await self.router.resume(path, req.body, req.headers, *failed)
-                return await self.router.call(path, req.body, req.headers)
+                except PassOn:
+                    return Response(503, b"", headers=[(contract.H_RELAY_PASS, b"1")])
             if path.startswith("/v1/"):
                 wire.check_token(req, self._auth)
                 return await self._control(req, path)

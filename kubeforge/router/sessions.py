@@ -43,7 +43,7 @@ class SessionCodec:
         return f"{body}.{self._mac(body)}"
 
     def parse(self, session_id: str) -> SessionRef:
-        m = _FORM.match(session_id)
+        m = _FORM.fullmatch(session_id)
         if m is None or not hmac.compare_digest(
             m.group(4), self._mac(session_id.rsplit(".", 1)[0])
         ):

@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::http::{parse_request, parse_response, Request, RequestHead, ResponseHead};
-use crate::Shared;
+use crate::http::{parse_request, parse_response, refusal, Request, RequestHead, ResponseHead};
+use crate::{names, wire, Shared};
 
 const READ_CHUNK: usize = 16 * 1024;
 /// Longest request head accepted; longer ones get 431 (the body limit is `max_body`).
@@ -19,10 +19,10 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Slack on top of the request timeout for the Python server's own answer.
 const SERVER_SLACK: Duration = Duration::from_secs(10);
 
-/// Why a relayed call did not produce an answer to pass on; Python decides what happens next.
-#[derive(Clone, Copy)]
+/// Why a relayed call got no answer, as reported to Python, which decides what happens next.
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Failure {
-    Connect, // never reached the replica: safe to send elsewhere
+    Connect, // never reached the replica
     Lost,    // the connection broke after the call was sent
     Timeout, // no answer within the request timeout
 }
@@ -40,6 +40,7 @@ impl Failure {
 struct Answer {
     bytes: Vec<u8>,
     close: bool,
+    pass_on: bool, // Python's verdict: answer with the replica's answer the relay holds
 }
 
 pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, mut stop: watch::Receiver<bool>) {
@@ -122,59 +123,57 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
 
     let request = upstream_request(shared, raw, head, &host, session);
     let started = Instant::now();
-    let timeout = shared.settings.request_timeout;
+    let timeout = shared.request_timeout();
     let connect = shared.settings.connect_timeout;
     let outcome = tokio::time::timeout(timeout, exchange(pooled, addr, &request, connect)).await;
     let seconds = started.elapsed().as_secs_f64();
-    let failure = match outcome {
+    let (report, held) = match outcome {
         Ok(Ok(Exchanged {
             bytes,
             head: resp,
             conn,
             reusable,
         })) => {
-            let retry = {
+            let refused = refusal(&resp);
+            {
                 let mut state = shared.state.lock().unwrap();
                 state.record(index, seconds, resp.status < 400);
                 if reusable {
                     state.put_idle(index, addr, conn);
                 }
-                // Overloaded or draining: the actor never saw the call, so Python may send it
-                // elsewhere (a session leaves its replica only when it drains).
-                let retry = resp.status == 503
-                    && resp
-                        .retryable
-                        .as_deref()
-                        .is_some_and(|kind| session.is_none() || kind == b"DrainingError")
-                    && state.healthy_count() > 1;
-                if !retry {
+                if refused.is_none() {
                     state.calls_relayed += 1;
                 }
-                retry
-            };
-            if !retry {
+            }
+            match refused {
                 // A replica that closes after its answer makes the caller reconnect too, so a
                 // call pipelined behind this one is never relayed after a `close`.
-                return Answer {
-                    bytes,
-                    close: !resp.keep_alive,
-                };
+                None => {
+                    return Answer {
+                        bytes,
+                        close: !resp.keep_alive,
+                        pass_on: false,
+                    }
+                }
+                Some(report) => (report, Some((bytes, !resp.keep_alive))),
             }
-            let kind = String::from_utf8_lossy(resp.retryable.as_deref().unwrap_or(b""));
-            let failed = Some((index, format!("retryable {kind}")));
-            return delegate(shared, raw, head, failed).await;
         }
-        Ok(Err(failure)) => failure,
-        Err(_) => Failure::Timeout,
+        Ok(Err(failure)) => (failure.as_str().to_string(), None),
+        Err(_) => (Failure::Timeout.as_str().to_string(), None),
     };
-    shared.state.lock().unwrap().record(index, seconds, false);
-    delegate(
-        shared,
-        raw,
-        head,
-        Some((index, failure.as_str().to_string())),
-    )
-    .await
+    if held.is_none() {
+        shared.state.lock().unwrap().record(index, seconds, false);
+    }
+    let answer = delegate(shared, raw, head, Some((index, report))).await;
+    match held {
+        // Python decided the replica's own refusal is the caller's answer.
+        Some((bytes, close)) if answer.pass_on => Answer {
+            bytes,
+            close,
+            pass_on: false,
+        },
+        _ => answer,
+    }
 }
 
 /// The call as the replica gets it: same path and body; token, type, deadline and session.
@@ -196,12 +195,13 @@ fn upstream_request(
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&shared.settings.upstream_auth);
     for (name, value) in [
-        (&b"content-type: "[..], slice(raw, head.content_type)),
-        (&b"x-kubeforge-timeout: "[..], slice(raw, head.timeout)),
-        (&b"x-kubeforge-session: "[..], session),
+        ("content-type", slice(raw, head.content_type)),
+        (names::HEADERS_TIMEOUT, slice(raw, head.timeout)),
+        (names::HEADERS_SESSION, session),
     ] {
         if let Some(value) = value {
-            out.extend_from_slice(name);
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
@@ -301,11 +301,13 @@ async fn delegate(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(&shared.settings.secret_line);
-    if let Some((index, kind)) = failed {
-        out.extend_from_slice(format!("x-kubeforge-relay-failed: {index} {kind}\r\n").as_bytes());
+    if let Some((index, report)) = failed {
+        let failed = format!("{}: {index} {report}\r\n", names::HEADERS_RELAY_FAILED);
+        out.extend_from_slice(failed.as_bytes());
     }
+    let prefix = names::HEADERS_RELAY_PREFIX.as_bytes();
     for line in lines {
-        if line.len() >= 18 && line[..18].eq_ignore_ascii_case(b"x-kubeforge-relay-") {
+        if line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix) {
             continue;
         }
         out.extend_from_slice(line);
@@ -315,7 +317,7 @@ async fn delegate(
     out.extend_from_slice(&raw[head.head_len..]);
     let backend = shared.settings.backend;
     let connect = shared.settings.connect_timeout;
-    let timeout = shared.settings.request_timeout + SERVER_SLACK;
+    let timeout = shared.request_timeout() + SERVER_SLACK;
     let pooled = {
         let mut state = shared.state.lock().unwrap();
         std::iter::from_fn(|| state.backend_idle.pop()).find(still_open)
@@ -342,43 +344,59 @@ async fn delegate(
             Answer {
                 bytes: done.bytes,
                 close: !done.head.keep_alive,
+                pass_on: done.head.pass_on,
             }
         }
         _ => Answer {
-            bytes: server_gone(),
+            bytes: server_gone(msgpack_caller(raw, head)),
             close: true,
+            pass_on: false,
         },
     }
 }
 
-/// A complete error answer in the wire protocol's shape; the connection closes after it.
-fn error_response(status: &str, kind: &str, message: &str) -> Vec<u8> {
-    let body = format!(r#"{{"error": {{"type": "{kind}", "message": "{message}"}}}}"#);
+/// A complete error answer in the wire protocol's shape, in the caller's body format; the
+/// connection closes after it.
+fn error_response(status: &str, kind: &str, message: &str, msgpack: bool) -> Vec<u8> {
+    let (body, content_type) = if msgpack {
+        (wire::msgpack_error(kind, message), wire::MSGPACK)
+    } else {
+        (wire::json_error(kind, message), wire::JSON)
+    };
     let mut out = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
-    out.extend_from_slice(body.as_bytes());
+    out.extend_from_slice(&body);
     out
 }
 
+/// Whether the caller sent msgpack, so errors answer in msgpack (as Python's `is_msgpack`).
+fn msgpack_caller(raw: &[u8], head: &RequestHead) -> bool {
+    slice(raw, head.content_type).is_some_and(wire::is_msgpack)
+}
+
 /// The answer when the router's own Python server cannot be reached (it is stopping).
-fn server_gone() -> Vec<u8> {
+fn server_gone(msgpack: bool) -> Vec<u8> {
     error_response(
         "503 Service Unavailable",
         "NoHealthyReplicasError",
         "the router's server did not answer",
+        msgpack,
     )
 }
 
+/// The head was never parsed, so its content type is unknown: this answer is JSON, as the
+/// Python server's own 431 is.
 fn head_too_large() -> Vec<u8> {
     let message = format!("request head exceeds {MAX_HEAD} bytes");
     error_response(
         "431 Request Header Fields Too Large",
         "HeadTooLargeError",
         &message,
+        false,
     )
 }
 

@@ -14,9 +14,18 @@
 mod conn;
 mod http;
 mod state;
+#[cfg(test)]
+mod vectors;
+mod wire;
+
+/// Header names and paths from kubeforge/contract.toml (see build.rs).
+#[allow(dead_code)] // the whole contract, of which the relay reads a part
+mod names {
+    include!(concat!(env!("OUT_DIR"), "/names.rs"));
+}
 
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,6 +41,18 @@ pub struct Shared {
     pub settings: Settings,
     pub state: Mutex<State>,
     pub busy: AtomicUsize, // requests being answered now
+    /// Longest a relayed call may take, in microseconds; the Service's settings may change it.
+    request_timeout_us: AtomicU64,
+}
+
+impl Shared {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_micros(self.request_timeout_us.load(Ordering::Relaxed))
+    }
+}
+
+fn micros(value: Duration) -> u64 {
+    u64::try_from(value.as_micros()).unwrap_or(u64::MAX)
 }
 
 #[pyclass(module = "kubeforge._relay")]
@@ -92,11 +113,11 @@ impl Relay {
                 &secret,
                 session_key,
                 max_body,
-                request_timeout,
                 connect_timeout,
             ),
             state: Mutex::new(State::new()),
             busy: AtomicUsize::new(0),
+            request_timeout_us: AtomicU64::new(micros(request_timeout)),
         });
         let (stop, stopped) = watch::channel(false);
         let grace = Arc::new(Mutex::new(Duration::ZERO));
@@ -119,6 +140,15 @@ impl Relay {
     #[getter]
     fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Follow a changed request timeout (the Service resource's `requestTimeout`).
+    fn set_request_timeout(&self, request_timeout: f64) -> PyResult<()> {
+        let value = seconds(request_timeout, "request_timeout")?;
+        self.shared
+            .request_timeout_us
+            .store(micros(value), Ordering::Relaxed);
+        Ok(())
     }
 
     /// The replicas: (index, ip, port, healthy, instance, load others put on it).

@@ -11,6 +11,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::net::TcpStream;
 
+use crate::names;
+
 /// Samples kept when Python does not drain them (it does, every health poll).
 const MAX_SAMPLES: usize = 1 << 20;
 /// Idle keep-alive connections kept per upstream.
@@ -40,7 +42,6 @@ pub struct Settings {
     pub secret_line: Vec<u8>,  // the header line that tells Python a request came from here
     pub session_key: Vec<u8>,
     pub max_body: usize,
-    pub request_timeout: Duration,
     pub connect_timeout: Duration,
 }
 
@@ -51,7 +52,6 @@ impl Settings {
         secret: &str,
         session_key: String,
         max_body: usize,
-        request_timeout: Duration,
         connect_timeout: Duration,
     ) -> Self {
         Settings {
@@ -61,10 +61,9 @@ impl Settings {
                 Some(t) => format!("authorization: Bearer {t}\r\n").into_bytes(),
                 None => Vec::new(),
             },
-            secret_line: format!("x-kubeforge-relay-secret: {secret}\r\n").into_bytes(),
+            secret_line: format!("{}: {secret}\r\n", names::HEADERS_RELAY_SECRET).into_bytes(),
             session_key: session_key.into_bytes(),
             max_body,
-            request_timeout,
             connect_timeout,
         }
     }
@@ -147,20 +146,7 @@ impl State {
     /// The replica of a session id when it can take the call as it is: a well-formed id with a
     /// valid MAC, on a healthy replica of the same incarnation. Anything else is for Python.
     pub fn sticky(&self, key: &[u8], session_id: &[u8]) -> Option<u32> {
-        let text = std::str::from_utf8(session_id).ok()?;
-        let (body, mac) = text.rsplit_once('.')?;
-        let mut parts = body.splitn(3, '.');
-        let index: u32 = parts.next()?.parse().ok()?;
-        let instance = parts.next()?;
-        let _nonce = parts.next()?;
-        // Lower-case hex only, as Python's codec writes and accepts it.
-        if mac.len() != 16 || !mac.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return None;
-        }
-        let expected = hex::decode(mac).ok()?;
-        let mut hmac = Hmac::<Sha256>::new_from_slice(key).ok()?;
-        hmac.update(body.as_bytes());
-        hmac.verify_truncated_left(&expected).ok()?;
+        let (index, instance) = parse_session(key, session_id)?;
         let r = self.replicas.iter().find(|r| r.index == index)?;
         (r.healthy && r.instance == instance).then_some(index)
     }
@@ -186,5 +172,119 @@ impl State {
                 r.idle.push(conn);
             }
         }
+    }
+}
+
+/// A session id's (replica index, replica instance) when its form and MAC are valid, as
+/// Python's `SessionCodec.parse` accepts it: `<index>.<instance>.<nonce>.<mac>`, index of 1-6
+/// digits, instance of 1-64 `[0-9A-Za-z-]`, nonce of 12 and MAC of 16 lower-case hex digits.
+pub fn parse_session<'a>(key: &[u8], session_id: &'a [u8]) -> Option<(u32, &'a str)> {
+    let text = std::str::from_utf8(session_id).ok()?;
+    let (body, mac) = text.rsplit_once('.')?;
+    let mut parts = body.split('.');
+    let (index, instance, nonce) = (parts.next()?, parts.next()?, parts.next()?);
+    let is_hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let valid = parts.next().is_none()
+        && (1..=6).contains(&index.len())
+        && index.bytes().all(|b| b.is_ascii_digit())
+        && (1..=64).contains(&instance.len())
+        && instance
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && is_hex(nonce, 12)
+        && is_hex(mac, 16);
+    if !valid {
+        return None;
+    }
+    let expected = hex::decode(mac).ok()?;
+    let mut hmac = Hmac::<Sha256>::new_from_slice(key).ok()?;
+    hmac.update(body.as_bytes());
+    hmac.verify_truncated_left(&expected).ok()?;
+    Some((index.parse().ok()?, instance))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn table(rows: &[(u32, bool, i64)]) -> State {
+        let mut state = State::new();
+        state.set_replicas(
+            rows.iter()
+                .map(|&(i, healthy, load)| {
+                    (i, addr(9000 + i as u16), healthy, format!("i{i}"), load)
+                })
+                .collect(),
+        );
+        state
+    }
+
+    #[test]
+    fn pick_takes_the_least_loaded_healthy_replica() {
+        let mut state = table(&[(0, true, 5), (1, false, 0), (2, true, 1)]);
+        for _ in 0..4 {
+            assert_eq!(state.pick(), Some(2));
+        }
+        assert_eq!(table(&[(0, false, 0)]).pick(), None);
+        assert_eq!(State::new().pick(), None);
+    }
+
+    #[test]
+    fn ties_take_turns() {
+        let mut state = table(&[(0, true, 0), (1, true, 0), (2, true, 0)]);
+        let picks: Vec<_> = (0..6).map(|_| state.pick().unwrap()).collect();
+        for i in 0..3 {
+            assert_eq!(picks.iter().filter(|&&p| p == i).count(), 2, "{picks:?}");
+        }
+    }
+
+    #[test]
+    fn own_calls_in_flight_count_as_load() {
+        let mut state = table(&[(0, true, 0), (1, true, 1)]);
+        state.slot(0).unwrap().in_flight = 2;
+        assert_eq!(state.pick(), Some(1));
+        state.record(0, 0.01, true);
+        state.record(0, 0.01, true);
+        state.record(0, 0.01, true); // never below zero
+        assert_eq!(state.slot(0).unwrap().in_flight, 0);
+        assert_eq!(state.samples.len(), 3);
+    }
+
+    #[test]
+    fn a_session_sticks_only_to_its_healthy_incarnation() {
+        let key = b"k";
+        let id = |index: u32, instance: &str| {
+            let body = format!("{index}.{instance}.0123456789ab");
+            let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+            mac.update(body.as_bytes());
+            let tag = hex::encode(&mac.finalize().into_bytes()[..8]);
+            format!("{body}.{tag}")
+        };
+        let state = table(&[(0, true, 0), (1, false, 0)]);
+        assert_eq!(state.sticky(key, id(0, "i0").as_bytes()), Some(0));
+        assert_eq!(state.sticky(key, id(0, "old").as_bytes()), None); // restarted
+        assert_eq!(state.sticky(key, id(1, "i1").as_bytes()), None); // unhealthy
+        assert_eq!(state.sticky(key, id(5, "i5").as_bytes()), None); // gone
+        assert_eq!(state.sticky(b"other", id(0, "i0").as_bytes()), None); // forged
+    }
+
+    #[test]
+    fn a_new_table_keeps_counts_of_replicas_at_the_same_address() {
+        let mut state = table(&[(0, true, 0), (1, true, 0)]);
+        state.slot(0).unwrap().in_flight = 3;
+        state.slot(1).unwrap().in_flight = 4;
+        state.set_replicas(vec![
+            (0, addr(9000), false, "i0".into(), 0),
+            (1, addr(9999), true, "i1".into(), 0), // moved: starts from zero
+        ]);
+        assert_eq!(state.slot(0).unwrap().in_flight, 3);
+        assert!(!state.slot(0).unwrap().healthy);
+        assert_eq!(state.slot(1).unwrap().in_flight, 0);
     }
 }
