@@ -66,7 +66,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -77,6 +76,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from kubeforge.local import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 N_REPLICAS = 3
@@ -162,12 +163,6 @@ def parse_wrk(text: str) -> WrkResult:
         non2xx=int(non2xx.group(1)) if non2xx else 0,
         socket_errors=sum(int(g) for g in sock.groups()) if sock else 0,
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Procs:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from devcluster.pki import Pair, Pki
+from kubeforge.local import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICE_CIDR = "10.96.0.0/24"
@@ -31,12 +31,6 @@ SERVICE_CIDR = "10.96.0.0/24"
 
 class ClusterError(RuntimeError):
     """The control plane could not start; the message carries the failing component's log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bin_dir() -> Path:

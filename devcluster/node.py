@@ -29,6 +29,7 @@ from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from devcluster.controlplane import write_kubeconfig
+from kubeforge.contract import LABEL_PREFIX
 
 log = logging.getLogger("devcluster.node")
 VENV_BIN = Path(sys.executable).parent
@@ -172,7 +173,7 @@ class ProcessNode:
                     "kubernetes.io/hostname": self.name,
                     "kubernetes.io/os": "linux",
                     "kubernetes.io/arch": "amd64",
-                    "kubeforge.dev/process-node": "true",
+                    LABEL_PREFIX + "process-node": "true",
                 },
             },
         }

@@ -27,6 +27,16 @@ def duration(text: str | float | int) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
+def format_duration(seconds: float) -> str:
+    """The CRD's duration form of a number of seconds: `200ms`, `60s`, `30m`, `2h`."""
+    if seconds < 1 or seconds != int(seconds):
+        return f"{seconds * 1000:g}ms"
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{int(seconds) // size}{unit}"
+    return f"{int(seconds)}s"
+
+
 def json_arg(kind: type) -> Callable[[str], Any]:
     """An argparse type: JSON text that must decode to `kind` (list for --args, dict for
     --kwargs), so a typo fails at the command line rather than in the actor's constructor."""

@@ -6,14 +6,13 @@ from them too, so a spec that runs locally means the same thing on a cluster.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kubeforge._runtime import duration
-
-API_VERSION = "kubeforge.dev/v1alpha1"
-KIND = "Service"
+from kubeforge._runtime import duration, format_duration
+from kubeforge.contract import API_VERSION, KIND
+from kubeforge.settings import DEFAULTS, router_request_timeout
 
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?)(ms|s|m|h)$"
 ACTOR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_.]*$"
@@ -39,7 +38,15 @@ _SPEC_RULES = [
         "message": "requestTimeout must not be shorter than healthPollRate",
         "fieldPath": ".requestTimeout",
     },
+    {
+        "rule": "duration(self.drainGrace) <= duration('1h')",
+        "message": "drainGrace must be at most 1h",
+        "fieldPath": ".drainGrace",
+    },
 ]
+
+# A string field where "" has no meaning: refused (by the schema too), naming the field.
+NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 class ServiceSpec(_Model):
@@ -54,23 +61,35 @@ class ServiceSpec(_Model):
         0, alias="gpusPerReplica", ge=0, description="nvidia.com/gpu per replica pod."
     )
     health_poll_rate: str = Field(
-        "200ms",
+        format_duration(DEFAULTS.health_poll_rate),
         alias="healthPollRate",
         pattern=DURATION_PATTERN,
         description="How often the router checks each replica.",
     )
-    image: str | None = Field(None, description="Replica image (built FROM replica_image/).")
+    image: NonEmpty | None = Field(
+        None, description="Replica image (built FROM replica_image/); default: this version's."
+    )
     actor: str = Field(..., pattern=ACTOR_PATTERN, description="The actor, as module:Class.")
     args: list[Any] = Field(default_factory=list, description="Positional constructor args.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword constructor args.")
     max_concurrent_requests: int = Field(
-        10, alias="maxConcurrentRequests", ge=1, description="Calls one replica runs at once."
+        DEFAULTS.max_concurrent_requests,
+        alias="maxConcurrentRequests",
+        ge=1,
+        description="Calls one replica runs at once.",
     )
     request_timeout: str = Field(
-        "60s",
+        format_duration(DEFAULTS.request_timeout),
         alias="requestTimeout",
         pattern=DURATION_PATTERN,
         description="Longest a call may take, queue wait included.",
+    )
+    drain_grace: str = Field(
+        format_duration(DEFAULTS.drain_grace),
+        alias="drainGrace",
+        pattern=DURATION_PATTERN,
+        description="How long a stopping replica lets running calls finish; the pod's "
+        "termination grace is set a little longer.",
     )
     env: list[dict[str, Any]] = Field(default_factory=list, description="Replica env vars.")
     resources: dict[str, Any] | None = None
@@ -78,9 +97,9 @@ class ServiceSpec(_Model):
     tolerations: list[dict[str, Any]] | None = None
     affinity: dict[str, Any] | None = None
     image_pull_secrets: list[dict[str, Any]] | None = Field(None, alias="imagePullSecrets")
-    priority_class_name: str | None = Field(None, alias="priorityClassName")
-    runtime_class_name: str | None = Field(None, alias="runtimeClassName")
-    scheduler_name: str | None = Field(None, alias="schedulerName")
+    priority_class_name: NonEmpty | None = Field(None, alias="priorityClassName")
+    runtime_class_name: NonEmpty | None = Field(None, alias="runtimeClassName")
+    scheduler_name: NonEmpty | None = Field(None, alias="schedulerName")
     pod_template: dict[str, Any] | None = Field(None, alias="podTemplate")
     router: RouterSpec = Field(default_factory=RouterSpec)
 
@@ -91,6 +110,33 @@ class ServiceSpec(_Model):
     @property
     def request_timeout_seconds(self) -> float:
         return duration(self.request_timeout)
+
+    @property
+    def drain_grace_seconds(self) -> float:
+        return duration(self.drain_grace)
+
+    def replica_flags(self) -> list[str]:
+        """`python -m kubeforge.replica` flags for what the spec says of each replica; pods
+        and `kubeforge run` start replicas with exactly these."""
+        return [
+            "--max-concurrent-requests",
+            str(self.max_concurrent_requests),
+            "--request-timeout",
+            self.request_timeout,
+            "--drain-grace",
+            self.drain_grace,
+        ]
+
+    def router_flags(self) -> list[str]:
+        """`python -m kubeforge.router` flags for every spec field the router uses; the router
+        Deployment and `kubeforge run` pass exactly these, and a router in a cluster follows
+        later changes of the same fields (`k8s_discovery.router_settings`)."""
+        return [
+            "--health-poll-rate",
+            self.health_poll_rate,
+            "--request-timeout",
+            format_duration(router_request_timeout(self.request_timeout_seconds)),
+        ]
 
 
 class Condition(BaseModel):

@@ -18,8 +18,10 @@ import yaml
 from kubeforge import gpus
 from kubeforge._runtime import duration, json_arg
 from kubeforge.api import ManifestError, ServiceManifest, parse_manifest
+from kubeforge.contract import API_VERSION, KIND, LABEL_PREFIX
 from kubeforge.errors import BroadcastError, KubeforgeError
 from kubeforge.local import LocalDeployment, ReplicaSet
+from kubeforge.settings import DEFAULTS
 
 # Fields that mean something only to a cluster; `run` says it ignores them rather than pretend.
 _CLUSTER_ONLY = (
@@ -48,7 +50,7 @@ def load_manifest(path: str) -> ServiceManifest:
         for d in docs
         if isinstance(d, dict)
         and d.get("kind") == "Service"
-        and str(d.get("apiVersion", "")).startswith("kubeforge.dev/")
+        and str(d.get("apiVersion", "")).startswith(LABEL_PREFIX)
     ]
     if len(services) != 1:
         raise ManifestError(f"{path}: expected one kubeforge Service, found {len(services)}")
@@ -82,15 +84,10 @@ def _run(ns: argparse.Namespace) -> int:
             host=ns.host,
             gpus=assigned,
             env={**env, **{e["name"]: str(e.get("value", "")) for e in spec.env if "name" in e}},
-            flags=[
-                "--max-concurrent-requests",
-                str(spec.max_concurrent_requests),
-                "--request-timeout",
-                str(spec.request_timeout_seconds),
-            ],
+            flags=spec.replica_flags(),
         ),
         port=ns.port,
-        router_flags=["--health-poll-rate", str(spec.health_poll_seconds)],
+        router_flags=spec.router_flags(),
         env=env,
     )
     stop = threading.Event()
@@ -226,12 +223,14 @@ def parser() -> argparse.ArgumentParser:
     token = os.environ.get("KUBEFORGE_TOKEN")
 
     r = sub.add_parser("run", help="serve a Service manifest locally until Ctrl-C")
-    r.add_argument("spec", help="a YAML file with a kubeforge.dev/v1alpha1 Service")
+    r.add_argument("spec", help=f"a YAML file with a {API_VERSION} {KIND}")
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=8080)
     r.add_argument("--token", default=token, help="require this token (default $KUBEFORGE_TOKEN)")
-    r.add_argument("--startup-timeout", type=duration, default=120.0)
-    r.add_argument("--grace", type=duration, default=10.0, help="drain time on Ctrl-C")
+    r.add_argument("--startup-timeout", type=duration, default=DEFAULTS.startup_timeout)
+    r.add_argument(
+        "--grace", type=duration, default=DEFAULTS.stop_grace, help="drain time on Ctrl-C"
+    )
     r.set_defaults(func=_run)
 
     c = sub.add_parser("call", help="call an endpoint through a router")

@@ -14,11 +14,8 @@ from typing import Any
 
 import yaml
 
-from kubeforge.api import API_VERSION, KIND, ServiceSpec, ServiceStatus
-
-GROUP, VERSION = API_VERSION.split("/")
-PLURAL = "services"
-CRD_NAME = f"{PLURAL}.{GROUP}"
+from kubeforge.api import ServiceSpec, ServiceStatus
+from kubeforge.contract import CATEGORY, CRD_NAME, GROUP, KIND, PLURAL, SHORT_NAME, VERSION
 
 # Root rules: the name becomes `<name>-replica-<i>` pods and a `<name>-router` Service.
 _ROOT_RULES = [
@@ -122,9 +119,9 @@ def crd() -> dict[str, Any]:
                 "kind": KIND,
                 "listKind": f"{KIND}List",
                 "plural": PLURAL,
-                "singular": "service",
-                "shortNames": ["fsvc"],
-                "categories": ["kubeforge"],
+                "singular": KIND.lower(),
+                "shortNames": [SHORT_NAME],
+                "categories": [CATEGORY],
             },
             "versions": [
                 {

@@ -21,6 +21,7 @@ from typing import Any
 
 from kubeforge import spawn_guard
 from kubeforge.errors import UnguardedMainError
+from kubeforge.settings import DEFAULTS
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -190,7 +191,9 @@ class LocalDeployment:
     def url(self) -> str:
         return f"http://{self.replica_set.host}:{self.port}"
 
-    def start(self, timeout: float = 120.0, progress: Callable[[str], None] = print) -> str:
+    def start(
+        self, timeout: float = DEFAULTS.startup_timeout, progress: Callable[[str], None] = print
+    ) -> str:
         deadline = time.monotonic() + timeout
         urls = self.replica_set.start(deadline, progress)
         argv = [

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kubeforge.settings import DEFAULTS
+
 _SUB = 8  # histogram sub-buckets per power of two
 
 
@@ -76,7 +78,9 @@ class WindowStats:
 
 
 class SlidingWindow:
-    def __init__(self, start: float, window_s: float = 60.0, bucket_s: float = 1.0) -> None:
+    def __init__(
+        self, start: float, window_s: float = DEFAULTS.metrics_window, bucket_s: float = 1.0
+    ) -> None:
         if window_s <= 0 or bucket_s <= 0 or bucket_s > window_s:
             raise ValueError("need 0 < bucket_s <= window_s")
         self.start = start

@@ -21,6 +21,7 @@ from kubeforge.router import report
 from kubeforge.router.discovery import StaticDiscovery
 from kubeforge.router.engine import Router, RouterConfig
 from kubeforge.service_api import Reply, ServiceAPI, ServiceMetrics, summary_with_int_keys
+from kubeforge.settings import DEFAULTS, router_request_timeout
 
 log = logging.getLogger("kubeforge.service")
 
@@ -33,14 +34,14 @@ class ServiceConfig:
     procs: int = 1  # GPUs per replica when with_gpus (torchforge: processes per replica)
     with_gpus: bool = False
     hosts: int | None = None
-    health_poll_rate: float = 0.2
-    replica_max_concurrent_requests: int = 10
+    health_poll_rate: float = DEFAULTS.health_poll_rate
+    replica_max_concurrent_requests: int = DEFAULTS.max_concurrent_requests
     return_first_rank_result: bool = True
-    replica_max_queued_requests: int = 100
-    request_timeout: float = 60.0
-    session_ttl: float = 1800.0
-    startup_timeout: float = 120.0
-    stop_grace: float = 10.0
+    replica_max_queued_requests: int = DEFAULTS.max_queued_requests
+    request_timeout: float = DEFAULTS.request_timeout
+    session_ttl: float = DEFAULTS.session_ttl
+    startup_timeout: float = DEFAULTS.startup_timeout
+    stop_grace: float = DEFAULTS.stop_grace
     raise_on_session_moved: bool = False
     at_most_once: bool = False  # never re-send a sessionless call lost with its replica
 
@@ -125,7 +126,7 @@ class Service(ServiceAPI):
             raise
         config = RouterConfig(
             health_poll_rate=self.cfg.health_poll_rate,
-            request_timeout=self.cfg.request_timeout + 5.0,
+            request_timeout=router_request_timeout(self.cfg.request_timeout),
         )
         self._router = Router(config, StaticDiscovery(urls))
         await self._router.start()

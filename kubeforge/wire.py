@@ -33,15 +33,19 @@ from kubeforge.http.server import Request, Response
 
 
 def endpoint_of(path: str, prefix: str) -> str:
-    """The endpoint named by a call path; only a Python identifier can name one.
+    """The endpoint named by a call path; only an ASCII Python identifier can name one.
 
     The router writes the endpoint into the request line it sends on, so a decoded path with
-    spaces or CR/LF must never get that far.
+    spaces, CR/LF or bytes beyond ASCII must never get that far.
     """
     name = path[len(prefix) :]
-    if not name.isidentifier():
+    if not is_endpoint_name(name):
         raise UnknownEndpointError(f"{name!r} is not an endpoint name")
     return name
+
+
+def is_endpoint_name(name: str) -> bool:
+    return name.isascii() and name.isidentifier()
 
 
 AT_MOST_ONCE = b"at-most-once"  # the H_DELIVERY value that forbids re-sending a lost call
@@ -50,8 +54,6 @@ H_CONTENT_TYPE = b"content-type"
 
 JSON = b"application/json"
 MSGPACK = b"application/msgpack"
-
-DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
 
 def is_msgpack(content_type: bytes | None) -> bool:

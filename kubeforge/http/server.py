@@ -115,6 +115,10 @@ class HttpProtocol(asyncio.Protocol):
         self.current: Request | None = None  # answered before the next one starts
         self.closing = False
         self.paused = False
+        # Set when reading is over (the peer half-closed, a request said `connection: close`,
+        # or bytes could not be parsed): the answers still owed go out in order, then it closes.
+        self._last: tuple[int, str] | None = None  # an error answered after those
+        self._finishing = False
         # Per-message parse state.
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
@@ -126,6 +130,7 @@ class HttpProtocol(asyncio.Protocol):
         self._in_head = False
         self._heads = 0
         self._head_bytes = 0
+        self._head_size = 0  # the head being parsed: request target and header lines
 
     # asyncio.Protocol ----------------------------------------------------------------------
 
@@ -139,20 +144,25 @@ class HttpProtocol(asyncio.Protocol):
         self.pending.clear()
 
     def data_received(self, data: bytes) -> None:
-        if self._too_large:
-            return  # discarding the rest of an oversized body until we close
+        if self._too_large or self._finishing:
+            return  # an oversized body, or bytes after the last request: dropped
         began, heads = self._in_head, self._heads
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
-            if not self._too_large:
+            if not (self._too_large or self._finishing):  # after `close`, bytes are dropped
                 self._fail(400, f"malformed HTTP request: {exc}")
         if began and self._in_head and heads == self._heads:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD:
                 self._fail(431, f"request head exceeds {MAX_HEAD} bytes")
+
+    def eof_received(self) -> bool:
+        """The peer half-closed: answer what it already sent, then close."""
+        self._finish()
+        return True  # keep the transport open for those answers
 
     # httptools callbacks -------------------------------------------------------------------
     # Each callback is a call from C into Python on every request, so there are as few as the
@@ -166,16 +176,23 @@ class HttpProtocol(asyncio.Protocol):
         self._body_len = 0
         self._in_head = False
         self._head_bytes = 0
+        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         if not self._in_head:
             self._in_head = True
             self._heads += 1
         self._url += url
+        self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
+        value = value.rstrip(b" \t")  # optional whitespace is not part of the value (RFC 9110)
         self._headers[name] = value
+        # However the head arrived (one read or many), its size counts: name, value, ": ", CRLF.
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_HEAD:
+            self._fail(431, f"request head exceeds {MAX_HEAD} bytes")
         if name == b"content-length":
             if value.isdigit() and int(value) > self.max_body:
                 self._too_large_reply()
@@ -193,8 +210,10 @@ class HttpProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._too_large or self.closing:
+        if self._too_large or self.closing or self._last is not None:
             return
+        if not self.parser.should_keep_alive():
+            self._finishing = True  # its answer closes the connection: nothing after it counts
         url = self._url
         path, _, query = url.partition(b"?")
         req = Request(
@@ -250,10 +269,12 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.current = None
         if self.pending:
-            if self.paused and len(self.pending) < 8:
+            if self.paused and len(self.pending) < 8 and not self._finishing:
                 self.paused = False
                 self.transport.resume_reading()
             self._start(self.pending.popleft())
+        elif self._finishing:
+            self._close_now()
 
     def _too_large_reply(self) -> None:
         """Answer 413 at once but keep reading (and dropping) the body for a moment.
@@ -272,9 +293,21 @@ class HttpProtocol(asyncio.Protocol):
         asyncio.get_running_loop().call_later(2.0, self.close)
 
     def _fail(self, status: int, message: str) -> None:
-        """Answer a request that cannot be parsed or accepted, then close the connection."""
-        if self.transport and not self.closing:
-            self.transport.write(render(self.on_error(status, message), keep_alive=False))
+        """Answer a request that cannot be parsed or accepted, then close the connection: after
+        the answers still owed to the requests before it, which keep their order."""
+        if self._last is None:
+            self._last = (status, message)
+        self._finish()
+
+    def _finish(self) -> None:
+        """Read no more; close once every request read so far is answered."""
+        self._finishing = True
+        if self.current is None and not self.pending:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        if self._last is not None and self.transport and not self.closing:
+            self.transport.write(render(self.on_error(*self._last), keep_alive=False))
         self.close()
 
     def close(self) -> None:

@@ -13,13 +13,14 @@ import secrets
 from typing import Any
 
 import kopf
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from kubeforge.contract import GROUP, PLURAL, VERSION
+from kubeforge.kube import api_client
 from kubeforge.operator import manifests as m
 from kubeforge.operator.plan import Observed, PodView, plan
 
-GROUP, VERSION, PLURAL = "kubeforge.dev", "v1alpha1", "services"
 RECONCILE_EVERY = 2.0  # seconds; events on create/update/resume reconcile at once
 
 log = logging.getLogger("kubeforge.operator")
@@ -29,7 +30,7 @@ _api: client.ApiClient | None = None
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     global _api
-    prefix = "kubeforge.dev"
+    prefix = GROUP
     settings.persistence.finalizer = f"{prefix}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -37,11 +38,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.execution.default_backoff = 2
     settings.posting.level = logging.INFO
-    try:
-        config.load_incluster_config()
-        _api = client.ApiClient()
-    except config.ConfigException:
-        _api = await config.new_client_from_config()
+    _api = await api_client()
 
 
 @kopf.on.cleanup()

@@ -7,16 +7,31 @@ import hashlib
 import json
 from typing import Any
 
-from kubeforge.api import API_VERSION, KIND, ServiceSpec
+from kubeforge.api import ServiceSpec
+from kubeforge.contract import A_ROUTER_HASH as ROUTER_HASH
+from kubeforge.contract import (
+    API_VERSION,
+    GROUP,
+    HEALTHZ,
+    KIND,
+    L_COMPONENT,
+    L_HASH,
+    L_INDEX,
+    L_SERVICE,
+    LABEL_PREFIX,
+    PLURAL,
+    READYZ,
+)
+from kubeforge.settings import (
+    CONTROL_IMAGE,
+    DEFAULTS,
+    REPLICA_IMAGE,
+    termination_grace_seconds,
+)
 
-L_SERVICE = "kubeforge.dev/service"
-L_COMPONENT = "kubeforge.dev/component"
-L_INDEX = "kubeforge.dev/replica-index"
-L_HASH = "kubeforge.dev/template-hash"
-REPLICA_PORT = 8000
-ROUTER_PORT = 8080
+REPLICA_PORT = DEFAULTS.replica_port
+ROUTER_PORT = DEFAULTS.router_port
 GPU = "nvidia.com/gpu"
-ROUTER_HASH = "kubeforge.dev/router-hash"
 
 
 def replica_name(service: str, index: int) -> str:
@@ -53,7 +68,7 @@ def _user_labels(body: dict[str, Any]) -> dict[str, str]:
     return {
         k: v
         for k, v in (body["metadata"].get("labels") or {}).items()
-        if not k.startswith("kubeforge.dev/")
+        if not k.startswith(LABEL_PREFIX)
     }
 
 
@@ -61,7 +76,7 @@ def _user_annotations(body: dict[str, Any]) -> dict[str, str]:
     return {
         k: v
         for k, v in (body["metadata"].get("annotations") or {}).items()
-        if not k.startswith(("kubeforge.dev/", "kopf.", "kubectl.kubernetes.io/"))
+        if not k.startswith((LABEL_PREFIX, "kopf.", "kubectl.kubernetes.io/"))
     }
 
 
@@ -72,7 +87,7 @@ def replica_container(spec: ServiceSpec, service: str) -> dict[str, Any]:
     probe = {"periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 3}
     return {
         "name": "replica",
-        "image": spec.image or "kubeforge-replica:latest",
+        "image": spec.image or REPLICA_IMAGE,
         "command": ["python", "-m", "kubeforge.replica"],
         "args": [
             "--actor",
@@ -83,10 +98,7 @@ def replica_container(spec: ServiceSpec, service: str) -> dict[str, Any]:
             json.dumps(spec.kwargs),
             "--port",
             str(REPLICA_PORT),
-            "--max-concurrent-requests",
-            str(spec.max_concurrent_requests),
-            "--request-timeout",
-            spec.request_timeout,
+            *spec.replica_flags(),
         ],
         "env": [
             {
@@ -100,9 +112,9 @@ def replica_container(spec: ServiceSpec, service: str) -> dict[str, Any]:
             *spec.env,
         ],
         "ports": [{"name": "http", "containerPort": REPLICA_PORT}],
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, **probe},
+        "readinessProbe": {"httpGet": {"path": READYZ, "port": "http"}, **probe},
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
+            "httpGet": {"path": HEALTHZ, "port": "http"},
             "initialDelaySeconds": 5,
             **probe,
         },
@@ -117,7 +129,8 @@ def pod_template(body: dict[str, Any]) -> dict[str, Any]:
     service = body["metadata"]["name"]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Always",
-        "terminationGracePeriodSeconds": 30,
+        # The kubelet waits out the replica's drain before it kills it.
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec.drain_grace_seconds),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 1000,
@@ -183,7 +196,7 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
     }
     container = {
         "name": "router",
-        "image": spec.image or "kubeforge:latest",
+        "image": spec.image or CONTROL_IMAGE,
         "command": ["python", "-m", "kubeforge.router"],
         "args": [
             "--service",
@@ -192,8 +205,7 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
             namespace,
             "--port",
             str(ROUTER_PORT),
-            "--health-poll-rate",
-            spec.health_poll_rate,
+            *spec.router_flags(),
         ],
         "env": [
             {
@@ -206,8 +218,8 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
             },
         ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 2},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+        "readinessProbe": {"httpGet": {"path": READYZ, "port": "http"}, "periodSeconds": 2},
+        "livenessProbe": {"httpGet": {"path": HEALTHZ, "port": "http"}, "periodSeconds": 5},
         "resources": spec.router.resources or {},
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
@@ -250,9 +262,9 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
 ROUTER_RULES = [
     # Discovery: the Service's replica pods, and the resource's router settings.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["kubeforge.dev"], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch"]},
     # Live metrics and healthyReplicas into the resource's status (nothing else in it).
-    {"apiGroups": ["kubeforge.dev"], "resources": ["services/status"], "verbs": ["patch"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
 ]
 
 

@@ -89,10 +89,12 @@ def plan(observed: Observed) -> Plan:
     live = sorted((p for p in observed.pods if not p.deleting), key=lambda p: p.index)
     settling = any(p.deleting for p in observed.pods)
     live, replaced = _replace_failed(live)
+    # A failed pod holds its index until it is gone; its replacement then takes the same one.
+    holding = len(live) + len(replaced.delete)
     if len(live) > observed.desired:
         live, change = _scale_down(live, observed.desired)
-    elif len(live) < observed.desired:
-        change = _scale_up(observed, len(live))
+    elif holding < observed.desired:
+        change = _scale_up(observed, holding)
     else:
         change = _roll(live, observed.template_hash, settling)
     out = Plan(
@@ -110,9 +112,8 @@ def _event(reason: Reason, message: str) -> tuple[str, str]:
 
 
 def _replace_failed(live: list[PodView]) -> tuple[list[PodView], Plan]:
-    """Delete failed pods: they never recover. They stop counting as replicas, so the scale step
-    creates their replacements in the same pass (at the lowest free index: a failed pod holds
-    its own index until it is gone).
+    """Delete failed pods: they never recover. Each is recreated under its own index by the
+    pass after it is gone (its name is taken until then), so names stay dense.
 
     Returns the replicas that remain, and the deletions.
     """
@@ -195,8 +196,8 @@ def _status(
     )
     progressing = _progressing_reason(
         creating=bool(decided.create),
+        removing=any(reason == Reason.SCALED_DOWN for reason, _ in decided.events),
         replicas=len(live),
-        desired=observed.desired,
         updated=updated,
         working=working,
     )
@@ -215,7 +216,7 @@ def _status(
 
 
 def _progressing_reason(
-    *, creating: bool, replicas: int, desired: int, updated: int, working: bool
+    *, creating: bool, removing: bool, replicas: int, updated: int, working: bool
 ) -> Reason:
     """Why the Service is (or is not) progressing: the first that applies, most specific first.
 
@@ -224,7 +225,7 @@ def _progressing_reason(
     """
     if creating:
         return Reason.SCALING_UP
-    if replicas > desired:
+    if removing:
         return Reason.SCALING_DOWN
     if updated < replicas:
         return Reason.ROLLING_UPDATE

@@ -6,14 +6,12 @@ from typing import Any
 
 import yaml
 
+from kubeforge.contract import GROUP, PLURAL
+
 OPERATOR_RULES: list[dict[str, Any]] = [
     # The resource it reconciles: watched, annotated by kopf (progress), status written.
-    {
-        "apiGroups": ["kubeforge.dev"],
-        "resources": ["services"],
-        "verbs": ["get", "list", "watch", "patch"],
-    },
-    {"apiGroups": ["kubeforge.dev"], "resources": ["services/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
     # Replica pods: listed, created by index, deleted on scale-down and rollout; get and watch
     # because each router's Role grants them and RBAC lets nobody grant what it lacks.
     {

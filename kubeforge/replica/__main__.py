@@ -7,10 +7,11 @@ import logging
 import os
 import sys
 
-from kubeforge import _runtime, spawn_guard, wire
+from kubeforge import _runtime, spawn_guard
 from kubeforge.actor import load_actor_class
 from kubeforge.errors import UnguardedMainError
 from kubeforge.replica.server import ReplicaConfig, ReplicaServer
+from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica")
 
@@ -27,33 +28,33 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default=None, help="bind address (default $KUBEFORGE_BIND_HOST or 0.0.0.0)"
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=DEFAULTS.replica_port)
     p.add_argument(
         "--name",
         default=os.environ.get("KUBEFORGE_REPLICA_NAME", ""),
         help="replica name in metrics and logs (default $KUBEFORGE_REPLICA_NAME)",
     )
-    p.add_argument("--max-concurrent-requests", type=int, default=10)
-    p.add_argument("--max-queued-requests", type=int, default=100)
+    p.add_argument("--max-concurrent-requests", type=int, default=DEFAULTS.max_concurrent_requests)
+    p.add_argument("--max-queued-requests", type=int, default=DEFAULTS.max_queued_requests)
     p.add_argument(
         "--request-timeout",
         type=_runtime.duration,
-        default=60.0,
+        default=DEFAULTS.request_timeout,
         help="per-call limit including queue wait, e.g. 30s",
     )
     p.add_argument(
         "--session-ttl",
         type=_runtime.duration,
-        default=1800.0,
+        default=DEFAULTS.session_ttl,
         help="idle sessions end after this long, e.g. 30m",
     )
     p.add_argument(
         "--drain-grace",
         type=_runtime.duration,
-        default=25.0,
+        default=DEFAULTS.drain_grace,
         help="SIGTERM waits this long for running calls",
     )
-    p.add_argument("--max-body", type=int, default=wire.DEFAULT_MAX_BODY, help="bytes")
+    p.add_argument("--max-body", type=int, default=DEFAULTS.max_body, help="bytes")
     return p
 
 

@@ -31,6 +31,7 @@ from kubeforge.errors import (
 from kubeforge.http.server import HttpServer, Request, Response
 from kubeforge.metrics import SlidingWindow
 from kubeforge.replica.admission import Admission
+from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica")
 
@@ -43,16 +44,16 @@ class ReplicaConfig:
     args: list[Any] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)
     host: str = "0.0.0.0"
-    port: int = 8000
+    port: int = DEFAULTS.replica_port
     name: str = ""
-    max_concurrent_requests: int = 10
-    max_queued_requests: int = 100
-    request_timeout: float = 60.0
-    session_ttl: float = 1800.0
-    drain_grace: float = 25.0
-    max_body: int = wire.DEFAULT_MAX_BODY
+    max_concurrent_requests: int = DEFAULTS.max_concurrent_requests
+    max_queued_requests: int = DEFAULTS.max_queued_requests
+    request_timeout: float = DEFAULTS.request_timeout
+    session_ttl: float = DEFAULTS.session_ttl
+    drain_grace: float = DEFAULTS.drain_grace
+    max_body: int = DEFAULTS.max_body
     token: str | None = None
-    metrics_window: float = 60.0
+    metrics_window: float = DEFAULTS.metrics_window
 
 
 class Sessions:
@@ -226,7 +227,7 @@ class ReplicaServer:
             except ValueError:
                 raise InvalidArgumentsError(f"bad X-Kubeforge-Timeout {asked!r}") from None
         sid_raw = req.headers.get(wire.H_SESSION)
-        sid = sid_raw.decode() if sid_raw else None
+        sid = sid_raw.decode("latin-1") if sid_raw else None  # any byte: at worst unknown
         started = time.monotonic()
         if sid is not None:
             self.sessions.touch(sid, started)

@@ -9,10 +9,11 @@ import os
 import socket
 import sys
 
-from kubeforge import _runtime, wire
+from kubeforge import _runtime
 from kubeforge.router.discovery import StaticDiscovery
 from kubeforge.router.engine import RouterConfig
 from kubeforge.router.server import RouterServer
+from kubeforge.settings import DEFAULTS, router_request_timeout
 
 log = logging.getLogger("kubeforge.router")
 
@@ -31,27 +32,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default=None, help="bind address (default $KUBEFORGE_BIND_HOST or 0.0.0.0)"
     )
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=DEFAULTS.router_port)
     p.add_argument(
         "--health-poll-rate",
         type=_runtime.duration,
-        default=0.2,
+        default=DEFAULTS.health_poll_rate,
         help="seconds between health checks of each replica, e.g. 200ms",
     )
-    p.add_argument("--health-timeout", type=_runtime.duration, default=2.0)
+    p.add_argument("--health-timeout", type=_runtime.duration, default=DEFAULTS.health_timeout)
     p.add_argument(
         "--request-timeout",
         type=_runtime.duration,
-        default=120.0,
-        help="longest a relayed call may take, e.g. 2m",
+        default=router_request_timeout(DEFAULTS.request_timeout),
+        help="longest a relayed call may take, e.g. 2m (a little over the replicas' limit)",
     )
     p.add_argument(
         "--retries",
         type=int,
-        default=3,
-        help="extra attempts for calls that never reached an actor",
+        default=DEFAULTS.retries,
+        help="re-sends of a call that failed without an answer (0: never)",
     )
-    p.add_argument("--max-body", type=int, default=wire.DEFAULT_MAX_BODY, help="bytes")
+    p.add_argument("--max-body", type=int, default=DEFAULTS.max_body, help="bytes")
     return p
 
 
@@ -59,13 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser().parse_args(argv)
     _runtime.setup_logging("router")
     if ns.service:
-        from kubeforge.router.k8s_discovery import KubernetesDiscovery, settings_from_spec
+        from kubeforge.router.k8s_discovery import KubernetesDiscovery, router_settings
 
         def follow(spec: dict[str, object]) -> None:
-            for key, value in settings_from_spec(spec).items():
-                if getattr(config, key) != value:
-                    log.info("setting %s = %s from the Service resource", key, value)
-                    setattr(config, key, value)
+            server.follow(router_settings(spec))
 
         k8s = KubernetesDiscovery(ns.service, ns.namespace, on_settings=follow)
         discovery: object = k8s

@@ -40,10 +40,13 @@ from kubeforge.router.discovery import Discovery, split_url
 from kubeforge.router.native import NativeRelay
 from kubeforge.router.retry import Outcome
 from kubeforge.router.sessions import SessionCodec
+from kubeforge.settings import DEFAULTS, router_request_timeout
 
 log = logging.getLogger("kubeforge.router")
 
 _SESSION_LINE = wire.H_SESSION + b": "
+# Header values as text: any byte decodes, so a session id that is not ASCII is merely unknown.
+_HEADER_TEXT = "latin-1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,15 +85,16 @@ def _passed_on(resp: ClientResponse) -> Response:
 @dataclass
 class RouterConfig:
     host: str = "0.0.0.0"
-    port: int = 8080
-    health_poll_rate: float = 0.2
-    health_timeout: float = 2.0
-    request_timeout: float = 120.0  # upper bound on one relayed call; replicas time out first
-    retries: int = 3  # extra attempts for calls that never reached an actor
-    retry_backoff: float = 0.01
-    max_body: int = wire.DEFAULT_MAX_BODY
+    port: int = DEFAULTS.router_port
+    health_poll_rate: float = DEFAULTS.health_poll_rate
+    health_timeout: float = DEFAULTS.health_timeout
+    # Upper bound on one relayed call; the replicas' own limit ends it first.
+    request_timeout: float = router_request_timeout(DEFAULTS.request_timeout)
+    retries: int = DEFAULTS.retries  # re-sends of a call, as `retry.decide` allows them
+    retry_backoff: float = DEFAULTS.retry_backoff
+    max_body: int = DEFAULTS.max_body
     token: str | None = None
-    metrics_window: float = 60.0
+    metrics_window: float = DEFAULTS.metrics_window
 
 
 class Router:
@@ -235,14 +239,15 @@ class Router:
                 first = None
                 line = extra
             else:
-                placement = await self._place(sid_raw.decode(), frozenset(tried))
+                sid = sid_raw.decode(_HEADER_TEXT)
+                placement = await self._place(sid, frozenset(tried))
                 replica = placement.replica
                 if (
                     placement.moved_from is not None
                     and headers.get(wire.H_SESSION_MOVED, b"").lower() == b"error"
                 ):
                     raise SessionMovedError(
-                        f"session {sid_raw.decode()!r} lost its replica and now lives on "
+                        f"session {sid!r} lost its replica and now lives on "
                         f"{replica.name} as {placement.session_id!r}; state kept on the old "
                         "replica is gone",
                         session_id=placement.session_id,
@@ -360,7 +365,7 @@ class Router:
         """
         if req.method != "POST" or not req.path.startswith(wire.CALL_PREFIX):
             return False
-        if not req.path[len(wire.CALL_PREFIX) :].isidentifier():
+        if not wire.is_endpoint_name(req.path[len(wire.CALL_PREFIX) :]):
             return False  # `handle` refuses it: the path goes into our request line
         headers = req.headers
         if self._auth is not None and headers.get(wire.H_AUTH) != self._auth:
@@ -372,7 +377,7 @@ class Router:
             if sid is None:
                 replica = table.pick()
             else:
-                replica = table.sticky(sid.decode())
+                replica = table.sticky(sid.decode(_HEADER_TEXT))
                 if replica is None:
                     return False  # the session must move first
                 extra += _SESSION_LINE + sid + b"\r\n"

@@ -2,7 +2,8 @@
 
 A pod joins when it is Ready and has an IP, and leaves at once when the watch says it is gone
 or not ready (a silent death is caught by the router's own health polls). The Service resource
-is watched too, so a changed healthPollRate takes effect without a restart, and so is the set
+is watched too, so changed router settings (`router_settings`) take effect without a restart,
+and so is the set
 of router pods, whose shares of the metrics the status writer combines.
 """
 
@@ -13,25 +14,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubeforge._runtime import duration
+from kubeforge.contract import GROUP, L_COMPONENT, L_INDEX, L_SERVICE, PLURAL, VERSION
+from kubeforge.kube import api_client
 from kubeforge.router.discovery import ReplicaSink
+from kubeforge.settings import DEFAULTS, router_request_timeout
 
 log = logging.getLogger("kubeforge.router.discovery")
-
-GROUP, VERSION, PLURAL = "kubeforge.dev", "v1alpha1", "services"
-REPLICA_PORT = 8000
-
-
-async def api_client() -> client.ApiClient:
-    """In-cluster credentials when mounted, else $KUBECONFIG (the e2e node gives a per-pod one)."""
-    try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
-        return await config.new_client_from_config()
 
 
 def _member(pod: Any) -> tuple[int, str, str] | None:
@@ -42,10 +34,10 @@ def _member(pod: Any) -> tuple[int, str, str] | None:
     if not ready:
         return None
     try:
-        index = int((pod.metadata.labels or {})["kubeforge.dev/replica-index"])
+        index = int((pod.metadata.labels or {})[L_INDEX])
     except (KeyError, ValueError):
         return None
-    return index, pod.metadata.name, f"http://{pod.status.pod_ip}:{REPLICA_PORT}"
+    return index, pod.metadata.name, f"http://{pod.status.pod_ip}:{DEFAULTS.replica_port}"
 
 
 class KubernetesDiscovery:
@@ -70,12 +62,12 @@ class KubernetesDiscovery:
             await api.close()
 
     def _apply(self, sink: ReplicaSink, kind: str, pod: Any) -> None:
-        if (pod.metadata.labels or {}).get("kubeforge.dev/component") == "router":
+        if (pod.metadata.labels or {}).get(L_COMPONENT) == "router":
             if self.routers is not None:
                 gone = kind == "DELETED" or pod.metadata.deletion_timestamp is not None
                 (self.routers.discard if gone else self.routers.add)(pod.metadata.name)
             return
-        index = int((pod.metadata.labels or {}).get("kubeforge.dev/replica-index", -1))
+        index = int((pod.metadata.labels or {}).get(L_INDEX, -1))
         member = None if kind == "DELETED" else _member(pod)
         known = self.members.get(index)
         if member is None:
@@ -96,7 +88,7 @@ class KubernetesDiscovery:
 
     async def _watch_pods(self, api: client.ApiClient, sink: ReplicaSink) -> None:
         core = client.CoreV1Api(api)
-        selector = f"kubeforge.dev/service={self.service}"  # replicas and routers
+        selector = f"{L_SERVICE}={self.service}"  # replicas and routers
         while True:
             try:
                 listed = await core.list_namespaced_pod(self.namespace, label_selector=selector)
@@ -150,9 +142,15 @@ class KubernetesDiscovery:
                 await asyncio.sleep(1)
 
 
-def settings_from_spec(spec: dict[str, Any]) -> dict[str, float]:
-    """Router settings the resource carries (DESIGN §5)."""
+def router_settings(spec: dict[str, Any]) -> dict[str, float]:
+    """The router's settings that the resource carries (DESIGN §5), as RouterConfig fields.
+
+    The operator passes the same ones as flags (`manifests.router_objects`), so a router
+    starts with them and follows their changes without a restart.
+    """
     out: dict[str, float] = {}
     if "healthPollRate" in spec:
         out["health_poll_rate"] = duration(spec["healthPollRate"])
+    if "requestTimeout" in spec:
+        out["request_timeout"] = router_request_timeout(duration(spec["requestTimeout"]))
     return out

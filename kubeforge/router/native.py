@@ -105,6 +105,9 @@ class NativeRelay:
             if replica is not None:
                 replica.relayed = count
 
+    def set_request_timeout(self, seconds: float) -> None:
+        self._relay.set_request_timeout(seconds)
+
     def counts(self) -> dict[str, int]:
         relayed, handed_over = self._relay.counts()
         return {"relayed": relayed, "handed_over": handed_over}

@@ -79,6 +79,13 @@ def metrics(router: Router, now: float) -> dict[str, Any]:
         if router.native is not None
         else {"kind": "python"}
     )
+    # The settings this router runs with now (flags, or the Service resource it follows).
+    cfg = router.config
+    out["settings"] = {
+        "health_poll_rate": cfg.health_poll_rate,
+        "request_timeout": cfg.request_timeout,
+        "retries": cfg.retries,
+    }
     return out
 
 

@@ -9,6 +9,7 @@ loopback port behind it.
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import time
 
@@ -18,6 +19,8 @@ from kubeforge.http.server import HttpServer, Request, Response
 from kubeforge.router import native, report
 from kubeforge.router.discovery import Discovery
 from kubeforge.router.engine import PassOn, Router, RouterConfig
+
+log = logging.getLogger("kubeforge.router")
 
 
 class RouterServer:
@@ -48,6 +51,16 @@ class RouterServer:
         self.router.attach(self._relay)
         self.config.port = self._relay.port
         return self.config.port
+
+    def follow(self, settings: dict[str, float]) -> None:
+        """Take changed settings from the Service resource while running: the Python call
+        path reads them from `config` on every call, the native relay is told."""
+        for key, value in settings.items():
+            if getattr(self.config, key) != value:
+                log.info("setting %s = %s from the Service resource", key, value)
+                setattr(self.config, key, value)
+        if self._relay is not None:
+            self._relay.set_request_timeout(self.config.request_timeout)
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._relay is not None:

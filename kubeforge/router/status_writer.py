@@ -17,9 +17,10 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from kubeforge.contract import GROUP, PLURAL, VERSION
+from kubeforge.kube import api_client
 from kubeforge.router import report, status
 from kubeforge.router.engine import Router
-from kubeforge.router.k8s_discovery import GROUP, PLURAL, VERSION, api_client
 
 log = logging.getLogger("kubeforge.router.status")
 

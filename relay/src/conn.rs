@@ -10,12 +10,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::http::{parse_request, parse_response, refusal, Request, RequestHead, ResponseHead};
+use crate::http::{
+    parse_request, parse_response, refusal, Request, RequestHead, ResponseHead, MAX_HEAD,
+};
 use crate::{names, wire, Shared};
 
 const READ_CHUNK: usize = 16 * 1024;
-/// Longest request head accepted; longer ones get 431 (the body limit is `max_body`).
-const MAX_HEAD: usize = 64 * 1024;
 /// Slack on top of the request timeout for the Python server's own answer.
 const SERVER_SLACK: Duration = Duration::from_secs(10);
 

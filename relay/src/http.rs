@@ -1,13 +1,20 @@
 //! The little of HTTP/1.1 the relay reads itself: request and response heads, via httparse.
 //!
 //! Anything unusual (chunked bodies, `Expect`, oversized bodies, a repeated or malformed
-//! Content-Length, a repeated header the relay reads, a head httparse rejects) is not handled
+//! Content-Length, a repeated header the relay reads, bare-LF line ends, HTTP/1.0, methods
+//! llhttp may not know, a head near the size limit, a head httparse rejects) is not handled
 //! here: the connection is handed to the Python server, which answers it properly. So both call
 //! paths give every such request the same answer.
 
 use crate::names;
 
 pub const MAX_HEADERS: usize = 64;
+/// Longest request head accepted; longer ones get 431 (the body limit is `max_body`).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Heads longer than this are measured by the Python server's own rule, near the limit.
+const LARGE_HEAD: usize = MAX_HEAD - 8 * 1024;
+/// The methods the relay passes on itself; any other goes to the Python server whole.
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"];
 
 pub struct RequestHead {
     pub head_len: usize,
@@ -42,6 +49,13 @@ fn content_length(value: &[u8]) -> Option<usize> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
+/// Whether a comma-separated header value (`Connection: keep-alive, close`) lists `token`.
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
 /// Set a header the relay reads, once: a second one means the request is for Python.
 fn once(slot: &mut Option<(usize, usize)>, buf: &[u8], value: &[u8]) -> bool {
     let first = slot.is_none();
@@ -59,11 +73,21 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Request {
     };
     let method = req.method.unwrap_or("");
     let path = req.path.unwrap_or("");
+    if req.version != Some(1)
+        || !METHODS.contains(&method)
+        || head_len > LARGE_HEAD
+        || buf[..head_len]
+            .iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'\n' && (i == 0 || buf[i - 1] != b'\r'))
+    {
+        return Request::HandOver;
+    }
     let mut head = RequestHead {
         head_len,
         content_length: 0,
         is_call: method == "POST" && path.starts_with(names::PATHS_CALL),
-        keep_alive: req.version == Some(1),
+        keep_alive: true,
         path: range(buf, path.as_bytes()),
         auth: None,
         session: None,
@@ -85,7 +109,7 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Request {
         {
             false
         } else if name.eq_ignore_ascii_case("connection") {
-            if h.value.eq_ignore_ascii_case(b"close") {
+            if has_token(h.value, b"close") {
                 head.keep_alive = false;
             }
             true
@@ -138,7 +162,7 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str> 
         if h.name.eq_ignore_ascii_case("content-length") {
             head.content_length = content_length(h.value).ok_or("bad content-length")?;
         } else if h.name.eq_ignore_ascii_case("connection") {
-            if h.value.eq_ignore_ascii_case(b"close") {
+            if has_token(h.value, b"close") {
                 head.keep_alive = false;
             }
         } else if h.name.eq_ignore_ascii_case(names::HEADERS_RETRYABLE) {
@@ -185,19 +209,28 @@ mod tests {
     }
 
     #[test]
-    fn keep_alive_follows_version_and_connection() {
-        assert!(
-            !head("POST /v1/call/a HTTP/1.0\r\n\r\n", 10)
-                .unwrap()
-                .keep_alive
-        );
+    fn keep_alive_follows_connection_tokens() {
         let close = "POST /v1/call/a HTTP/1.1\r\nConnection: close\r\n\r\n";
         assert!(!head(close, 10).unwrap().keep_alive);
+        let listed = "POST /v1/call/a HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n";
+        assert!(!head(listed, 10).unwrap().keep_alive);
+        let kept = "POST /v1/call/a HTTP/1.1\r\nConnection: keep-alive, closed\r\n\r\n";
+        assert!(head(kept, 10).unwrap().keep_alive);
         assert!(
             !head("GET /v1/metrics HTTP/1.1\r\n\r\n", 10)
                 .unwrap()
                 .is_call
         );
+    }
+
+    #[test]
+    fn heads_near_the_size_limit_are_for_python() {
+        let pad = "a".repeat(LARGE_HEAD);
+        let raw = format!("POST /v1/call/a HTTP/1.1\r\nx-pad: {pad}\r\n\r\n");
+        assert!(matches!(
+            parse_request(raw.as_bytes(), 10),
+            Request::HandOver
+        ));
     }
 
     #[test]
@@ -212,6 +245,10 @@ mod tests {
             "POST /v1/call/a HTTP/1.1\r\nAuthorization: a\r\nAuthorization: b\r\n\r\n",
             "POST /v1/call/a HTTP/1.1\r\nx-kubeforge-timeout: 1\r\nx-kubeforge-timeout: 2\r\n\r\n",
             "BAD\0 / HTTP/1.1\r\n\r\n",
+            "POST /v1/call/a HTTP/1.0\r\n\r\n", // HTTP/1.0: Python's rules
+            "BREW /v1/call/a HTTP/1.1\r\ncontent-length: 9\r\n\r\n", // llhttp refuses it
+            "POST /v1/call/a HTTP/1.1\nContent-Length: 0\n\n", // bare LF
+            "POST /v1/call/a HTTP/1.1\r\nA: b\nContent-Length: 0\r\n\r\n",
         ] {
             assert!(
                 matches!(parse_request(raw.as_bytes(), 10), Request::HandOver),

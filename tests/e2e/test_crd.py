@@ -82,6 +82,13 @@ INVALID = [
     ("router replicas 0", _with("spec.router", {"replicas": 0}), "spec.router.replicas"),
     ("name too long", _with("metadata.name", "c" * 51), "metadata.name must be at most 50"),
     ("name not a DNS label", _with("metadata.name", "1counter"), "DNS-1035"),
+    # Empty strings where "" means nothing: refused, not silently replaced by a default.
+    ("image empty", _with("spec.image", ""), "spec.image"),
+    ("schedulerName empty", _with("spec.schedulerName", ""), "spec.schedulerName"),
+    ("priorityClassName empty", _with("spec.priorityClassName", ""), "spec.priorityClassName"),
+    ("runtimeClassName empty", _with("spec.runtimeClassName", ""), "spec.runtimeClassName"),
+    ("drainGrace soon", _with("spec.drainGrace", "soon"), "spec.drainGrace"),
+    ("drainGrace 2h", _with("spec.drainGrace", "2h"), "drainGrace must be at most 1h"),
 ]
 
 

@@ -21,6 +21,7 @@ import pytest
 from devcluster.controlplane import write_kubeconfig
 from kubeforge import KubeforgeError, ServiceClient
 from kubeforge.crd import CRD_NAME
+from kubeforge.settings import router_request_timeout
 from tests.e2e.test_cluster import wait_for
 from tests.integration.test_service import torchforge_scenario
 
@@ -352,6 +353,35 @@ async def test_service_client_through_the_router_on_kubernetes(
     async with ServiceClient(url, token="wrong") as stranger:
         with pytest.raises(KubeforgeError, match="wrong token"):
             await stranger.whoami(None)
+    await _router_follows_request_timeout(cluster, namespace, url, token)
+
+
+async def _router_follows_request_timeout(
+    cluster: Any, namespace: str, url: str, token: str
+) -> None:
+    """The router starts with the spec's requestTimeout (plus slack) and follows a change of it
+    while running, natively relayed calls included."""
+
+    async def settings() -> dict[str, Any]:
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http,
+            http.get(url + "/v1/metrics") as resp,
+        ):
+            return (await resp.json())["settings"]
+
+    assert (await settings())["request_timeout"] == router_request_timeout(60.0)
+    patch = json.dumps({"spec": {"requestTimeout": "7m"}})
+    cluster.kubectl("patch", "fsvc", "tf", "-n", namespace, "--type=merge", "-p", patch)
+
+    async def followed() -> bool:
+        return (await settings())["request_timeout"] == router_request_timeout(420.0)
+
+    await _until(followed, 10, "the running router did not follow requestTimeout: 7m")
+    deployment = json.loads(
+        cluster.kubectl("get", "deployment", "tf-router", "-n", namespace, "-o", "json").stdout
+    )
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--request-timeout") + 1] == "425s"
 
 
 def _router_pods(cluster: Any, namespace: str, name: str) -> list[dict[str, Any]]:

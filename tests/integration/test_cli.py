@@ -6,10 +6,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 
+from kubeforge.settings import router_request_timeout
 from tests.integration.conftest import call
 from tests.integration.procs import REPO, descendants, free_port, pid_alive
 
@@ -136,3 +138,24 @@ def test_run_reports_an_unknown_actor_clearly(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "has no attribute 'Nope'" in out.stdout + out.stderr
     assert "replica-0 exited with code 1" in out.stderr
+
+
+def test_run_gives_the_router_every_router_setting_of_the_spec(tmp_path: Path) -> None:
+    """A 7m requestTimeout reaches the router too (it used to keep its own 120 s)."""
+    spec = tmp_path / "slow.yaml"
+    spec.write_text(
+        "apiVersion: kubeforge.dev/v1alpha1\nkind: Service\nmetadata: {name: slow}\n"
+        "spec: {replicas: 1, actor: 'examples.slow:Slow', requestTimeout: 7m, "
+        "healthPollRate: 150ms}\n"
+    )
+    port = free_port()
+    proc, out = start_run(str(spec), port)
+    try:
+        assert "is serving" in out, out
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/metrics", timeout=5) as resp:
+            settings = json.load(resp)["settings"]
+        assert settings["request_timeout"] == router_request_timeout(420.0)
+        assert settings["health_poll_rate"] == 0.15
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(15)

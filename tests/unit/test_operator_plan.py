@@ -73,7 +73,17 @@ def test_rollout_replaces_one_replica_at_a_time_only_when_all_are_ready() -> Non
 def test_missing_and_failed_pods_come_back_under_their_index() -> None:
     assert run(3, pods((0, True), (2, True))).create == [1]
     failed = [*pods((0, True), (2, True)), PodView("s-replica-1", 1, H, "Failed")]
-    assert run(3, failed).delete == ["s-replica-1"]
+    replaced = run(3, failed)
+    assert (replaced.delete, replaced.create) == (["s-replica-1"], [])  # not as replica-3
+    gone = [p for p in failed if p.index != 1]
+    assert run(3, gone).create == [1]
+
+
+def test_scaling_down_says_so() -> None:
+    p = run(1, pods((0, True), (1, True), (2, True)))
+    assert p.delete == ["s-replica-2", "s-replica-1"]
+    progressing = next(c for c in p.status["conditions"] if c["type"] == "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("True", "ScalingDown")
 
 
 def test_conditions_carry_reasons_and_keep_transition_times() -> None:
@@ -102,23 +112,23 @@ def test_conditions_carry_reasons_and_keep_transition_times() -> None:
 
 
 @pytest.mark.parametrize(
-    ("creating", "replicas", "desired", "updated", "working", "reason"),
+    ("creating", "removing", "replicas", "updated", "working", "reason"),
     [
-        (True, 2, 3, 2, True, Reason.SCALING_UP),
-        (True, 4, 3, 1, True, Reason.SCALING_UP),  # creating wins over everything after it
-        (False, 4, 3, 4, True, Reason.SCALING_DOWN),
-        (False, 4, 3, 1, True, Reason.SCALING_DOWN),  # over a rollout too
-        (False, 3, 3, 2, True, Reason.ROLLING_UPDATE),
-        (False, 3, 3, 3, True, Reason.WAITING_FOR_READY),
-        (False, 3, 3, 3, False, Reason.STABLE),
-        (False, 0, 0, 0, False, Reason.STABLE),
+        (True, False, 2, 2, True, Reason.SCALING_UP),
+        (True, True, 3, 1, True, Reason.SCALING_UP),  # creating wins over everything after it
+        (False, True, 3, 3, True, Reason.SCALING_DOWN),
+        (False, True, 3, 1, True, Reason.SCALING_DOWN),  # over a rollout too
+        (False, False, 3, 2, True, Reason.ROLLING_UPDATE),
+        (False, False, 3, 3, True, Reason.WAITING_FOR_READY),
+        (False, False, 3, 3, False, Reason.STABLE),
+        (False, False, 0, 0, False, Reason.STABLE),
     ],
 )
 def test_progressing_reason_takes_the_first_that_applies(
-    creating: bool, replicas: int, desired: int, updated: int, working: bool, reason: Reason
+    creating: bool, removing: bool, replicas: int, updated: int, working: bool, reason: Reason
 ) -> None:
     got = _progressing_reason(
-        creating=creating, replicas=replicas, desired=desired, updated=updated, working=working
+        creating=creating, removing=removing, replicas=replicas, updated=updated, working=working
     )
     assert got == reason
 
