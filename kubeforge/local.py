@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubeforge import spawn_guard
+from kubeforge.contract import READYZ
 from kubeforge.errors import UnguardedMainError
 from kubeforge.settings import DEFAULTS
 
@@ -32,7 +33,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def is_ready(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url + "/readyz", timeout=0.5) as resp:
+        with urllib.request.urlopen(url + READYZ, timeout=0.5) as resp:
             return resp.status == 200
     except (OSError, urllib.error.URLError):
         return False

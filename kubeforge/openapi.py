@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubeforge import contract
 from kubeforge.actor import EndpointInfo
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -35,7 +36,7 @@ def document(
     router: bool,
 ) -> dict[str, Any]:
     session = {
-        "name": "X-Kubeforge-Session",
+        "name": contract.H_SESSION.decode(),
         "in": "header",
         "required": False,
         "schema": {"type": "string"},
@@ -48,7 +49,7 @@ def document(
         "schema": {"type": "string", **({"enum": names} if names else {})},
     }
     paths: dict[str, Any] = {
-        "/v1/call/{endpoint}": {
+        f"{contract.CALL_PREFIX}{{endpoint}}": {
             "post": {
                 "summary": "Call an endpoint on one replica (sticky when a session is given)",
                 "parameters": [ep_param, session],
@@ -59,12 +60,12 @@ def document(
                 },
             }
         },
-        "/healthz": _get("Liveness and load"),
-        "/readyz": _get("Readiness: 200 when taking calls, 503 otherwise"),
+        contract.HEALTHZ: _get("Liveness and load"),
+        contract.READYZ: _get("Readiness: 200 when taking calls, 503 otherwise"),
         "/metrics": _get("Prometheus metrics"),
     }
     if router:
-        paths["/v1/call_all/{endpoint}"] = {
+        paths[f"{contract.CALL_ALL_PREFIX}{{endpoint}}"] = {
             "post": {
                 "summary": "Broadcast a call to every healthy replica, results in replica order",
                 "parameters": [ep_param],
@@ -75,14 +76,14 @@ def document(
                 },
             }
         }
-        paths["/v1/sessions"] = {
+        paths[contract.SESSIONS_PATH] = {
             "post": {
                 "summary": "Start a session",
                 "responses": {"201": {"description": "session"}, **_errors(401, 503)},
             }
         }
         sid = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
-        paths["/v1/sessions/{session_id}"] = {
+        paths[f"{contract.SESSIONS_PATH}/{{session_id}}"] = {
             "delete": {
                 "summary": "End a session",
                 "parameters": [sid],

@@ -106,7 +106,7 @@ class ServiceAPI(ABC):
         elif self.at_most_once:
             headers[wire.H_DELIVERY] = wire.AT_MOST_ONCE
         reply = await self._send_call(endpoint, _encode_call(endpoint, args, kwargs), headers)
-        if sid is not None and b"x-kubeforge-session-moved-from" in reply.headers:
+        if sid is not None and wire.H_SESSION_MOVED_FROM in reply.headers:
             new_id = reply.headers[wire.H_SESSION].decode()
             self._moved[sid] = new_id
             self.sessions_moved += 1

@@ -19,6 +19,7 @@ from typing import Any
 
 from kubeforge import openapi, prom, wire
 from kubeforge.actor import endpoints_of
+from kubeforge.contract import HEALTHZ, READYZ
 from kubeforge.errors import (
     DrainingError,
     InvalidArgumentsError,
@@ -166,9 +167,9 @@ class ReplicaServer:
             path = req.path
             if path.startswith(wire.CALL_PREFIX) and req.method == "POST":
                 return await self._call(req, path[len(wire.CALL_PREFIX) :])
-            if path in ("/healthz", "/health") and req.method == "GET":
+            if path in (HEALTHZ, "/health") and req.method == "GET":
                 return Response(200, wire.encode(self.health()))
-            if path == "/readyz" and req.method == "GET":
+            if path == READYZ and req.method == "GET":
                 ok = self.ready and not self.draining
                 return Response(200 if ok else 503, wire.encode({"ready": ok}))
             if path == "/metrics" and req.method == "GET":
@@ -225,7 +226,9 @@ class ReplicaServer:
             try:
                 timeout = min(timeout, float(asked))
             except ValueError:
-                raise InvalidArgumentsError(f"bad X-Kubeforge-Timeout {asked!r}") from None
+                raise InvalidArgumentsError(
+                    f"bad {wire.H_TIMEOUT.decode()} header {asked!r}: seconds expected"
+                ) from None
         sid_raw = req.headers.get(wire.H_SESSION)
         sid = sid_raw.decode("latin-1") if sid_raw else None  # any byte: at worst unknown
         started = time.monotonic()

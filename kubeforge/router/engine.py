@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kubeforge import wire
+from kubeforge import contract, wire
 from kubeforge.errors import (
     KubeforgeError,
     NoHealthyReplicasError,
@@ -45,6 +45,7 @@ from kubeforge.settings import DEFAULTS, router_request_timeout
 log = logging.getLogger("kubeforge.router")
 
 _SESSION_LINE = wire.H_SESSION + b": "
+_HEALTHZ = contract.HEALTHZ.encode()
 # Header values as text: any byte decodes, so a session id that is not ASCII is merely unknown.
 _HEADER_TEXT = "latin-1"
 
@@ -185,9 +186,9 @@ class Router:
         if upstream is None:
             return
         try:
-            resp = await upstream.request(b"GET", b"/healthz", b"", b"", self.config.health_timeout)
+            resp = await upstream.request(b"GET", _HEALTHZ, b"", b"", self.config.health_timeout)
             if resp.status != 200:
-                raise ConnectionLost(f"/healthz answered {resp.status}")
+                raise ConnectionLost(f"{contract.HEALTHZ} answered {resp.status}")
             health = wire.decode(resp.body)
         except (
             ConnectFailed,

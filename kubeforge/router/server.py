@@ -96,10 +96,10 @@ class RouterServer:
             if path.startswith("/v1/"):
                 wire.check_token(req, self._auth)
                 return await self._control(req, path)
-            if path == "/healthz" and req.method == "GET":
+            if path == contract.HEALTHZ and req.method == "GET":
                 healthy = len(self.router.table.healthy)
                 return Response(200, wire.encode({"status": "ok", "healthy_replicas": healthy}))
-            if path == "/readyz" and req.method == "GET":
+            if path == contract.READYZ and req.method == "GET":
                 return Response(
                     200 if self.router.polled_once else 503,
                     wire.encode({"ready": self.router.polled_once}),

@@ -81,7 +81,7 @@ CASES = [
         b"{}",
         {"X-Kubeforge-Timeout": "soon"},
         422,
-        "X-Kubeforge-Timeout",
+        "x-kubeforge-timeout header 'soon'",
     ),
 ]
 
