@@ -227,7 +227,8 @@ class ReplicaServer:
                 timeout = min(timeout, float(asked))
             except ValueError:
                 raise InvalidArgumentsError(
-                    f"bad {wire.H_TIMEOUT.decode()} header {asked!r}: seconds expected"
+                    f"bad {wire.H_TIMEOUT.decode()} header {asked.decode('latin-1')!r}: "
+                    "seconds expected"
                 ) from None
         sid_raw = req.headers.get(wire.H_SESSION)
         sid = sid_raw.decode("latin-1") if sid_raw else None  # any byte: at worst unknown
