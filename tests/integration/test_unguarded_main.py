@@ -236,14 +236,19 @@ def _write(tmp_path: Path, text: str) -> Path:
     return script
 
 
-def test_unguarded_script_fails_once_without_recursion(tmp_path: Path) -> None:
-    script = _write(tmp_path, UNGUARDED)
-    run = run_contained(script)
-    detail = (
+def _detail(run: Contained) -> str:
+    """What a failed assertion shows of a contained run."""
+    return (
         f"rc={run.rc} elapsed={run.elapsed:.1f}s max_processes={run.max_processes} "
         f"killed_by_watchdog={run.killed_by_watchdog}\n--- stdout\n{run.stdout[-3000:]}"
         f"\n--- stderr\n{run.stderr[-6000:]}"
     )
+
+
+def test_unguarded_script_fails_once_without_recursion(tmp_path: Path) -> None:
+    script = _write(tmp_path, UNGUARDED)
+    run = run_contained(script)
+    detail = _detail(run)
     try:
         assert not run.killed_by_watchdog, "recursive start: the watchdog killed it\n" + detail
         assert run.max_processes <= MAX_PROCESSES, detail
@@ -261,11 +266,7 @@ def test_unguarded_script_fails_once_without_recursion(tmp_path: Path) -> None:
 def test_swallowed_refusal_still_fails_the_replica(tmp_path: Path) -> None:
     script = _write(tmp_path, SWALLOWED)
     run = run_contained(script)
-    detail = (
-        f"rc={run.rc} elapsed={run.elapsed:.1f}s max_processes={run.max_processes} "
-        f"killed_by_watchdog={run.killed_by_watchdog}\n--- stdout\n{run.stdout[-3000:]}"
-        f"\n--- stderr\n{run.stderr[-6000:]}"
-    )
+    detail = _detail(run)
     try:
         assert not run.killed_by_watchdog, detail
         assert run.max_processes <= MAX_PROCESSES, detail
