@@ -1,6 +1,6 @@
 """An actor with an endpoint that raises: errors reach the caller, the replica stays up."""
 
-from kubeforge import Actor, endpoint
+from kubeforge import Actor, OverloadedError, endpoint
 
 
 class Failing(Actor):
@@ -26,3 +26,9 @@ class Failing(Actor):
     async def raw(self) -> bytes:
         """Bytes: msgpack carries them, JSON cannot."""
         return b"\x00\xff"
+
+    @endpoint
+    async def refuse(self) -> None:
+        """Raises a retryable kubeforge error of its own (as a nested Service call may): it ran,
+        so it is the endpoint's error, never a refusal to re-send."""
+        raise OverloadedError("the nested service is at capacity")

@@ -30,7 +30,7 @@ def duration(text: str | float | int) -> float:
 def format_duration(seconds: float) -> str:
     """The CRD's duration form of a number of seconds: `200ms`, `60s`, `30m`, `2h`."""
     if seconds < 1 or seconds != int(seconds):
-        return f"{seconds * 1000:g}ms"
+        return f"{round(seconds * 1000)}ms"  # whole milliseconds: never an exponent
     for unit, size in (("h", 3600), ("m", 60)):
         if seconds % size == 0:
             return f"{int(seconds) // size}{unit}"

@@ -225,7 +225,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="serve a Service manifest locally until Ctrl-C")
     r.add_argument("spec", help=f"a YAML file with a {API_VERSION} {KIND}")
     r.add_argument("--host", default="127.0.0.1")
-    r.add_argument("--port", type=int, default=8080)
+    r.add_argument("--port", type=int, default=DEFAULTS.router_port)
     r.add_argument("--token", default=token, help="require this token (default $KUBEFORGE_TOKEN)")
     r.add_argument("--startup-timeout", type=duration, default=DEFAULTS.startup_timeout)
     r.add_argument(

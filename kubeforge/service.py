@@ -67,9 +67,6 @@ class Service(ServiceAPI):
     def __init__(
         self, cfg: ServiceConfig, actor_def: type, *actor_args: Any, **actor_kwargs: Any
     ) -> None:
-        # Before anything else (GPUs included): a Service that would recurse (a replica importing
-        # an unguarded script, or any process kubeforge started) is refused, not attempted.
-        spawn_guard.check_can_spawn("a Service")
         super().__init__()
         self.cfg = cfg
         self.actor_def = actor_def
@@ -79,9 +76,12 @@ class Service(ServiceAPI):
         self.actor_path = import_path_of(actor_def)
         self.raise_on_session_moved = cfg.raise_on_session_moved
         self.at_most_once = cfg.at_most_once
-        # GPUs are checked here, before anything starts.
+        # GPUs are checked here, before anything starts; not where a start would be refused
+        # anyway (`start` says why then, which a GpuError would hide).
         self._gpus = (
-            gpus.assign(cfg.num_replicas, cfg.procs, gpus.visible_gpus()) if cfg.with_gpus else None
+            gpus.assign(cfg.num_replicas, cfg.procs, gpus.visible_gpus())
+            if cfg.with_gpus and spawn_guard.can_spawn()
+            else None
         )
         self._replicas = ReplicaSet(
             actor=self.actor_path,
@@ -115,6 +115,9 @@ class Service(ServiceAPI):
     async def start(self) -> Service:
         if self._router is not None:
             return self
+        # Before anything else (GPUs included): a start that would recurse (a replica importing
+        # an unguarded script, or any process kubeforge started) is refused, not attempted.
+        spawn_guard.check_can_spawn("a Service")
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.cfg.startup_timeout
         try:

@@ -85,6 +85,11 @@ def importing_script(script: str) -> Iterator[None]:
         raise UnguardedMainError(unguarded_main_message(script)) from None
 
 
+def can_spawn() -> bool:
+    """Whether `check_can_spawn` would let a start through (it records nothing)."""
+    return _importing is None and not os.environ.get(SPAWNED_BY_ENV)
+
+
 def check_can_spawn(what: str) -> None:
     """Raise instead of starting `what` when that would start kubeforge recursively."""
     if _importing is not None:

@@ -208,9 +208,11 @@ class Upstream:
         headers: bytes,
         body: bytes,
         timeout: float,
+        connect_timeout: float | None = None,
     ) -> ClientResponse:
-        """Send one request, opening a connection when none is idle."""
-        conn = self._take_idle() or await self._connect(timeout)
+        """Send one request, opening a connection when none is idle (within `connect_timeout`,
+        else `timeout`)."""
+        conn = self._take_idle() or await self._connect(connect_timeout or timeout)
         fut: asyncio.Future[ClientResponse] = asyncio.get_running_loop().create_future()
 
         def done(resp: ClientResponse | None, error: UpstreamError | None) -> None:

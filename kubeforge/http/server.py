@@ -196,7 +196,13 @@ class HttpProtocol(asyncio.Protocol):
         if name == b"content-length":
             if value.isdigit() and int(value) > self.max_body:
                 self._too_large_reply()
-        elif name == b"expect" and value.lower() == b"100-continue" and self.transport:
+        elif (
+            name == b"expect"
+            and value.lower() == b"100-continue"
+            and self.transport
+            and self.current is None  # only the request answered next: never between answers
+            and not self.pending
+        ):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -211,6 +217,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._too_large or self.closing or self._last is not None:
+            return
+        if self.parser.should_upgrade():
+            self._fail(400, "protocol upgrades are not supported")  # instead of an answer
             return
         if not self.parser.should_keep_alive():
             self._finishing = True  # its answer closes the connection: nothing after it counts
@@ -277,20 +286,9 @@ class HttpProtocol(asyncio.Protocol):
             self._close_now()
 
     def _too_large_reply(self) -> None:
-        """Answer 413 at once but keep reading (and dropping) the body for a moment.
-
-        Closing with unread data makes the kernel send RST, and a client still writing its
-        body would then lose the 413 and see only a reset.
-        """
+        """Answer 413 (after the answers still owed), dropping the rest of the body."""
         self._too_large = True
-        if self.transport is None or self.closing:
-            return
-        self.transport.write(
-            render(self.on_error(413, f"request body exceeds {self.max_body} bytes"), False)
-        )
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        asyncio.get_running_loop().call_later(2.0, self.close)
+        self._fail(413, f"request body exceeds {self.max_body} bytes")
 
     def _fail(self, status: int, message: str) -> None:
         """Answer a request that cannot be parsed or accepted, then close the connection: after
@@ -306,8 +304,17 @@ class HttpProtocol(asyncio.Protocol):
             self._close_now()
 
     def _close_now(self) -> None:
-        if self._last is not None and self.transport and not self.closing:
-            self.transport.write(render(self.on_error(*self._last), keep_alive=False))
+        if self._last is None or self.transport is None or self.closing:
+            self.close()
+            return
+        self.transport.write(render(self.on_error(*self._last), keep_alive=False))
+        if self._too_large and self.transport.can_write_eof():
+            # Keep reading (and dropping) the body for a moment: closing with unread data makes
+            # the kernel send RST, and a client still writing its body would lose the 413.
+            self.transport.write_eof()
+            self.closing = True
+            asyncio.get_running_loop().call_later(2.0, self.close)
+            return
         self.close()
 
     def close(self) -> None:

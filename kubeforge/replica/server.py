@@ -304,7 +304,9 @@ class ReplicaServer:
             raise RequestTimeoutError(
                 f"endpoint {name!r} did not finish within {timeout:g}s", timeout=timeout
             ) from None
-        except KubeforgeError:
+        except KubeforgeError as exc:
+            if exc.retryable:  # the endpoint's own (a nested call's): it ran, so not a refusal
+                raise _remote(exc) from None
             raise
         except Exception as exc:
             raise _remote(exc) from None

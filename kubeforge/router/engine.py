@@ -65,6 +65,14 @@ class PassOn(Exception):
     """The caller's answer is the replica's refusal, which the native relay holds."""
 
 
+def _seconds(value: bytes | None) -> float | None:
+    """A caller's x-kubeforge-timeout, when it is a number (the replica refuses any other)."""
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
 def _outcome_of(error: UpstreamError) -> Outcome:
     if isinstance(error, ConnectFailed):
         return Outcome.CONNECT
@@ -210,6 +218,7 @@ class Router:
         headers: dict[bytes, bytes],
         failed: Failed | None = None,
         first: Replica | None = None,
+        started: float | None = None,
     ) -> Response:
         """The general call path: placement of new and moved sessions, connects, re-sends.
 
@@ -217,26 +226,38 @@ class Router:
         timeout, delivery, session-moved preference. `failed` is a first attempt that a relay
         (the callback relay below, or the native one) made and that failed: the call goes on
         from there exactly as if this loop had made it. `first` is where the callback relay
-        already chose to send a call without a session, when it had no pooled connection there.
+        already chose to send a call without a session, when it had no pooled connection there;
+        `started` is when the call's first attempt began, when that was before this.
         """
         sid_raw = headers.get(wire.H_SESSION)
-        extra = self._forwarded(headers)
         path_b = path.encode()
+        # One deadline for the whole call, re-sends included; the caller's own timeout, when it
+        # gave one, bounds them too and travels on as what is left of it.
+        started = time.monotonic() if started is None else started
+        deadline = started + self.config.request_timeout
+        asked = _seconds(headers.get(wire.H_TIMEOUT))
+        extra = self._forwarded(headers)
         tried: set[int] = set()
         attempt = 0
         while True:
             if failed is not None:
                 tried.add(failed.index)
-                decision = self._judge(failed, attempt, tried, headers)
+                now = time.monotonic()
+                left = deadline - now
+                if asked is not None:
+                    left = min(left, asked - (now - started))
+                decision = self._judge(failed, attempt, tried, headers, left)
                 if not decision.resend:
                     return self._give_up(failed, decision)
                 attempt += 1
-                self.retries_total += 1
                 if decision.backoff:
                     await asyncio.sleep(decision.backoff * random.uniform(0.5, 1))
+                if asked is not None:
+                    extra = self._forwarded(headers, asked - (time.monotonic() - started))
             placement: Placement | None = None
             if sid_raw is None:
-                replica = first or self.table.pick(frozenset(tried))
+                usable = first is not None and first.state is ReplicaState.HEALTHY
+                replica = first if usable else self.table.pick(frozenset(tried))  # type: ignore[assignment]
                 first = None
                 line = extra
             else:
@@ -255,8 +276,10 @@ class Router:
                         replica=replica.name,
                     )
                 line = extra + _SESSION_LINE + placement.session_id.encode() + b"\r\n"
+            if attempt:
+                self.retries_total += 1  # counted once it really goes
             try:
-                resp = await self._send(replica, path_b, line, body)
+                resp = await self._send(replica, path_b, line, body, deadline)
             except UpstreamError as exc:
                 failed = Failed(replica.index, _outcome_of(exc), str(exc))
                 continue
@@ -273,7 +296,12 @@ class Router:
             return out
 
     def _judge(
-        self, failed: Failed, attempt: int, tried: set[int], headers: dict[bytes, bytes]
+        self,
+        failed: Failed,
+        attempt: int,
+        tried: set[int],
+        headers: dict[bytes, bytes],
+        time_left: float,
     ) -> retry.Decision:
         """Take what a failed attempt says about its replica's health, then ask the one rule."""
         replica = self.table.replicas.get(failed.index)
@@ -287,6 +315,7 @@ class Router:
             at_most_once=retry.at_most_once(headers),
             in_session=wire.H_SESSION in headers,
             others=sum(r.index not in tried for r in self.table.healthy),
+            time_left=time_left,
             backoff_base=self.config.retry_backoff,
         )
 
@@ -321,27 +350,37 @@ class Router:
             f"(not sent again: {why})"
         )
 
-    def _forwarded(self, headers: dict[bytes, bytes]) -> bytes:
-        """The header lines a call carries on to its replica: token, body type, deadline."""
+    def _forwarded(self, headers: dict[bytes, bytes], left: float | None = None) -> bytes:
+        """The header lines a call carries on to its replica: token, body type, deadline (as
+        the caller sent it, or what is `left` of it for a re-send)."""
         extra = self._auth_line
         ctype = headers.get(wire.H_CONTENT_TYPE)
         if ctype:
             extra += b"content-type: " + ctype + b"\r\n"
-        deadline = headers.get(wire.H_TIMEOUT)
-        if deadline:
-            extra += wire.H_TIMEOUT + b": " + deadline + b"\r\n"
+        asked = headers.get(wire.H_TIMEOUT) if left is None else f"{max(left, 0):.3f}".encode()
+        if asked:
+            extra += wire.H_TIMEOUT + b": " + asked + b"\r\n"
         return extra
 
     async def _send(
-        self, replica: Replica, path: bytes, headers: bytes, body: bytes
+        self,
+        replica: Replica,
+        path: bytes,
+        headers: bytes,
+        body: bytes,
+        deadline: float | None = None,
     ) -> ClientResponse:
         """One relayed request, with the bookkeeping the routing core and metrics need."""
         upstream = self.upstreams[replica.index]
+        now = time.monotonic()
+        timeout = self.config.request_timeout if deadline is None else deadline - now
         replica.in_flight += 1
-        started = time.monotonic()
+        started = now
         ok = False
         try:
-            resp = await upstream.request(b"POST", path, headers, body, self.config.request_timeout)
+            resp = await upstream.request(
+                b"POST", path, headers, body, timeout, min(timeout, self.config.health_timeout)
+            )
             ok = resp.status < 400
             return resp
         finally:
@@ -405,7 +444,7 @@ class Router:
                     )
                     return
                 failed = Failed(replica.index, refused, answer=_passed_on(resp))
-            asyncio.get_running_loop().create_task(self._go_on(req, conn, failed))
+            asyncio.get_running_loop().create_task(self._go_on(req, conn, failed, started=started))
 
         sent = self.upstreams[replica.index].send(
             b"POST", req.path.encode(), extra, req.body, self.config.request_timeout, done
@@ -425,10 +464,11 @@ class Router:
         conn: HttpProtocol,
         failed: Failed | None = None,
         first: Replica | None = None,
+        started: float | None = None,
     ) -> None:
         """Finish a call the callback relay started, answering as `call` does."""
         try:
-            resp = await self.call(req.path, req.body, req.headers, failed, first)
+            resp = await self.call(req.path, req.body, req.headers, failed, first, started)
         except KubeforgeError as err:
             resp = wire.error_response(err, req.headers.get(wire.H_CONTENT_TYPE))
         except Exception as exc:  # answered as the server answers a crashed handler
@@ -437,11 +477,19 @@ class Router:
         conn.answer(req, resp)
 
     async def resume(
-        self, path: str, body: bytes, headers: dict[bytes, bytes], index: int, report: str
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[bytes, bytes],
+        index: int,
+        took: float,
+        report: str,
     ) -> Response:
-        """A call the native relay sent to replica `index` that failed as `report` says
-        (`connect`, `lost`, `timeout` or `refused <ErrorType>`): what `call` does next."""
-        return await self.call(path, body, headers, Failed(index, Outcome.of_report(report)))
+        """A call the native relay sent to replica `index` that failed after `took` seconds as
+        `report` says (`connect`, `lost`, `timeout` or `refused <ErrorType>`): what `call`
+        does next, with the time already spent counted against the call's deadlines."""
+        failed = Failed(index, Outcome.of_report(report))
+        return await self.call(path, body, headers, failed, started=time.monotonic() - took)
 
     async def _place(self, session_id: str, exclude: frozenset[int]) -> Placement:
         """Where a session goes now; a fresh placement is registered with its replica first."""
@@ -455,7 +503,7 @@ class Router:
             try:
                 await self._register(placement.replica, placement.session_id)
                 break
-            except ConnectFailed as exc:
+            except UpstreamError as exc:  # never reached, or no answer: try the next one
                 self.table.connection_failed(placement.replica, str(exc))
                 tried.add(placement.replica.index)
                 placement = self.table.move(session_id, placement.moved_from or 0, frozenset(tried))
@@ -537,7 +585,7 @@ class Router:
             if isinstance(outcome, BaseException):
                 if isinstance(outcome, UpstreamError):
                     failed = Failed(replica.index, _outcome_of(outcome), str(outcome))
-                    self._judge(failed, 0, {replica.index}, {})  # its health, nothing more
+                    self._judge(failed, 0, {replica.index}, {}, 0.0)  # its health, nothing more
                     err = self._error(failed, "a broadcast is sent once")
                 elif isinstance(outcome, KubeforgeError):
                     err = outcome

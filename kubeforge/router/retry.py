@@ -75,13 +75,15 @@ def decide(
     at_most_once: bool,
     in_session: bool,
     others: int,
+    time_left: float = float("inf"),
     backoff_base: float = 0.01,
 ) -> Decision:
     """May the call be sent again, to another healthy replica not tried yet?
 
     `attempt` counts the re-sends already made, `budget` is how many are allowed (`--retries`),
-    `others` how many healthy replicas the call has not tried. Where it goes is always the
-    least-loaded of those; a call in a session takes its session there (the session moves).
+    `others` how many healthy replicas the call has not tried, `time_left` the seconds left of
+    the call's deadline (the router's, or the caller's when it is sooner). Where it goes is
+    always the least-loaded of those replicas; a call in a session takes its session there.
 
     - A timeout is never re-sent: the call may still be running.
     - A call lost with its replica is re-sent only without a session (its session's state died
@@ -101,6 +103,8 @@ def decide(
         return Decision(False, f"retry budget of {budget} spent")
     if others < 1:
         return Decision(False, "no other healthy replica")
+    if time_left <= 0:
+        return Decision(False, "the call's deadline has passed")
     backoff = min(backoff_base * 2**attempt, MAX_BACKOFF) if outcome is Outcome.CONNECT else 0.0
     return Decision(True, f"re-send after {outcome}", backoff)
 

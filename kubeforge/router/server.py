@@ -68,14 +68,15 @@ class RouterServer:
         await self.http.close(grace)
         await self.router.stop()
 
-    def _relay_failure(self, req: Request) -> tuple[int, str] | None:
-        """(replica index, how) when the native relay passes on a call that failed there."""
+    def _relay_failure(self, req: Request) -> tuple[int, float, str] | None:
+        """(replica index, seconds the attempt took, what happened) when the native relay
+        passes on a call that failed there."""
         failed = req.headers.get(contract.H_RELAY_FAILED)
         secret = req.headers.get(contract.H_RELAY_SECRET)
         if failed is None or secret is None or not hmac.compare_digest(secret, self._secret):
             return None
-        index, _, how = failed.decode().partition(" ")
-        return int(index), how
+        index, took, report = failed.decode().split(" ", 2)
+        return int(index), float(took), report
 
     async def handle(self, req: Request) -> Response:
         path = req.path

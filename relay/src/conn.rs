@@ -164,7 +164,9 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
     if held.is_none() {
         shared.state.lock().unwrap().record(index, seconds, false);
     }
-    let answer = delegate(shared, raw, head, Some((index, report))).await;
+    // Python goes on from here: which replica, how long the attempt took, what happened.
+    let failed = format!("{index} {seconds:.6} {report}");
+    let answer = delegate(shared, raw, head, Some(failed)).await;
     match held {
         // Python decided the replica's own refusal is the caller's answer.
         Some((bytes, close)) if answer.pass_on => Answer {
@@ -285,7 +287,7 @@ async fn delegate(
     shared: &Shared,
     raw: &[u8],
     head: &RequestHead,
-    failed: Option<(u32, String)>,
+    failed: Option<String>,
 ) -> Answer {
     if head.is_call {
         shared.state.lock().unwrap().calls_handed_over += 1;
@@ -301,8 +303,8 @@ async fn delegate(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(&shared.settings.secret_line);
-    if let Some((index, report)) = failed {
-        let failed = format!("{}: {index} {report}\r\n", names::HEADERS_RELAY_FAILED);
+    if let Some(failed) = failed {
+        let failed = format!("{}: {failed}\r\n", names::HEADERS_RELAY_FAILED);
         out.extend_from_slice(failed.as_bytes());
     }
     let prefix = names::HEADERS_RELAY_PREFIX.as_bytes();

@@ -181,7 +181,10 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str> 
 /// replica refused the call before its actor saw it (`refused <ErrorType>`). Python decides
 /// what happens next; the relay only reports.
 pub fn refusal(head: &ResponseHead) -> Option<String> {
-    let kind = head.retryable.as_deref().filter(|_| head.status == 503)?;
+    let kind = head
+        .retryable
+        .as_deref()
+        .filter(|kind| head.status == 503 && !kind.is_empty())?;
     Some(format!("refused {}", String::from_utf8_lossy(kind)))
 }
 

@@ -658,6 +658,7 @@ DECIDED: dict[str, int] = {
     "pipelined: call then garbage": 200,  # answered in order, then the 400
     "pipelined: close then call": 200,  # bytes after `connection: close` are dropped
     "pipelined: HTTP/1.0 keep-alive then call": 200,
+    "upgrade": 400,  # refused instead of answered (once, not a 200 and then a 400)
 }
 
 

@@ -1,6 +1,7 @@
 """HTTP/1.1 at the router's edge, on raw sockets: whatever the call path, callers are served."""
 
 import json
+import re
 import socket
 import time
 from urllib.parse import urlsplit
@@ -115,3 +116,29 @@ def test_http_1_0_and_connection_close_are_honoured(procs: Procs) -> None:
             assert status == 200 and json.loads(body) == {"result": "x"}
             assert b"connection: close" in head.lower()
             assert _closed(sock)
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_each_request_gets_one_answer_at_the_edges(procs: Procs) -> None:
+    """An upgrade is refused once (not run, then refused); a half-closed caller still gets its
+    answer; an oversized body behind a pipelined call waits for that call's answer."""
+    router = procs.router(procs.replicas("examples.echo:Echo", 1), "--max-body", "1024")
+    with _connect(router.url) as sock:
+        sock.sendall(_request(b"connection: upgrade\r\nupgrade: h2c\r\n"))
+        answers = _until_closed(sock)
+    assert answers.count(b"HTTP/1.1 ") == 1 and answers.startswith(b"HTTP/1.1 400"), answers
+    with _connect(router.url) as sock:
+        sock.sendall(_request())
+        sock.shutdown(socket.SHUT_WR)
+        answers = _until_closed(sock)
+    assert answers.startswith(b"HTTP/1.1 200") and b'"result":"x"' in answers, answers
+    with _connect(router.url) as sock:
+        sock.sendall(_request() + _request(body=b"x" * 2000))
+        answers = _until_closed(sock)
+    assert re.findall(rb"HTTP/1\.1 (\d{3})", answers) == [b"200", b"413"], answers

@@ -79,3 +79,52 @@ async def test_last_healthy_replica_draining_gives_its_own_error(
     status, body, _ = await call(http, router.url, "work", 0.1)
     assert (status, body["error"]["type"]) == (503, "DrainingError"), body
     assert (await busy)[0] == 200
+
+
+async def test_an_endpoints_own_overloaded_error_is_not_a_refusal(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """The endpoint ran and raised OverloadedError itself: its error, never re-sent."""
+    replicas = procs.replicas("examples.failing:Failing", 2)
+    router = procs.router(replicas)
+    status, body, headers = await call(http, router.url, "refuse")
+    assert status == 500, body
+    assert (body["error"]["type"], body["error"]["origin"]) == ("OverloadedError", "endpoint")
+    assert "X-Kubeforge-Retryable" not in headers
+    _, metrics = http_get(router.url + "/v1/metrics")
+    assert isinstance(metrics, dict) and metrics["service"]["retries"] == 0
+    assert metrics["service"]["healthy_replicas"] == 2
+
+
+async def _running_on(replicas: list, timeout: float = 3.0) -> int:
+    """Index of the replica that is running a call now."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for i, r in enumerate(replicas):
+            _, health = http_get(r.url + "/healthz")
+            if isinstance(health, dict) and health.get("in_flight"):
+                return i
+        await asyncio.sleep(0.02)
+    raise AssertionError("no replica took the call")
+
+
+async def test_a_re_send_gets_what_is_left_of_the_callers_timeout(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """A call lost with its replica goes elsewhere with the rest of the caller's time, not
+    all of it again: here too little is left, so the caller hears 504 when its time is up."""
+    replicas = procs.replicas("examples.slow:Slow", 2)
+    router = procs.router(replicas, "--health-poll-rate", "5s")
+    started = time.monotonic()
+    pending = asyncio.ensure_future(
+        call(http, router.url, "work", 0.8, headers={"X-Kubeforge-Timeout": "1.2"})
+    )
+    victim = await _running_on(replicas)
+    await asyncio.sleep(max(0.0, 0.6 - (time.monotonic() - started)))
+    replicas[victim].kill9()
+    status, body, _ = await pending
+    elapsed = time.monotonic() - started
+    assert (status, body["error"]["type"]) == (504, "RequestTimeoutError"), body
+    assert elapsed < 1.6, elapsed  # the whole call kept to the caller's 1.2 s
+    _, metrics = http_get(router.url + "/v1/metrics")
+    assert isinstance(metrics, dict) and metrics["service"]["retries"] == 1

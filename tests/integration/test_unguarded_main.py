@@ -313,15 +313,21 @@ def test_kubeforge_processes_never_spawn_kubeforge_processes(
         procs.stop(1.0)
 
 
-def test_service_refuses_inside_a_kubeforge_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Refused when the Service is made, before GPUs are assigned or anything starts."""
+async def test_service_start_refuses_inside_a_kubeforge_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Making a Service is harmless; starting one is refused, before GPUs are assigned (a
+    GpuError would hide the reason) or anything starts."""
     from kubeforge import NestedSpawnError, Service, ServiceConfig
     from kubeforge.actor import load_actor_class
 
     actor = load_actor_class("examples.counter:Counter")
     monkeypatch.setenv("KUBEFORGE_SPAWNED_BY", "12345")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPUs: assigning them would fail
+    svc = Service(ServiceConfig(num_replicas=2, with_gpus=True), actor)
     with pytest.raises(NestedSpawnError, match="KUBEFORGE_SPAWNED_BY"):
-        Service(ServiceConfig(num_replicas=1), actor)
+        await svc.start()
+    assert svc.pids == []
 
 
 def test_children_carry_the_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,3 +73,10 @@ def test_only_a_refused_connect_backs_off_and_the_pause_is_bounded() -> None:
 
 def test_what_takes_a_replica_out_of_rotation() -> None:
     assert {o for o in Outcome if o.unhealthy_reason} == {C, L, D}
+
+
+def test_no_re_send_past_the_deadline() -> None:
+    args = {"at_most_once": False, "in_session": False, "others": 2}
+    assert decide(C, 0, 3, time_left=0.5, **args).resend
+    late = decide(C, 0, 3, time_left=0.0, **args)
+    assert not late.resend and "deadline" in late.why

@@ -123,7 +123,15 @@ def test_defaults_are_sane() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0.2, "200ms"), (0.01, "10ms"), (1.5, "1500ms"), (25, "25s"), (60, "1m"), (3600, "1h")],
+    [
+        (0.2, "200ms"),
+        (0.01, "10ms"),
+        (1.5, "1500ms"),
+        (1005.5, "1005500ms"),
+        (25, "25s"),
+        (60, "1m"),
+        (3600, "1h"),
+    ],
 )
 def test_durations_round_trip(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text

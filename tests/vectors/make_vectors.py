@@ -61,6 +61,11 @@ def answers() -> list[dict[str, object]]:
             "outcome": "draining",
         },
         {"response": head("503 Service Unavailable"), "report": None, "outcome": None},
+        {
+            "response": head("503 Service Unavailable", "x-kubeforge-retryable: "),
+            "report": None,
+            "outcome": None,
+        },
         {"response": head("200 OK"), "report": None, "outcome": None},
         {
             "response": head("500 Internal Server Error", "x-kubeforge-retryable: OverloadedError"),
