@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: venv test unit integration e2e crds k8s-bin cluster-up cluster-down lint bench bench-tools clean
+.PHONY: venv test unit integration e2e images images-test crds k8s-bin cluster-up cluster-down lint bench bench-tools clean
 
 # The install builds the router's native relay (relay/, Rust) with cargo: edits there rebuild it.
 $(VENV)/.installed: pyproject.toml relay/Cargo.toml relay/Cargo.lock $(wildcard relay/src/*.rs)
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml relay/Cargo.toml relay/Cargo.lock $(wildcard 
 
 venv: $(VENV)/.installed
 
-test: lint unit integration e2e
+test: lint unit integration e2e images-test
 
 # The relay's own tests (Rust) link against libpython instead of being loaded by it.
 unit: venv
@@ -34,6 +34,16 @@ k8s-bin:
 
 e2e: venv k8s-bin
 	$(PYTEST) tests/e2e
+
+# The images users run: kubeforge:<version>, kubeforge-replica:<version> and an actor image
+# built FROM it (images/build.sh). Starts a Docker engine when none runs (installing Debian's
+# docker.io if need be); public bases when they can be pulled, else bases made from Debian's
+# packages. `images-test` checks them and stops the engine again if it started one.
+images: venv
+	images/build.sh >/dev/null
+
+images-test: venv
+	trap 'images/engine.sh stop' EXIT; images/build.sh >/dev/null && $(PYTEST) tests/images
 
 cluster-up: venv k8s-bin
 	$(PY) -m devcluster up
