@@ -29,6 +29,14 @@ from kubeforge.settings import (
     termination_grace_seconds,
 )
 
+# Every pod kubeforge writes passes the `restricted` Pod Security Standard.
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
 REPLICA_PORT = DEFAULTS.replica_port
 ROUTER_PORT = DEFAULTS.router_port
 GPU = "nvidia.com/gpu"
@@ -119,7 +127,8 @@ def replica_container(spec: ServiceSpec, service: str) -> dict[str, Any]:
             **probe,
         },
         "resources": resources,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        # Actor code may write where it likes (caches, /tmp): the root stays writable here.
+        "securityContext": CONTAINER_SECURITY,
     }
 
 
@@ -131,11 +140,7 @@ def pod_template(body: dict[str, Any]) -> dict[str, Any]:
         "restartPolicy": "Always",
         # The kubelet waits out the replica's drain before it kills it.
         "terminationGracePeriodSeconds": termination_grace_seconds(spec.drain_grace_seconds),
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": POD_SECURITY,
         "containers": [replica_container(spec, service)],
     }
     for field, key in (
@@ -221,7 +226,7 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
         "readinessProbe": {"httpGet": {"path": READYZ, "port": "http"}, "periodSeconds": 2},
         "livenessProbe": {"httpGet": {"path": HEALTHZ, "port": "http"}, "periodSeconds": 5},
         "resources": spec.router.resources or {},
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {**CONTAINER_SECURITY, "readOnlyRootFilesystem": True},
     }
     deployment = {
         "apiVersion": "apps/v1",
@@ -234,7 +239,7 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
                 "metadata": {"labels": labels},
                 "spec": {
                     "serviceAccountName": router_name(service),
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+                    "securityContext": POD_SECURITY,
                     "containers": [container],
                 },
             },

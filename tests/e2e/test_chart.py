@@ -88,9 +88,18 @@ def test_values_schema_rejects_bad_values(cluster: Any) -> None:
     assert out.returncode != 0 and "operatr" in out.stderr
 
 
+RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
+
+
 def test_helm_install_runs_the_operator_and_uninstall_cleans_up(
     cluster: Any, namespace: str
 ) -> None:
+    """In namespaces that enforce the `restricted` Pod Security Standard: the operator's, and
+    the Service's, whose replica and router pods must be admitted too."""
+    if cluster.kubectl("get", "namespace", "kf-system", check=False).returncode != 0:
+        cluster.kubectl("create", "namespace", "kf-system")
+    for ns in ("kf-system", namespace):
+        cluster.kubectl("label", "namespace", ns, RESTRICTED, "--overwrite")
     helm(
         cluster,
         "install",
@@ -98,7 +107,6 @@ def test_helm_install_runs_the_operator_and_uninstall_cleans_up(
         str(CHART),
         "-n",
         "kf-system",
-        "--create-namespace",
         "--wait",
         "--timeout",
         "120s",
@@ -124,6 +132,14 @@ def test_helm_install_runs_the_operator_and_uninstall_cleans_up(
             return body.get("status", {}).get("readyReplicas") == 2
 
         wait_for(ready, 90)
+        cluster.kubectl(
+            "wait",
+            "-n",
+            namespace,
+            "--for=condition=Available",
+            "deployment/viahelm-router",
+            "--timeout=90s",
+        )
         cluster.kubectl("delete", "fsvc", "viahelm", "-n", namespace)
     finally:
         helm(cluster, "uninstall", "kf", "-n", "kf-system", "--wait", "--timeout", "120s")

@@ -151,3 +151,19 @@ def test_the_chart_ships_this_version() -> None:
     default must be of the same version."""
     chart = yaml.safe_load((Path(__file__).parents[2] / "charts/kubeforge/Chart.yaml").read_text())
     assert chart["appVersion"] == VERSION
+
+
+def _restricted(pod_spec: dict) -> None:
+    """What the `restricted` Pod Security Standard asks of a pod and its containers."""
+    pod = pod_spec["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["seccompProfile"]["type"] == "RuntimeDefault"
+    for c in pod_spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_every_pod_written_passes_the_restricted_standard() -> None:
+    _restricted(pod_template(_body(SPECS[0]))["spec"])
+    router = router_objects(_body(SPECS[0]))[0]["spec"]["template"]["spec"]
+    _restricted(router)
+    assert router["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
