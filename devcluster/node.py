@@ -65,6 +65,7 @@ class PodRun:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     stopping: bool = False
     workdir: Path | None = None
+    reports: int = 0  # status reports begun; a retry of an older one gives way to a newer
 
 
 class ProcessNode:
@@ -509,11 +510,25 @@ class ProcessNode:
             ],
             "containerStatuses": statuses,
         }
-        try:
-            await self.core.patch_namespaced_pod_status(run.name, run.namespace, {"status": status})
-        except ApiException as exc:
-            if exc.status != 404:
+        # A status that never arrives leaves a pod unready for good (a container without probes
+        # reports once): under load, try a few times, unless a newer report has begun.
+        run.reports += 1
+        seq = run.reports
+        for attempt in range(5):
+            if run.reports != seq:
+                return
+            try:
+                await self.core.patch_namespaced_pod_status(
+                    run.name, run.namespace, {"status": status}
+                )
+                return
+            except ApiException as exc:
+                if exc.status == 404:
+                    return
                 log.warning("status of %s/%s: %s", run.namespace, run.name, exc.reason)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("status of %s/%s: %s", run.namespace, run.name, exc)
+            await asyncio.sleep(0.2 * 2**attempt)
 
     async def _terminate(self, run: PodRun, pod: Any, grace: int | None) -> None:
         await self._kill_pod(run, grace=run.grace if grace is None else min(grace, run.grace))
