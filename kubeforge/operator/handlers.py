@@ -171,4 +171,9 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
                 raise
     for reason, message in decided.events:
         kopf.info(body, reason=reason, message=message)
-    patch.status.update(decided.status)
+    # Only what changed: an idle Service's status is not written again and again (the plan keeps
+    # each condition's lastTransitionTime while its status holds).
+    written = body.get("status", {})
+    changed = {k: v for k, v in decided.status.items() if written.get(k) != v}
+    if changed:
+        patch.status.update(changed)
