@@ -1,30 +1,59 @@
 """kopf handlers: translate between the Kubernetes API and the pure planner. Nothing else.
 
+Reconcile runs on events, not on timers. Watch events on a Service, its replica pods and its
+children (router Deployment, Service, ServiceAccount, Role, RoleBinding) keep an in-memory view
+of them (`World`) and ask for that Service's reconcile, which reads only that view: it writes
+only what differs (pods from the plan, children whose fingerprint drifted, status fields that
+changed), so an idle Service costs the API server nothing beyond the watches. A slow safety
+timer (minutes) asks too.
+
 Every decorator and call names the group (`kubeforge.dev`): the core v1 `Service` wins every
 ambiguous lookup.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import logging
 import secrets
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from kubeforge.contract import GROUP, PLURAL, VERSION
+from kubeforge.contract import GROUP, L_COMPONENT, L_SERVICE, PLURAL, VERSION
 from kubeforge.kube import api_client
+from kubeforge.operator import children as ch
 from kubeforge.operator import manifests as m
 from kubeforge.operator.plan import Observed, PodView, plan
 
-RECONCILE_EVERY = 2.0  # seconds; events on create/update/resume reconcile at once
+SAFETY_EVERY = 300.0  # seconds: the only periodic work, a net under missed events
+FIELD_MANAGER = "kubeforge-operator"
+APPLY = "application/apply-patch+yaml"
 
 log = logging.getLogger("kubeforge.operator")
 _api: client.ApiClient | None = None
+
+Key = tuple[str, str]  # (namespace, Service name)
+
+
+@dataclass
+class World:
+    """What the watches said last, per Service: the resource, its pods, its children."""
+
+    services: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    pods: dict[Key, dict[str, PodView]] = field(default_factory=dict)
+    children: dict[Key, dict[tuple[str, str], str]] = field(default_factory=dict)
+    tokens: set[Key] = field(default_factory=set)  # token Secret known to exist
+    locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    dirty: set[Key] = field(default_factory=set)
+
+
+_world = World()
 
 
 @kopf.on.startup()
@@ -47,133 +76,251 @@ async def close(**_: Any) -> None:
         await _api.close()
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    await reconcile(body, patch)
+# events -----------------------------------------------------------------------------------
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_EVERY, initial_delay=RECONCILE_EVERY)
-async def on_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    await reconcile(body, patch)
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_service(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    key = (body.metadata.namespace, body.metadata.name)
+    if event["type"] == "DELETED":
+        for table in (_world.services, _world.pods, _world.children):
+            table.pop(key, None)  # type: ignore[attr-defined]
+        _world.tokens.discard(key)
+        return
+    _world.services[key] = dict(body)
+    _schedule(key)
 
 
-def _view(pod: Any) -> PodView:
-    labels = pod.metadata.labels or {}
-    conditions = {c.type: c for c in (pod.status.conditions or [])}
-    scheduled = conditions.get("PodScheduled")
+@kopf.on.event("v1", "pods", labels={L_COMPONENT: "replica"})
+async def on_pod(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    key = (body.metadata.namespace, body.metadata.labels.get(L_SERVICE, ""))
+    pods = _world.pods.setdefault(key, {})
+    if event["type"] == "DELETED":
+        pods.pop(body.metadata.name, None)
+    else:
+        pods[body.metadata.name] = _view(body)
+    _schedule(key)
+
+
+async def on_child(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    key = (body.metadata.namespace, body.metadata.labels.get(L_SERVICE, ""))
+    live = _world.children.setdefault(key, {})
+    name = (body.get("kind", ""), body.metadata.name)
+    if event["type"] == "DELETED":
+        live.pop(name, None)
+    else:
+        live[name] = ch.fingerprint(dict(body))
+    _schedule(key)
+
+
+for _group_version, _plural in (
+    ("v1", "serviceaccounts"),
+    ("rbac.authorization.k8s.io/v1", "roles"),
+    ("rbac.authorization.k8s.io/v1", "rolebindings"),
+    ("apps/v1", "deployments"),
+    ("v1", "services"),
+):
+    kopf.on.event(*_group_version.split("/"), _plural, labels={L_SERVICE: kopf.PRESENT})(on_child)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SAFETY_EVERY, initial_delay=SAFETY_EVERY)
+async def safety_net(body: kopf.Body, **_: Any) -> None:
+    key = (body.metadata.namespace, body.metadata.name)
+    _world.tokens.discard(key)  # looked at again: the Secret may have been deleted
+    _schedule(key)
+
+
+# reconcile --------------------------------------------------------------------------------
+
+
+def _schedule(key: Key) -> None:
+    """Reconcile `key` soon; events that arrive meanwhile fold into one more pass."""
+    if key not in _world.services:
+        return
+    lock = _world.locks.setdefault(key, asyncio.Lock())
+    if lock.locked():
+        _world.dirty.add(key)
+        return
+    asyncio.get_running_loop().create_task(_reconcile_loop(key, lock))
+
+
+async def _reconcile_loop(key: Key, lock: asyncio.Lock) -> None:
+    async with lock:
+        while True:
+            _world.dirty.discard(key)
+            try:
+                await reconcile(key)
+            except ApiException as exc:
+                if _terminating(exc):
+                    log.info("namespace %s is being deleted: %s left to go with it", *key)
+                    return
+                log.warning("reconcile of %s/%s: %s %s %s", *key, exc.status, exc.reason, exc.body)
+                await asyncio.sleep(1)
+                _world.dirty.add(key)
+            except Exception:
+                log.exception("reconcile of %s/%s failed", *key)
+                await asyncio.sleep(1)
+                _world.dirty.add(key)
+            if key not in _world.dirty:
+                return
+
+
+def _view(pod: dict[str, Any]) -> PodView:
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    labels = meta.get("labels") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    scheduled = conditions.get("PodScheduled") or {}
     unschedulable = (
-        (scheduled.message or "")
-        if scheduled is not None
-        and scheduled.status == "False"
-        and scheduled.reason == "Unschedulable"
+        scheduled.get("message") or ""
+        if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
         else ""
     )
     crash = ""
-    for cs in pod.status.container_statuses or []:
-        waiting = cs.state.waiting if cs.state else None
-        if waiting is not None and waiting.reason == "CrashLoopBackOff":
-            crash = f"container {cs.name} is crash-looping (restarts: {cs.restart_count})"
-    ready = conditions.get("Ready")
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") == "CrashLoopBackOff":
+            crash = (
+                f"container {cs.get('name')} is crash-looping "
+                f"(restarts: {cs.get('restartCount', 0)})"
+            )
     return PodView(
-        name=pod.metadata.name,
+        name=meta.get("name", ""),
         index=int(labels.get(m.L_INDEX, "-1")),
         template_hash=labels.get(m.L_HASH, ""),
-        phase=pod.status.phase or "Pending",
-        ready=ready is not None and ready.status == "True",
-        deleting=pod.metadata.deletion_timestamp is not None,
+        phase=status.get("phase") or "Pending",
+        ready=(conditions.get("Ready") or {}).get("status") == "True",
+        deleting=meta.get("deletionTimestamp") is not None,
         unschedulable=unschedulable,
         crash_looping=crash,
     )
 
 
-async def _ensure(create: Any, body: dict[str, Any], namespace: str) -> None:
-    try:
-        await create(namespace, body)
-    except ApiException as exc:
-        if exc.status != 409:  # already there: fine, this is level-based
-            raise
-
-
-async def _ensure_router(
-    apps: client.AppsV1Api, deployment: dict[str, Any], namespace: str
-) -> None:
-    """Create the router Deployment, or re-apply it when its template hash changed."""
-    try:
-        await apps.create_namespaced_deployment(namespace, deployment)
-        return
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-    name = deployment["metadata"]["name"]
-    current = await apps.read_namespaced_deployment(name, namespace)
-    wanted = deployment["metadata"]["annotations"][m.ROUTER_HASH]
-    if (current.metadata.annotations or {}).get(m.ROUTER_HASH) != wanted:
-        await apps.patch_namespaced_deployment(
-            name,
-            namespace,
-            {"metadata": {"annotations": {m.ROUTER_HASH: wanted}}, "spec": deployment["spec"]},
-        )
-
-
-async def reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
-    core, apps = client.CoreV1Api(_api), client.AppsV1Api(_api)
-    raw = dict(body)
-    name, namespace = body.metadata.name, body.metadata.namespace
-    await _ensure(
-        core.create_namespaced_secret,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "Opaque",
-            "metadata": {
-                "name": m.token_secret_name(name),
-                "namespace": namespace,
-                "ownerReferences": [m.owner_reference(raw)],
-            },
-            "data": {"token": base64.b64encode(secrets.token_hex(24).encode()).decode()},
-        },
-        namespace,
+async def _apply(obj: dict[str, Any]) -> None:
+    """Server-side apply with our field manager: creates, or converges what we own."""
+    name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+    api, method = {
+        "ServiceAccount": (client.CoreV1Api, "patch_namespaced_service_account"),
+        "Service": (client.CoreV1Api, "patch_namespaced_service"),
+        "Role": (client.RbacAuthorizationV1Api, "patch_namespaced_role"),
+        "RoleBinding": (client.RbacAuthorizationV1Api, "patch_namespaced_role_binding"),
+        "Deployment": (client.AppsV1Api, "patch_namespaced_deployment"),
+    }[obj["kind"]]
+    await getattr(api(_api), method)(
+        name, namespace, obj, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY
     )
-    account, role, binding = m.router_identity(raw)
-    rbac = client.RbacAuthorizationV1Api(_api)
-    await _ensure(core.create_namespaced_service_account, account, namespace)
-    await _ensure(rbac.create_namespaced_role, role, namespace)
-    await _ensure(rbac.create_namespaced_role_binding, binding, namespace)
-    deployment, router_service = m.router_objects(raw)
-    await _ensure_router(apps, deployment, namespace)
-    await _ensure(core.create_namespaced_service, router_service, namespace)
 
-    pods = await core.list_namespaced_pod(namespace, label_selector=m.selector(name))
-    views = [_view(p) for p in pods.items]
-    current = m.template_hash(m.pod_template(raw))
+
+async def _ensure_token(raw: dict[str, Any], key: Key) -> None:
+    """The router<->replica token Secret, created once: never replaced, so the token a running
+    router and its replicas share never changes under them."""
+    if key in _world.tokens:
+        return
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": m.token_secret_name(key[1]),
+            "namespace": key[0],
+            "labels": {L_SERVICE: key[1], L_COMPONENT: "token"},
+            "ownerReferences": [m.owner_reference(raw)],
+        },
+        "data": {"token": base64.b64encode(secrets.token_hex(24).encode()).decode()},
+    }
+    try:
+        await client.CoreV1Api(_api).create_namespaced_secret(key[0], secret)
+    except ApiException as exc:
+        if exc.status != 409:  # there already: kept as it is
+            raise
+    _world.tokens.add(key)
+
+
+def _terminating(exc: ApiException) -> bool:
+    """Refused because the namespace is being deleted: nothing there needs doing any more."""
+    return exc.status == 403 and "being terminated" in str(exc.body)
+
+
+async def _event(raw: dict[str, Any], reason: str, message: str) -> None:
+    """An Event on the Service (what `kubectl describe` shows), best effort."""
+    meta = raw["metadata"]
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    event = {
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": raw.get("apiVersion"),
+            "kind": raw.get("kind"),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "reason": reason,
+        "message": message,
+        "type": "Normal",
+        "source": {"component": FIELD_MANAGER},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    try:
+        await client.CoreV1Api(_api).create_namespaced_event(meta["namespace"], event)
+    except ApiException as exc:
+        if not _terminating(exc):
+            log.warning("event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+
+
+async def reconcile(key: Key) -> None:
+    raw = _world.services.get(key)
+    if raw is None or (raw.get("metadata") or {}).get("deletionTimestamp"):
+        return
+    namespace, name = key
+    await _ensure_token(raw, key)
+    deployment, router_service = m.router_objects(raw)
+    wanted = [*m.router_identity(raw), deployment, router_service]
+    for child in ch.drifted(wanted, _world.children.get(key, {})):
+        log.info("applying %s %s/%s", child["kind"], namespace, child["metadata"]["name"])
+        await _apply(child)
+
+    views = list(_world.pods.get(key, {}).values())
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     decided = plan(
         Observed(
-            desired=body.spec.get("replicas", 1),
-            template_hash=current,
+            desired=(raw.get("spec") or {}).get("replicas", 1),
+            template_hash=m.template_hash(m.pod_template(raw)),
             pods=views,
-            generation=body.metadata.get("generation", 0),
+            generation=(raw.get("metadata") or {}).get("generation", 0),
             selector=m.selector(name),
             endpoint=m.endpoint(raw),
-            previous_conditions=list(body.get("status", {}).get("conditions", [])),
+            previous_conditions=list((raw.get("status") or {}).get("conditions", [])),
             now=now,
         )
     )
+    core = client.CoreV1Api(_api)
     for index in decided.create:
-        await _ensure(core.create_namespaced_pod, m.replica_pod(raw, index), namespace)
+        try:
+            await core.create_namespaced_pod(namespace, m.replica_pod(raw, index))
+        except ApiException as exc:
+            if exc.status != 409:  # there already (its event is on the way)
+                raise
     for pod_name in decided.delete:
         try:
             await core.delete_namespaced_pod(pod_name, namespace)
         except ApiException as exc:
             if exc.status != 404:
                 raise
-    for reason, message in decided.events:
-        kopf.info(body, reason=reason, message=message)
+    for reason, message in decided.events:  # after the writes: only what really happened
+        await _event(raw, reason, message)
     # Only what changed: an idle Service's status is not written again and again (the plan keeps
     # each condition's lastTransitionTime while its status holds).
-    written = body.get("status", {})
+    written = raw.get("status") or {}
     changed = {k: v for k, v in decided.status.items() if written.get(k) != v}
     if changed:
-        patch.status.update(changed)
+        await client.CustomObjectsApi(_api).patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": changed},
+            _content_type="application/merge-patch+json",
+        )
+        raw.setdefault("status", {}).update(changed)  # until the watch says so

@@ -89,8 +89,9 @@ def plan(observed: Observed) -> Plan:
     live = sorted((p for p in observed.pods if not p.deleting), key=lambda p: p.index)
     settling = any(p.deleting for p in observed.pods)
     live, replaced = _replace_failed(live)
-    # A failed pod holds its index until it is gone; its replacement then takes the same one.
-    holding = len(live) + len(replaced.delete)
+    # A failed or deleting pod holds its index until it is gone; its replacement then takes the
+    # same one (session ids and names stay stable), as soon as the pod's deletion is seen.
+    holding = len(live) + len(replaced.delete) + sum(p.deleting for p in observed.pods)
     if len(live) > observed.desired:
         live, change = _scale_down(live, observed.desired)
     elif holding < observed.desired:

@@ -19,19 +19,21 @@ OPERATOR_RULES: list[dict[str, Any]] = [
         "resources": ["pods"],
         "verbs": ["get", "list", "watch", "create", "delete"],
     },
-    # The router Deployment (re-applied when its settings change) and Service, its identity,
-    # and the router<->replica token.
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create", "patch"]},
-    {
-        "apiGroups": [""],
-        "resources": ["services", "secrets", "serviceaccounts"],
-        "verbs": ["create"],
-    },
-    {
-        "apiGroups": ["rbac.authorization.k8s.io"],
-        "resources": ["roles", "rolebindings"],
-        "verbs": ["create"],
-    },
+    # The children: watched (a drifted or deleted one is restored at once) and converged by
+    # server-side apply (patch; create when missing). The token Secret is only ever created.
+    *(
+        {
+            "apiGroups": [group],
+            "resources": resources,
+            "verbs": ["list", "watch", "create", "patch"],
+        }
+        for group, resources in (
+            ("", ["services", "serviceaccounts"]),
+            ("apps", ["deployments"]),
+            ("rbac.authorization.k8s.io", ["roles", "rolebindings"]),
+        )
+    ),
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
     # What it does, as Events on the Service.
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
     # kopf discovers the resource's definition.

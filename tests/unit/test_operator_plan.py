@@ -77,6 +77,10 @@ def test_missing_and_failed_pods_come_back_under_their_index() -> None:
     assert (replaced.delete, replaced.create) == (["s-replica-1"], [])  # not as replica-3
     gone = [p for p in failed if p.index != 1]
     assert run(3, gone).create == [1]
+    # A pod being deleted (kubectl delete, eviction) holds its index until it is gone.
+    deleting = [*pods((0, True), (2, True)), PodView("s-replica-1", 1, H, "Running", deleting=True)]
+    assert run(3, deleting).create == []
+    assert run(3, gone).create == [1]
 
 
 def test_scaling_down_says_so() -> None:
