@@ -73,6 +73,7 @@ bench: bench-tools
 	$(PY) bench/router_overhead.py
 	$(PY) bench/service_calls.py
 	$(PY) bench/operator_memory.py
+	$(PY) bench/operator_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info relay/target kubeforge/_relay*.so
