@@ -244,6 +244,41 @@ def replicas_only(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def test_drifted_or_deleted_children_are_restored_at_once(
+    cluster: Any, namespace: str, operator: Operator
+) -> None:
+    """The operator watches its children: a deleted RoleBinding, an edited Role and a hand-
+    scaled router Deployment are put back within seconds, without any timer."""
+    deploy(cluster, namespace, "kids", 1, gpus=0)
+    name = "kids-router"
+    role = json.loads(cluster.kubectl("get", "role", name, "-n", namespace, "-o", "json").stdout)
+    cluster.kubectl("delete", "rolebinding", name, "-n", namespace)
+    cluster.kubectl(
+        "patch", "role", name, "-n", namespace, "--type=json",
+        "-p", json.dumps([{"op": "remove", "path": "/rules/0"}]),
+    )  # fmt: skip
+    cluster.kubectl("scale", "deployment", name, "-n", namespace, "--replicas=3")
+    started = time.monotonic()
+
+    def restored() -> bool:
+        """RoleBinding back, Role rules and router replicas as the operator wants them"""
+        binding = cluster.kubectl("get", "rolebinding", name, "-n", namespace, check=False)
+        live = json.loads(
+            cluster.kubectl("get", "role", name, "-n", namespace, "-o", "json").stdout
+        )
+        deployment = json.loads(
+            cluster.kubectl("get", "deployment", name, "-n", namespace, "-o", "json").stdout
+        )
+        return (
+            binding.returncode == 0
+            and live["rules"] == role["rules"]
+            and deployment["spec"]["replicas"] == 1
+        )
+
+    wait_for(restored, 10, interval=0.1)
+    print(f"children restored after {time.monotonic() - started:.2f}s")
+
+
 def test_changed_args_roll_out_one_replica_at_a_time(
     cluster: Any, namespace: str, operator: Operator
 ) -> None:
