@@ -83,7 +83,7 @@ async def close(**_: Any) -> None:
 async def on_service(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
     key = (body.metadata.namespace, body.metadata.name)
     if event["type"] == "DELETED":
-        for table in (_world.services, _world.pods, _world.children):
+        for table in (_world.services, _world.pods, _world.children, _world.locks):
             table.pop(key, None)  # type: ignore[attr-defined]
         _world.tokens.discard(key)
         return

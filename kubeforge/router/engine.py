@@ -372,10 +372,9 @@ class Router:
     ) -> ClientResponse:
         """One relayed request, with the bookkeeping the routing core and metrics need."""
         upstream = self.upstreams[replica.index]
-        now = time.monotonic()
-        timeout = self.config.request_timeout if deadline is None else deadline - now
+        started = time.monotonic()
+        timeout = self.config.request_timeout if deadline is None else deadline - started
         replica.in_flight += 1
-        started = now
         ok = False
         try:
             resp = await upstream.request(

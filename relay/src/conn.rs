@@ -20,7 +20,7 @@ const READ_CHUNK: usize = 16 * 1024;
 const SERVER_SLACK: Duration = Duration::from_secs(10);
 
 /// Why a relayed call got no answer, as reported to Python, which decides what happens next.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy)]
 enum Failure {
     Connect, // never reached the replica
     Lost,    // the connection broke after the call was sent

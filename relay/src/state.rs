@@ -118,10 +118,6 @@ impl State {
         self.replicas.iter_mut().find(|r| r.index == index)
     }
 
-    pub fn healthy_count(&self) -> usize {
-        self.replicas.iter().filter(|r| r.healthy).count()
-    }
-
     /// Least-loaded healthy replica, ties broken by a rotating start (as Python's `pick`).
     pub fn pick(&mut self) -> Option<u32> {
         let n = self.replicas.len();
