@@ -3,10 +3,15 @@
 # machines that reach Debian's archive but no container registry): debootstrap's minbase of
 # bookworm with Debian's CPython 3.11 (the same ABI), pip and `python`, imported as an image.
 #
-# Usage: images/local-base.sh DOCKER TAG
+# With `plain` as the third argument, the base holds no Python: a stand-in for
+# debian:bookworm-slim (the kind node image and its kube-proxy image start from it).
+#
+# Usage: images/local-base.sh DOCKER TAG [plain]
 set -euo pipefail
 docker=$1
 tag=$2
+include=python3,python3-pip,python-is-python3,ca-certificates,passwd
+[ "${3:-}" = plain ] && include=ca-certificates
 mirror=${KUBEFORGE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 log() { printf 'local-base: %s\n' "$*" >&2; }
 
@@ -18,9 +23,8 @@ if ! command -v debootstrap >/dev/null; then
 fi
 root=$(mktemp -d -t kubeforge-base.XXXXXX)
 trap 'rm -rf "$root"' EXIT
-log "debootstrap bookworm (minbase + python3) into $root ..."
-debootstrap --variant=minbase \
-    --include=python3,python3-pip,python-is-python3,ca-certificates,passwd \
+log "debootstrap bookworm (minbase + $include) into $root ..."
+debootstrap --variant=minbase --include="$include" \
     bookworm "$root" "$mirror" >"$root.log" 2>&1 \
     || { tail -20 "$root.log" >&2; rm -f "$root.log"; exit 1; }
 rm -f "$root.log"

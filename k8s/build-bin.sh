@@ -10,7 +10,9 @@
 # is skipped, so a warm run is a no-op. Progress goes to stderr; the bin dir is
 # the last (and only) line on stdout.
 #
-# Usage: k8s/build-bin.sh [--print-dir]
+# Usage: k8s/build-bin.sh [--kind] [--print-dir]
+#   --kind        also build the kind lane's tools: kubelet, kubeadm, kube-proxy, kind,
+#                 containerd, ctr, crictl, the CNI plugins and CoreDNS (into the same bin dir)
 #   --print-dir   print the bin dir and exit (no build, no network)
 #
 # How: each tool gets its own throwaway wrapper module under
@@ -33,9 +35,11 @@ usage() {
 }
 
 print_dir=0
+with_kind=0
 for arg in "$@"; do
     case "$arg" in
         --print-dir) print_dir=1 ;;
+        --kind) with_kind=1 ;;
         -h|--help) usage; exit 0 ;;
         *) usage; die "unknown argument: $arg" ;;
     esac
@@ -70,7 +74,30 @@ if (( print_dir )); then
 fi
 
 kube_tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+# kind_tools: what the kind lane adds (name module version package), built when --kind is given.
+kind_kube_tools=(kubelet kubeadm kube-proxy)
+kind_tools=()
+if (( with_kind )); then
+    : "${KIND_VERSION:?}" "${CONTAINERD_VERSION:?}" "${CNI_PLUGINS_VERSION:?}"
+    : "${CRI_TOOLS_VERSION:?}" "${COREDNS_VERSION:?}"
+    kube_tools+=("${kind_kube_tools[@]}")
+    cd_mod=github.com/containerd/containerd/v2
+    cni_mod=github.com/containernetworking/plugins
+    kind_tools=(
+        "kind sigs.k8s.io/kind $KIND_VERSION sigs.k8s.io/kind"
+        "containerd $cd_mod $CONTAINERD_VERSION $cd_mod/cmd/containerd"
+        "containerd-shim-runc-v2 $cd_mod $CONTAINERD_VERSION $cd_mod/cmd/containerd-shim-runc-v2"
+        "ctr $cd_mod $CONTAINERD_VERSION $cd_mod/cmd/ctr"
+        "crictl sigs.k8s.io/cri-tools $CRI_TOOLS_VERSION sigs.k8s.io/cri-tools/cmd/crictl"
+        "cni-ptp $cni_mod $CNI_PLUGINS_VERSION $cni_mod/plugins/main/ptp"
+        "cni-loopback $cni_mod $CNI_PLUGINS_VERSION $cni_mod/plugins/main/loopback"
+        "cni-host-local $cni_mod $CNI_PLUGINS_VERSION $cni_mod/plugins/ipam/host-local"
+        "cni-portmap $cni_mod $CNI_PLUGINS_VERSION $cni_mod/plugins/meta/portmap"
+        "coredns github.com/coredns/coredns $COREDNS_VERSION github.com/coredns/coredns"
+    )
+fi
 all_tools=(etcd "${kube_tools[@]}" helm)
+for spec in "${kind_tools[@]}"; do all_tools+=("${spec%% *}"); done
 
 have() { [[ -x "$bin/$1" ]]; }
 
@@ -247,7 +274,42 @@ if needs_any "${kube_tools[@]}"; then
     done
     build_tool kubectl "$mod/cmd/kubectl" "$dir" "$KUBERNETES_VERSION" "$ldflags" \
         "version --client" "Client Version: $KUBERNETES_VERSION"
+    if (( with_kind )); then
+        build_tool kubelet "$mod/cmd/kubelet" "$dir" "$KUBERNETES_VERSION" "$ldflags" \
+            "--version" "Kubernetes $KUBERNETES_VERSION"
+        build_tool kube-proxy "$mod/cmd/kube-proxy" "$dir" "$KUBERNETES_VERSION" "$ldflags" \
+            "--version" "Kubernetes $KUBERNETES_VERSION"
+        build_tool kubeadm "$mod/cmd/kubeadm" "$dir" "$KUBERNETES_VERSION" "$ldflags" \
+            "version -o short" "$KUBERNETES_VERSION"
+    fi
 fi
+
+# --- the kind lane's other tools (one wrapper module per Go module) -------------
+# Built without cgo, and containerd without the snapshotters that need it (a node uses overlayfs).
+for spec in "${kind_tools[@]}"; do
+    read -r name mod ver pkg <<<"$spec"
+    have "$name" && continue
+    dir="$work/${mod//\//_}-$ver"
+    if [[ ! -f "$dir/go.sum" ]]; then
+        init_wrapper "$dir" "$mod" "$ver" "$(published_gomod "$mod" "$ver")"
+        resolve "$dir" "$pkg@$ver"
+    fi
+    (cd "$dir" && go get "$pkg@$ver" >/dev/null 2>&1) || resolve "$dir" "$pkg@$ver"
+    ldflags="-s -w"
+    case "$name" in
+        kind) vercmd=version expect="kind $ver" ;;
+        containerd | ctr)
+            ldflags+=" -X $mod/version.Version=$ver"
+            vercmd=--version expect="$ver" ;;
+        crictl)
+            ldflags+=" -X sigs.k8s.io/cri-tools/pkg/version.Version=$ver"
+            vercmd=--version expect="${ver#v}" ;;
+        coredns) vercmd=-version expect="CoreDNS-${ver#v}" ;;
+        *) vercmd=--version expect="" ;;
+    esac
+    GOFLAGS="$GOFLAGS -tags=no_btrfs,no_devmapper,no_zfs,no_aufs" \
+        build_tool "$name" "$pkg" "$dir" "$ver" "$ldflags" "$vercmd" "$expect"
+done
 
 # --- helm ---------------------------------------------------------------------
 if needs_any helm; then
