@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: venv test unit integration e2e images images-test crds k8s-bin cluster-up cluster-down lint bench bench-tools clean
+.PHONY: venv test unit integration e2e e2e-kind images images-test kind-node-image crds k8s-bin cluster-up cluster-down lint bench bench-tools clean
 
 # The install builds the router's native relay (relay/, Rust) with cargo: edits there rebuild it.
 $(VENV)/.installed: pyproject.toml relay/Cargo.toml relay/Cargo.lock $(wildcard relay/src/*.rs)
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml relay/Cargo.toml relay/Cargo.lock $(wildcard 
 
 venv: $(VENV)/.installed
 
-test: lint unit integration e2e images-test
+test: lint unit integration e2e images-test e2e-kind
 
 # The relay's own tests (Rust) link against libpython instead of being loaded by it.
 unit: venv
@@ -33,7 +33,17 @@ k8s-bin:
 	k8s/build-bin.sh
 
 e2e: venv k8s-bin
-	$(PYTEST) tests/e2e
+	$(PYTEST) tests/e2e -m "not real_node"
+
+# The same tier on a real kubelet: a one-node kind cluster from an offline node image, the
+# images loaded, the chart installed (tests/e2e/kind/lane.sh). Starts the Docker engine when none
+# runs and stops it again; leaves no container, network or route behind.
+e2e-kind: venv
+	tests/e2e/kind/lane.sh
+
+# kind's node image for the pinned Kubernetes, built without a registry (cached by content).
+kind-node-image:
+	images/kind-node/build.sh >/dev/null
 
 # The images users run: kubeforge:<version>, kubeforge-replica:<version> and an actor image
 # built FROM it (images/build.sh). Starts a Docker engine when none runs (installing Debian's

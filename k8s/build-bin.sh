@@ -99,7 +99,17 @@ fi
 all_tools=(etcd "${kube_tools[@]}" helm)
 for spec in "${kind_tools[@]}"; do all_tools+=("${spec%% *}"); done
 
-have() { [[ -x "$bin/$1" ]]; }
+# The lane's tools are versioned apart from the cache key: each records the version it was built
+# at, and a changed version in versions.env rebuilds it.
+declare -A tool_version=()
+for spec in "${kind_tools[@]}"; do
+    read -r name _ ver _ <<<"$spec"
+    tool_version[$name]=$ver
+done
+have() {
+    [[ -x "$bin/$1" ]] || return 1
+    [[ -z "${tool_version[$1]:-}" ]] || [[ "$(cat "$bin/.$1.version" 2>/dev/null)" == "${tool_version[$1]}" ]]
+}
 
 missing=()
 for t in "${all_tools[@]}"; do have "$t" || missing+=("$t"); done
@@ -307,8 +317,10 @@ for spec in "${kind_tools[@]}"; do
         coredns) vercmd=-version expect="CoreDNS-${ver#v}" ;;
         *) vercmd=--version expect="" ;;
     esac
+    rm -f "$bin/$name"
     GOFLAGS="$GOFLAGS -tags=no_btrfs,no_devmapper,no_zfs,no_aufs" \
         build_tool "$name" "$pkg" "$dir" "$ver" "$ldflags" "$vercmd" "$expect"
+    echo "$ver" >"$bin/.$name.version"
 done
 
 # --- helm ---------------------------------------------------------------------

@@ -12,7 +12,9 @@ import pytest
 from devcluster.services import service_endpoints
 from tests.e2e.conftest import ExternalCluster
 
-pytestmark = pytest.mark.timeout(300)
+# The process node's own behaviour (pods as processes on loopback, images it never pulls); on
+# kind the kubelet's is checked by test_real_node.py.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.process_node]
 
 
 def apply(cluster: Any, namespace: str, manifest: dict[str, Any]) -> None:

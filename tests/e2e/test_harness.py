@@ -7,7 +7,7 @@ import pytest
 from devcluster.cluster import Cluster
 from tests.e2e.test_cluster import alive
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.process_node]
 
 
 def test_a_cluster_leaves_no_process_or_directory_behind() -> None:

@@ -25,7 +25,8 @@ from kubeforge.settings import router_request_timeout
 from tests.e2e.test_cluster import wait_for
 from tests.integration.test_service import torchforge_scenario
 
-pytestmark = pytest.mark.timeout(300)
+# Runs an operator of its own, as a process: on kind, the chart's operator would fight it.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.process_node]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -99,6 +100,10 @@ def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def service(name: str, replicas: int, gpus: int = 1, **spec: Any) -> str:
+    """A Service of the examples' Counter; on kind, from the image that has the examples."""
+    image = os.environ.get("KUBEFORGE_E2E_REPLICA_IMAGE")
+    if image:
+        spec.setdefault("image", image)
     return json.dumps(
         {
             "apiVersion": "kubeforge.dev/v1alpha1",
