@@ -97,6 +97,7 @@ class ControlPlane:
         if missing:
             raise ClusterError(f"missing {', '.join(missing)} in {self.bins}: run `make k8s-bin`")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._argv: dict[str, list[str]] = {}
         self.api_port = free_port()
         self.server = f"https://127.0.0.1:{self.api_port}"
         self.pki = Pki(self.root / "pki")
@@ -106,7 +107,8 @@ class ControlPlane:
     # processes ----------------------------------------------------------------------------
 
     def _start(self, name: str, argv: list[str]) -> None:
-        log = (self.root / f"{name}.log").open("wb")
+        self._argv[name] = argv
+        log = (self.root / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
             [str(self.bins / name), *argv],
             stdout=log,
@@ -301,6 +303,23 @@ class ControlPlane:
             timeout,
             lambda _m: None,
         )
+
+    def restart(self, name: str, down: float = 0.0, timeout: float = 90.0) -> float:
+        """Stop one component (SIGTERM, as a rolling restart would), keep it down for `down`
+        seconds, start it again with the same flags and data, and wait until the API answers.
+        Returns the seconds the API was unavailable from the stop (fault tests report it)."""
+        proc = self.procs[name]
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        time.sleep(down)
+        self._start(name, self._argv[name])
+        self._wait(name, lambda: self._https_ok(self.server + "/readyz"), timeout, lambda _m: None)
+        return time.monotonic() - stopped
 
     def kubectl(
         self, *args: str, check: bool = True, input: str | None = None

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
 from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+# What a call or a watch to the API server raises while the server restarts, is unreachable, or
+# drops a stream midway: the caller waits a moment and tries again. A router must outlive an
+# API server restart with its watches and status writes intact (tests/e2e/test_faults.py).
+API_UNAVAILABLE = (ApiException, OSError, aiohttp.ClientError, asyncio.TimeoutError, ValueError)
 
 
 async def api_client() -> client.ApiClient:

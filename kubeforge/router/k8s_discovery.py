@@ -15,11 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from kubernetes_asyncio import client, watch
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubeforge._runtime import duration
 from kubeforge.contract import GROUP, L_COMPONENT, L_INDEX, L_SERVICE, PLURAL, VERSION
-from kubeforge.kube import api_client
+from kubeforge.kube import API_UNAVAILABLE, api_client
 from kubeforge.router.discovery import ReplicaSink
 from kubeforge.settings import DEFAULTS, router_request_timeout
 
@@ -112,7 +111,7 @@ class KubernetesDiscovery:
                         self._apply(sink, event["type"], event["object"])
             except asyncio.CancelledError:
                 raise
-            except (ApiException, OSError, ValueError) as exc:
+            except API_UNAVAILABLE as exc:
                 log.warning("pod watch interrupted (%s); relisting", exc)
                 await asyncio.sleep(1)
 
@@ -137,7 +136,7 @@ class KubernetesDiscovery:
                             self.on_settings(event["object"].get("spec", {}))
             except asyncio.CancelledError:
                 raise
-            except (ApiException, OSError, ValueError) as exc:
+            except API_UNAVAILABLE as exc:
                 log.warning("Service watch interrupted (%s); retrying", exc)
                 await asyncio.sleep(1)
 

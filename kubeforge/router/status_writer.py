@@ -18,7 +18,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubeforge.contract import GROUP, PLURAL, VERSION
-from kubeforge.kube import api_client
+from kubeforge.kube import API_UNAVAILABLE, api_client
 from kubeforge.router import report, status
 from kubeforge.router.engine import Router
 
@@ -93,5 +93,7 @@ class StatusWriter:
                         exc.reason,
                         str(exc.body or "")[:300],
                     )
+                except API_UNAVAILABLE as exc:
+                    log.warning("status write failed: %s: %s", type(exc).__name__, exc)
         finally:
             await api.close()

@@ -25,9 +25,18 @@ cleanup() {
     kind delete cluster --name "$name" >/dev/null 2>&1 || true
     for route in ${routes[@]+"${routes[@]}"}; do ip route del $route 2>/dev/null || true; done
     docker network rm kind >/dev/null 2>&1 || true
+    # Nothing of the lane's may outlive it: check, and fail the lane if something did.
+    left=$(docker ps -aq --filter "label=io.x-k8s.kind.cluster=$name" 2>/dev/null || true)
+    left+=$(docker network ls -q --filter name='^kind$' 2>/dev/null || true)
+    left+=$(ip route show 10.244.0.0/16)
+    if [ -n "$left" ]; then
+        log "ERROR: left behind: $left"
+        rc=1
+    fi
     images/engine.sh stop
     rm -rf "$work"
     log "done in $(( $(date +%s) - started )) s (exit $rc)"
+    exit "$rc"
 }
 trap cleanup EXIT
 
