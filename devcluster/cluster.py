@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +36,15 @@ class Cluster:
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None):
         return self.control.kubectl(*args, check=check, input=input)
+
+    def kill_container(self, namespace: str, pod: str, container: str) -> None:
+        """SIGKILL the container's process (the node restarts it, as a kubelet would)."""
+        status = json.loads(self.kubectl("get", "pod", pod, "-n", namespace, "-o", "json").stdout)
+        for c in status["status"].get("containerStatuses", []):
+            if c["name"] == container:
+                os.kill(int(c["containerID"].split("://")[1]), signal.SIGKILL)
+                return
+        raise LookupError(f"no running container {container} in pod {namespace}/{pod}")
 
     def pod_log(self, namespace: str, pod: str) -> str:
         """What a pod's containers printed (there is no kubelet API for `kubectl logs`)."""

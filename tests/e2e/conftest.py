@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class ExternalCluster:
-    """A cluster someone else runs: only kubectl and a kubeconfig."""
+    """A cluster someone else runs: kubectl and a kubeconfig; on kind, also the node's name
+    (KUBEFORGE_E2E_NODE) and the docker client (KUBEFORGE_REAL_DOCKER) to reach into it."""
 
     def __init__(self, kubeconfig: Path) -> None:
         self.kubeconfig = kubeconfig
@@ -39,6 +40,23 @@ class ExternalCluster:
         self, *args: str, check: bool = True, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         return run_kubectl(self.kubectl_bin, self.kubeconfig, *args, check=check, input=input)
+
+    def pod_log(self, namespace: str, pod: str) -> str:
+        return self.kubectl("logs", "-n", namespace, pod, "--all-containers", check=False).stdout
+
+    def kill_container(self, namespace: str, pod: str, container: str) -> None:
+        """SIGKILL the container's main process on the node, as the OOM killer would."""
+        node = os.environ.get("KUBEFORGE_E2E_NODE")
+        if not node:
+            pytest.fail("killing a container needs the kind node's name in KUBEFORGE_E2E_NODE")
+        script = (
+            f"id=$(crictl ps -q --label io.kubernetes.pod.namespace={namespace} "
+            f"--label io.kubernetes.pod.name={pod} "
+            f"--label io.kubernetes.container.name={container}); "
+            "kill -9 $(crictl inspect --output go-template --template '{{.info.pid}}' $id)"
+        )
+        docker = os.environ.get("KUBEFORGE_REAL_DOCKER", "docker")
+        subprocess.run([docker, "exec", node, "sh", "-c", script], check=True, timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +85,8 @@ def namespace(cluster: Cluster | ExternalCluster, request: pytest.FixtureRequest
 
 
 class Operator:
+    """The operator as a process of this machine, running as its service account."""
+
     def __init__(self, kubeconfig: Path, log: Path) -> None:
         self.kubeconfig, self.log = kubeconfig, log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -94,14 +114,55 @@ class Operator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class ChartOperator(Operator):
+    """The operator that the kind lane installed with the chart: a Deployment's pod."""
+
+    def __init__(self, cluster: ExternalCluster, namespace: str) -> None:
+        self.cluster, self.namespace = cluster, namespace
+        self.selector = "app.kubernetes.io/component=operator"
+        self.killed: list[str] = []
+
+    def _pods(self) -> list[str]:
+        out = self.cluster.kubectl(
+            "get", "pods", "-n", self.namespace, "-l", self.selector, "-o", "name"
+        ).stdout
+        return out.split()
+
+    def start(self) -> None:
+        """The Deployment starts a new pod by itself; wait until it runs."""
+        self.cluster.kubectl(
+            "rollout", "status", "deployment", "-n", self.namespace, "-l", self.selector,
+            "--timeout=120s",
+        )  # fmt: skip
+
+    def kill9(self) -> None:
+        """SIGKILL, as the kubelet does past the grace period: delete the pod with none."""
+        pods = self._pods()
+        self.killed += pods
+        self.cluster.kubectl(
+            "delete", "-n", self.namespace, *pods, "--grace-period=0", "--force", "--wait=false"
+        )
+
+    def stop(self) -> None:
+        pass
+
+    def output(self) -> str:
+        return "\n".join(
+            self.cluster.kubectl("logs", "-n", self.namespace, pod, check=False).stdout
+            for pod in self._pods()
+        )
+
 
 @pytest.fixture(scope="module")
 def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    """The operator as a process of this machine, for the module's tests."""
+    """An operator for the module's tests: on the process-node cluster a process of this
+    machine, on kind the chart's. Fails the module if its RBAC was ever refused."""
     from tests.e2e.test_cluster import wait_for
 
-    if not hasattr(cluster, "control"):
-        pytest.fail("on an external cluster, install the chart instead of running the operator")
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / f"{CRD_NAME}.yaml")
     )
@@ -113,26 +174,33 @@ def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         return not any("nvidia.com/gpu" in json.dumps(p["spec"]) for p in pods)
 
     wait_for(gpus_free, 60)
-    # The operator runs as its service account, with exactly the RBAC it ships with.
-    cluster.kubectl("apply", "-f", str(REPO / "deploy" / "operator-rbac.yaml"))
-    token = cluster.kubectl(
-        "create", "token", "kubeforge-operator", "-n", "kubeforge-system", "--duration=2h"
-    ).stdout.strip()
-    workdir = tmp_path_factory.mktemp("operator")
-    kubeconfig = write_kubeconfig(
-        workdir / "kubeconfig",
-        cluster.control.server,
-        cluster.control.pki.ca,
-        "system:serviceaccount:kubeforge-system:kubeforge-operator",
-        token=token,
-    )
-    op = Operator(kubeconfig, workdir / "operator.log")
+    op: Operator
+    if isinstance(cluster, ExternalCluster):
+        installed = os.environ.get("KUBEFORGE_E2E_OPERATOR")
+        if not installed:
+            pytest.fail("on an external cluster, install the chart and set KUBEFORGE_E2E_OPERATOR")
+        op = ChartOperator(cluster, installed)
+    else:
+        # The operator runs as its service account, with exactly the RBAC it ships with.
+        cluster.kubectl("apply", "-f", str(REPO / "deploy" / "operator-rbac.yaml"))
+        token = cluster.kubectl(
+            "create", "token", "kubeforge-operator", "-n", "kubeforge-system", "--duration=2h"
+        ).stdout.strip()
+        workdir = tmp_path_factory.mktemp("operator")
+        kubeconfig = write_kubeconfig(
+            workdir / "kubeconfig",
+            cluster.control.server,
+            cluster.control.pki.ca,
+            "system:serviceaccount:kubeforge-system:kubeforge-operator",
+            token=token,
+        )
+        op = Operator(kubeconfig, workdir / "operator.log")
     op.start()
     try:
         yield op
     finally:
-        op.stop()
         forbidden = [
-            line for line in op.log.read_text().splitlines() if "Forbidden" in line or "403" in line
+            line for line in op.output().splitlines() if "Forbidden" in line or " 403 " in line
         ]
+        op.stop()
         assert not forbidden, f"the operator's RBAC is missing something: {forbidden[:3]}"

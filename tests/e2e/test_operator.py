@@ -7,7 +7,6 @@ import base64
 import datetime
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,7 @@ from tests.e2e.conftest import Operator
 from tests.e2e.test_cluster import wait_for
 from tests.integration.test_service import torchforge_scenario
 
-# Runs an operator of its own, as a process: on kind, the chart's operator would fight it.
-pytestmark = [pytest.mark.timeout(300), pytest.mark.process_node]
+pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -395,7 +393,6 @@ async def test_kill9_replica_process_behind_the_kubernetes_router(
             for p in replica_pods(cluster, namespace, "k9")
             if p["metadata"]["name"] == "k9-replica-1"
         )
-        pid = int(victim["status"]["containerStatuses"][0]["containerID"].split("://")[1])
         errors: list[BaseException] = []
         stop = asyncio.Event()
 
@@ -409,7 +406,7 @@ async def test_kill9_replica_process_behind_the_kubernetes_router(
         workers = [asyncio.create_task(load()) for _ in range(2)]
         await asyncio.sleep(0.3)
         killed = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
+        cluster.kill_container(namespace, victim["metadata"]["name"], "replica")
 
         async def out_of_rotation() -> bool:
             return not any(

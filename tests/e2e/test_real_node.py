@@ -206,18 +206,6 @@ async def test_endpoint_slices_and_the_router_follow_ready_pods(
     assert [r["state"] for r in rows] == ["HEALTHY", "HEALTHY"]
 
 
-def kill_container(pod: str, container: str) -> None:
-    """SIGKILL the container's main process from the node, as an OOM kill would."""
-    docker = os.environ.get("KUBEFORGE_REAL_DOCKER", "docker")
-    node = os.environ["KUBEFORGE_E2E_NODE"]
-    script = (
-        f"id=$(crictl ps -q --label io.kubernetes.pod.name={pod} "
-        f"--label io.kubernetes.container.name={container}); "
-        "kill -9 $(crictl inspect --output go-template --template '{{.info.pid}}' $id)"
-    )
-    subprocess.run([docker, "exec", node, "sh", "-c", script], check=True, timeout=30)
-
-
 async def test_killed_replica_container_is_restarted_and_its_sessions_re_pinned(
     cluster: Any, restricted: str
 ) -> None:
@@ -227,7 +215,7 @@ async def test_killed_replica_container_is_restarted_and_its_sessions_re_pinned(
     async with ServiceClient(url, token=_token(cluster, restricted, "kr")) as client:
         sid = await client.start_session()
         holder = (await client.whoami(sid))["replica"]
-        kill_container(holder, "replica")
+        cluster.kill_container(restricted, holder, "replica")
         killed = time.monotonic()
         # The session moves to the other replica; a call in flight at the kill may fail (at
         # most once), so retry until the router has noticed.
