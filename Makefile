@@ -48,12 +48,14 @@ kind-node-image:
 # The images users run: kubeforge:<version>, kubeforge-replica:<version> and an actor image
 # built FROM it (images/build.sh). Starts a Docker engine when none runs (installing Debian's
 # docker.io if need be); public bases when they can be pulled, else bases made from Debian's
-# packages. `images-test` checks them and stops the engine again if it started one.
+# packages. `images-test` checks them and stops the engine again if it started one (an engine
+# that was running before is left running).
 images: venv
 	images/build.sh >/dev/null
 
 images-test: venv
-	trap 'images/engine.sh stop' EXIT; images/build.sh >/dev/null && $(PYTEST) tests/images
+	images/engine.sh running && own= || own=1; trap '[ -z "$$own" ] || images/engine.sh stop' EXIT; \
+	images/build.sh >/dev/null && $(PYTEST) tests/images
 
 cluster-up: venv k8s-bin
 	$(PY) -m devcluster up

@@ -3,7 +3,10 @@
 # docker.io when missing and starts dockerd (recording that it did); `stop` stops only an
 # engine that `start` started. Prints nothing on stdout but the docker client to use.
 #
-# Usage: images/engine.sh start|stop
+# `running` exits 0 when an engine answers already: callers that must leave a running engine
+# alone check it before `start`, and call `stop` only when it did not.
+#
+# Usage: images/engine.sh start|stop|running
 set -euo pipefail
 
 state=${KUBEFORGE_IMAGES_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubeforge/engine}
@@ -69,8 +72,15 @@ stop() {
     kill -KILL "$pid" 2>/dev/null || true
 }
 
+running() {
+    local docker
+    docker=$(client)
+    [ -n "$docker" ] && "$docker" info >/dev/null 2>&1
+}
+
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
-    *) die "usage: $0 start|stop" ;;
+    running) running ;;
+    *) die "usage: $0 start|stop|running" ;;
 esac

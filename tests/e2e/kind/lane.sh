@@ -17,6 +17,7 @@ gpus=${KUBEFORGE_E2E_GPUS:-4}
 version=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 work=$(mktemp -d -t kubeforge-kind.XXXXXX)
 routes=()
+own_engine=0
 started=$(date +%s)
 
 cleanup() {
@@ -33,13 +34,15 @@ cleanup() {
         log "ERROR: left behind: $left"
         rc=1
     fi
-    images/engine.sh stop
+    (( own_engine )) && images/engine.sh stop
     rm -rf "$work"
     log "done in $(( $(date +%s) - started )) s (exit $rc)"
     exit "$rc"
 }
 trap cleanup EXIT
 
+own_engine=1
+images/engine.sh running && own_engine=0
 docker_client=$(images/engine.sh start)
 log "building the images ..."
 images/build.sh >/dev/null
