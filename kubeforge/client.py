@@ -7,32 +7,46 @@ The same calls as the local `Service`, over HTTP to `kubeforge run` or an in-clu
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 
 from kubeforge import wire
 from kubeforge.errors import NoHealthyReplicasError
+from kubeforge.router.retry import Outcome, decide
 from kubeforge.service_api import Reply, ServiceAPI, ServiceMetrics, summary_with_int_keys
+
+
+def _outcome(exc: aiohttp.ClientError) -> Outcome:
+    """What a broken request to a router means for the call: never sent, or it may have run."""
+    return Outcome.CONNECT if isinstance(exc, aiohttp.ClientConnectorError) else Outcome.LOST
 
 
 class ServiceClient(ServiceAPI):
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         token: str | None = None,
         timeout: float = 300.0,
         raise_on_session_moved: bool = False,
         connections: int = 100,
         at_most_once: bool = False,
     ) -> None:
-        """`token` defaults to $KUBEFORGE_TOKEN; `timeout` bounds every request.
+        """`url` is the router's, or several routers' of one Service (pods of a router
+        Deployment): a request that cannot reach one goes to the next, as the retry rule allows
+        (`kubeforge.router.retry.decide`: a call cut short in a session is not sent again).
+        Sessions live in their ids, so any router carries them to their replica.
+        `token` defaults to $KUBEFORGE_TOKEN; `timeout` bounds every request.
 
         `at_most_once` stops the router from re-sending a call without a session that was cut
         short by its replica's death (by default such a call runs again on another replica).
         """
         super().__init__()
-        self.url = url.rstrip("/")
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("ServiceClient needs at least one router URL")
+        self.urls = [u.rstrip("/") for u in urls]
         token = token if token is not None else os.environ.get("KUBEFORGE_TOKEN")
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -65,19 +79,43 @@ class ServiceClient(ServiceAPI):
             )
         return self._http
 
+    @property
+    def url(self) -> str:
+        """The router that requests go to first (routers that failed move to the back)."""
+        return self.urls[0]
+
     async def _request(
         self, method: str, path: str, body: bytes = b"", headers: dict[bytes, bytes] | None = None
     ) -> Reply:
-        h = {k.decode(): v.decode() for k, v in (headers or {}).items()}
-        try:
-            async with self._session().request(
-                method, self.url + path, data=body, headers=h
-            ) as resp:
-                data = await resp.read()
-                out = {k.lower().encode(): v.encode() for k, v in resp.headers.items()}
-                return Reply(resp.status, data, out)
-        except aiohttp.ClientConnectionError as exc:
-            raise NoHealthyReplicasError(f"cannot reach the router at {self.url}: {exc}") from None
+        headers = headers or {}
+        h = {k.decode(): v.decode() for k, v in headers.items()}
+        tried: list[str] = []
+        while True:
+            url = next(u for u in self.urls if u not in tried)
+            try:
+                async with self._session().request(method, url + path, data=body, headers=h) as r:
+                    data = await r.read()
+                    out = {k.lower().encode(): v.encode() for k, v in r.headers.items()}
+                    reply = Reply(r.status, data, out)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                tried.append(url)
+                # A router that failed goes last, so that the next request (and its pooled
+                # connections, stale if the router died) goes elsewhere first.
+                self.urls.remove(url)
+                self.urls.append(url)
+                decision = decide(
+                    _outcome(exc),
+                    len(tried) - 1,
+                    len(self.urls) - 1,
+                    at_most_once=headers.get(wire.H_DELIVERY) == wire.AT_MOST_ONCE,
+                    in_session=wire.H_SESSION in headers,
+                    others=len(self.urls) - len(tried),
+                )
+                if not decision.resend:
+                    where = f"the router at {url}" if len(tried) == 1 else ", ".join(tried)
+                    raise NoHealthyReplicasError(f"cannot reach {where}: {exc}") from None
+                continue
+            return reply
 
     async def _send_call(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
         return await self._request("POST", wire.CALL_PREFIX + endpoint, body, headers)

@@ -17,7 +17,7 @@ from tests.e2e.conftest import Operator
 from tests.e2e.test_cluster import wait_for
 from tests.e2e.test_operator import _router_pods, _token, fsvc, replica_pods, service
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.process_node]
+pytestmark = pytest.mark.timeout(300)
 
 
 class Load:
@@ -56,6 +56,7 @@ def replica_names(cluster: Any, ns: str, name: str) -> list[str]:
     )
 
 
+@pytest.mark.process_node  # restarts a component of the process-node control plane
 @pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])
 async def test_control_plane_restart_under_load(
     cluster: Any, namespace: str, operator: Operator, component: str
@@ -100,4 +101,48 @@ async def test_control_plane_restart_under_load(
     print(
         f"[fault] {component} down {down:.1f} s: {during} calls through the router meanwhile, "
         f"{load.calls} in all, 0 failed"
+    )
+
+
+async def test_router_pod_killed_under_load(
+    cluster: Any, namespace: str, operator: Operator
+) -> None:
+    """With two router pods, a client that knows both loses no call without a session when one
+    is SIGKILLed; sessions keep their replicas (their ids carry them, whichever router reads
+    them). A call in a session that was in flight on the dead router may fail, at most once."""
+    name = "rk"
+    spec = service(name, 3, gpus=0, router={"replicas": 2})
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=spec)
+    wait_for(lambda: len(_router_pods(cluster, namespace, name)) == 2, 90)
+    wait_for(lambda: fsvc(cluster, namespace, name).get("status", {}).get("healthyReplicas") == 3)
+    routers = _router_pods(cluster, namespace, name)
+    urls = [f"http://{p['status']['podIP']}:{ROUTER_PORT}" for p in routers]
+    async with ServiceClient(urls, token=_token(cluster, namespace, name)) as client:
+        sids = [await client.start_session() for _ in range(4)]
+        holder = {sid: (await client.whoami(sid))["replica"] for sid in sids}
+        stop = asyncio.Event()
+        calls, lost_free, lost_in_session = 0, [], []
+
+        async def caller(sid: str | None) -> None:
+            nonlocal calls
+            while not stop.is_set():
+                try:
+                    await client.whoami(sid)
+                    calls += 1
+                except Exception as exc:
+                    (lost_in_session if sid else lost_free).append(f"{type(exc).__name__}: {exc}")
+
+        tasks = [asyncio.create_task(caller(s)) for s in [None, None, *sids]]
+        await asyncio.sleep(1)
+        victim = next(p for p in routers if urls[0].startswith(f"http://{p['status']['podIP']}:"))
+        cluster.kill_container(namespace, victim["metadata"]["name"], "router")
+        await asyncio.sleep(3)
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert lost_free == [], lost_free[:3]
+        assert len(lost_in_session) <= len(sids), lost_in_session
+        assert {sid: (await client.whoami(sid))["replica"] for sid in sids} == holder
+    print(
+        f"[fault] router pod killed: {calls} calls, 0 failed without a session, "
+        f"{len(lost_in_session)} of {len(sids)} sessions saw their in-flight call fail"
     )
