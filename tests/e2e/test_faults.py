@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 import calendar
 import json
+import threading
 import time
 from typing import Any
 
 import pytest
 
 from kubeforge import ServiceClient
-from kubeforge.operator.manifests import ROUTER_PORT
+from kubeforge.contract import L_HASH as HASH
+from kubeforge.operator.manifests import GPU, ROUTER_PORT
 from tests.e2e.conftest import Operator
 from tests.e2e.test_cluster import wait_for
-from tests.e2e.test_operator import _router_pods, _token, fsvc, replica_pods, service
+from tests.e2e.test_operator import _router_pods, _token, fsvc, ready, replica_pods, service
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -146,3 +148,104 @@ async def test_router_pod_killed_under_load(
         f"[fault] router pod killed: {calls} calls, 0 failed without a session, "
         f"{len(lost_in_session)} of {len(sids)} sessions saw their in-flight call fail"
     )
+
+
+class GpuWatch:
+    """Samples, every 0.2 s in a thread, the GPUs held by a Service's replica pods: every pod
+    placed on a node and not finished holds its limit, terminating ones included."""
+
+    def __init__(self, cluster: Any, namespace: str, name: str) -> None:
+        self.cluster, self.namespace, self.name = cluster, namespace, name
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def held(self) -> int:
+        return sum(
+            int(p["spec"]["containers"][0]["resources"].get("limits", {}).get(GPU, 0))
+            for p in replica_pods(self.cluster, self.namespace, self.name)
+            if p["metadata"]["labels"]["kubeforge.dev/component"] == "replica"
+            and p["spec"].get("nodeName")
+            and p["status"].get("phase") not in ("Succeeded", "Failed")
+        )
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.held())
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> GpuWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def replicas_now(cluster: Any, ns: str, name: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in replica_pods(cluster, ns, name)
+        if p["metadata"]["labels"]["kubeforge.dev/component"] == "replica"
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def test_operator_killed_mid_rollout(cluster: Any, namespace: str, operator: Operator) -> None:
+    """SIGKILLed while it replaces replicas one at a time: the restarted operator finishes the
+    rollout, and the Service never holds more GPUs than replicas x gpusPerReplica."""
+    name = "mr"
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=service(name, 3, gpus=1))
+    wait_for(lambda: fsvc(cluster, namespace, name).get("status", {}).get("readyReplicas") == 3, 90)
+    old = {p["metadata"]["labels"][HASH] for p in replicas_now(cluster, namespace, name)}
+    with GpuWatch(cluster, namespace, name) as gpus:
+        changed = service(name, 3, gpus=1, kwargs={"start": 7})
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=changed)
+        wait_for(
+            lambda: any(
+                p["metadata"]["labels"][HASH] not in old
+                for p in replicas_now(cluster, namespace, name)
+            ),
+            60,
+        )  # the rollout has begun
+        operator.kill9()
+        operator.start()
+
+        def rolled_out() -> bool:
+            """three Ready replicas, all of the new template, indices 0..2"""
+            pods = replicas_now(cluster, namespace, name)
+            return (
+                sorted(p["metadata"]["name"] for p in pods)
+                == [f"{name}-replica-{i}" for i in range(3)]
+                and all(ready(p) for p in pods)
+                and not {p["metadata"]["labels"][HASH] for p in pods} & old
+            )
+
+        wait_for(rolled_out, 150)
+    assert gpus.peak <= 3, f"{gpus.peak} GPUs held by a Service of 3 x 1"
+    wait_for(lambda: fsvc(cluster, namespace, name)["status"].get("updatedReplicas") == 3, 30)
+    print(f"[fault] operator killed mid-rollout: finished, peak {gpus.peak} GPUs of 3")
+
+
+def test_operator_killed_mid_scale_down(cluster: Any, namespace: str, operator: Operator) -> None:
+    name = "md"
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=service(name, 4, gpus=1))
+    wait_for(lambda: fsvc(cluster, namespace, name).get("status", {}).get("readyReplicas") == 4, 90)
+    with GpuWatch(cluster, namespace, name) as gpus:
+        cluster.kubectl("scale", "-n", namespace, f"services.kubeforge.dev/{name}", "--replicas=1")
+        wait_for(lambda: len(replicas_now(cluster, namespace, name)) < 4, 30)  # begun
+        operator.kill9()
+        operator.start()
+
+        def scaled_down() -> bool:
+            """only replica 0 is left, Ready, and no pod of the others holds a GPU"""
+            pods = replicas_now(cluster, namespace, name)
+            return [p["metadata"]["name"] for p in pods] == [f"{name}-replica-0"] and (
+                ready(pods[0]) and gpus.held() == 1
+            )
+
+        wait_for(scaled_down, 120)
+    assert gpus.peak <= 4
+    wait_for(lambda: fsvc(cluster, namespace, name)["status"].get("readyReplicas") == 1, 30)
+    print(f"[fault] operator killed mid-scale-down: 4 -> 1 finished, peak {gpus.peak} GPUs")
