@@ -10,6 +10,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from devcluster.controlplane import ControlPlane
 from devcluster.node import ProcessNode
@@ -23,6 +24,7 @@ class Cluster:
         self.control = ControlPlane(root)
         self.gpus = gpus
         self.node: ProcessNode | None = None
+        self.extra_nodes: list[ProcessNode] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -50,7 +52,7 @@ class Cluster:
         """What a pod's containers printed (there is no kubelet API for `kubectl logs`)."""
         return "\n".join(
             path.read_text(errors="replace")
-            for path in sorted(self.root.glob(f"pods/{namespace}_{pod}_*/*.log"))
+            for path in sorted(self.root.glob(f"pods*/{namespace}_{pod}_*/*.log"))
         )
 
     def start(self, progress: Callable[[str], None] = print) -> None:
@@ -80,7 +82,36 @@ class Cluster:
             "wait", "--for=condition=Ready", f"node/{self.node.name}", "--timeout=60s"
         )
 
+    def add_node(self, name: str, gpus: int, ip_prefix: str) -> ProcessNode:
+        """A second process node on the same loop, its pods on their own addresses; stopped with
+        the cluster (fault tests lose one with `run(node.freeze())`)."""
+        assert self._loop is not None
+        node = ProcessNode(
+            self.control.kubeconfig,
+            self.control.server,
+            self.control.pki.ca,
+            self.control.root / f"pods-{name}",
+            name=name,
+            gpus=gpus,
+            ip_prefix=ip_prefix,
+        )
+        self.run(node.start())
+        self.extra_nodes.append(node)
+        self.control.kubectl("wait", "--for=condition=Ready", f"node/{name}", "--timeout=60s")
+        return node
+
+    def run(self, coro: Any, timeout: float = 60) -> Any:
+        """Run a coroutine on the nodes' event loop, from any thread."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
     def stop(self) -> None:
+        for node in self.extra_nodes:
+            try:
+                self.run(node.stop())
+            except Exception:
+                logging.getLogger("devcluster").exception("stopping node %s failed", node.name)
+        self.extra_nodes.clear()
         if self._loop is not None and self.node is not None:
             try:
                 asyncio.run_coroutine_threadsafe(self.node.stop(), self._loop).result(60)

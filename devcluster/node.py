@@ -77,6 +77,7 @@ class ProcessNode:
         workdir: Path,
         name: str = "e2e-node",
         gpus: int = 4,
+        ip_prefix: str = "127.0.0.",
         backoff: float = 1.0,
         backoff_cap: float = 30.0,
     ) -> None:
@@ -89,7 +90,8 @@ class ProcessNode:
         self.backoff = backoff
         self.backoff_cap = backoff_cap
         self.pods: dict[str, PodRun] = {}  # by uid
-        self.free_ips = [f"127.0.0.{i}" for i in range(2, 255)]
+        self.free_ips = [f"{ip_prefix}{i}" for i in range(2, 255)]
+        self.frozen = False
         self.api: client.ApiClient | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._terminations: set[asyncio.Task[Any]] = set()
@@ -105,6 +107,20 @@ class ProcessNode:
         await self._register()
         self._tasks.append(asyncio.create_task(self._heartbeat()))
         self._tasks.append(asyncio.create_task(self._watch_pods()))
+
+    async def freeze(self) -> None:
+        """Lose the machine: no heartbeat, no status, no watch, and its processes stop answering
+        (SIGSTOP), as a hung or cut-off host's would. `stop()` still ends them (SIGKILL)."""
+        self.frozen = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for run in self.pods.values():
+            for c in run.containers.values():
+                if c.proc is not None and c.proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(c.proc.pid, signal.SIGSTOP)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -423,6 +439,8 @@ class ProcessNode:
         live_fail = 0
         while True:
             await asyncio.sleep(period)
+            if self.frozen:
+                continue
             elapsed = asyncio.get_running_loop().time() - start
             if readiness is not None and elapsed >= (readiness.initial_delay_seconds or 0):
                 ok = await self._http_probe(run, spec, readiness)
@@ -455,6 +473,8 @@ class ProcessNode:
             return False
 
     async def _report(self, run: PodRun, message: str | None = None) -> None:
+        if self.frozen:
+            return
         statuses = []
         for c in run.containers.values():
             running = c.proc is not None and c.proc.returncode is None and not c.waiting

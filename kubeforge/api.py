@@ -43,6 +43,11 @@ _SPEC_RULES = [
         "message": "drainGrace must be at most 1h",
         "fieldPath": ".drainGrace",
     },
+    {
+        "rule": "duration(self.nodeLossGrace) <= duration('1h')",
+        "message": "nodeLossGrace must be at most 1h",
+        "fieldPath": ".nodeLossGrace",
+    },
 ]
 
 # A string field where "" has no meaning: refused (by the schema too), naming the field.
@@ -91,6 +96,13 @@ class ServiceSpec(_Model):
         description="How long a stopping replica lets running calls finish; the pod's "
         "termination grace is set a little longer.",
     )
+    node_loss_grace: str = Field(
+        format_duration(DEFAULTS.node_loss_grace),
+        alias="nodeLossGrace",
+        pattern=DURATION_PATTERN,
+        description="How long a replica pod stays on a node that stopped reporting (NotReady "
+        "or unreachable) before it is evicted and replaced on another node.",
+    )
     env: list[dict[str, Any]] = Field(default_factory=list, description="Replica env vars.")
     resources: dict[str, Any] | None = None
     node_selector: dict[str, str] | None = Field(None, alias="nodeSelector")
@@ -114,6 +126,10 @@ class ServiceSpec(_Model):
     @property
     def drain_grace_seconds(self) -> float:
         return duration(self.drain_grace)
+
+    @property
+    def node_loss_grace_seconds(self) -> float:
+        return duration(self.node_loss_grace)
 
     def replica_flags(self) -> list[str]:
         """`python -m kubeforge.replica` flags for what the spec says of each replica; pods

@@ -34,6 +34,7 @@ class Defaults:
     max_queued_requests: int = 100  # calls one replica holds beyond those
     session_ttl: float = 1800.0  # idle sessions end after this long
     drain_grace: float = 25.0  # on SIGTERM, a replica waits this long for running calls
+    node_loss_grace: float = 30.0  # a replica pod outlives its node's silence this long
     retries: int = 3  # re-sends of a call that failed without an answer
     retry_backoff: float = 0.01  # first pause before re-sending after a refused connect
     max_body: int = 64 * 1024 * 1024  # bytes of one request body

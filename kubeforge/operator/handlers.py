@@ -18,6 +18,7 @@ import base64
 import datetime
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +176,10 @@ def _view(pod: dict[str, Any]) -> PodView:
         if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
         else ""
     )
+    evicted_until = None
+    disruption = conditions.get("DisruptionTarget") or {}
+    if meta.get("deletionTimestamp") and disruption.get("reason") == "DeletionByTaintManager":
+        evicted_until = datetime.datetime.fromisoformat(meta["deletionTimestamp"]).timestamp()
     crash = ""
     for cs in status.get("containerStatuses") or []:
         waiting = (cs.get("state") or {}).get("waiting") or {}
@@ -192,6 +197,7 @@ def _view(pod: dict[str, Any]) -> PodView:
         deleting=meta.get("deletionTimestamp") is not None,
         unschedulable=unschedulable,
         crash_looping=crash,
+        evicted_until=evicted_until,
     )
 
 
@@ -292,6 +298,7 @@ async def reconcile(key: Key) -> None:
             endpoint=m.endpoint(raw),
             previous_conditions=list((raw.get("status") or {}).get("conditions", [])),
             now=now,
+            clock=time.time(),
         )
     )
     core = client.CoreV1Api(_api)
@@ -307,6 +314,15 @@ async def reconcile(key: Key) -> None:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+    for pod_name in decided.force_delete:
+        log.info("deleting %s/%s without grace: its node is lost", namespace, pod_name)
+        try:
+            await core.delete_namespaced_pod(pod_name, namespace, grace_period_seconds=0)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    if decided.recheck_in is not None:  # no event will mark the end of an evicted pod's grace
+        asyncio.get_running_loop().call_later(decided.recheck_in + 0.1, _schedule, key)
     for reason, message in decided.events:  # after the writes: only what really happened
         await _event(raw, reason, message)
     # Only what changed: an idle Service's status is not written again and again (the plan keeps

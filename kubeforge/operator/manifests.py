@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from kubeforge.api import ServiceSpec
@@ -36,6 +37,10 @@ POD_SECURITY = {
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+# The taints the node lifecycle controller puts on a node that stops reporting. Replica pods
+# tolerate them for spec.nodeLossGrace (Kubernetes' default is 300 s), then are evicted.
+NODE_LOSS_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 
 REPLICA_PORT = DEFAULTS.replica_port
 ROUTER_PORT = DEFAULTS.router_port
@@ -155,6 +160,18 @@ def pod_template(body: dict[str, Any]) -> dict[str, Any]:
         value = getattr(spec, field)
         if value:
             pod_spec[key] = value
+    tolerations = list(spec.tolerations or [])
+    for taint in NODE_LOSS_TAINTS:
+        if not any(t.get("key") == taint for t in tolerations):
+            tolerations.append(
+                {
+                    "key": taint,
+                    "operator": "Exists",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": math.ceil(spec.node_loss_grace_seconds),
+                }
+            )
+    pod_spec["tolerations"] = tolerations
     overlay = (spec.pod_template or {}).get("spec", {})
     # The overlay goes under the fields the operator owns: it cannot replace the container.
     merged = {**{k: v for k, v in overlay.items() if k != "containers"}, **pod_spec}

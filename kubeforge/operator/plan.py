@@ -42,6 +42,7 @@ class Reason(StrEnum):
     AS_EXPECTED = "AsExpected"
     # Events
     REPLICA_FAILED = "ReplicaFailed"
+    NODE_LOST = "NodeLost"
     SCALED_DOWN = "ScaledDown"
     SCALED_UP = "ScaledUp"
     # Replica entries: the kubelet's own word
@@ -60,6 +61,9 @@ class PodView:
     deleting: bool = False
     unschedulable: str = ""  # the scheduler's message when it could not place the pod
     crash_looping: str = ""  # the container's waiting message when in CrashLoopBackOff
+    # Evicted from a node that stopped reporting: when its grace ends (epoch seconds). No
+    # kubelet will confirm its end, so after that the operator deletes it without one.
+    evicted_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class Observed:
     endpoint: str  # the router's URL
     previous_conditions: list[dict[str, Any]]  # status.conditions as last written
     now: str  # RFC 3339 timestamp for conditions that change status in this pass
+    clock: float = 0.0  # the same moment in epoch seconds
 
 
 @dataclass
@@ -82,6 +87,10 @@ class Plan:
     delete: list[str] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     events: list[tuple[str, str]] = field(default_factory=list)  # (reason, message)
+    # Pods evicted from a lost node whose grace has run out: deleted with no grace, so that
+    # their index is free for a replacement on a node that works.
+    force_delete: list[str] = field(default_factory=list)
+    recheck_in: float | None = None  # seconds until the next such grace runs out
 
 
 def plan(observed: Observed) -> Plan:
@@ -103,8 +112,23 @@ def plan(observed: Observed) -> Plan:
         delete=replaced.delete + change.delete,
         events=replaced.events + change.events,
     )
+    _release_lost(observed, out)
     out.status = _status(observed, live, settling, out)
     return out
+
+
+def _release_lost(observed: Observed, out: Plan) -> None:
+    """Pods evicted from a lost node wait out their own grace, then are deleted without one."""
+    evicted = [p for p in observed.pods if p.evicted_until is not None]
+    for pod in evicted:
+        left = pod.evicted_until - observed.clock  # type: ignore[operator]
+        if left <= 0:
+            out.force_delete.append(pod.name)
+            out.events.append(
+                _event(Reason.NODE_LOST, f"{pod.name} was evicted from a lost node; replacing it")
+            )
+        elif out.recheck_in is None or left < out.recheck_in:
+            out.recheck_in = left
 
 
 def _event(reason: Reason, message: str) -> tuple[str, str]:

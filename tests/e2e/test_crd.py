@@ -89,6 +89,7 @@ INVALID = [
     ("runtimeClassName empty", _with("spec.runtimeClassName", ""), "spec.runtimeClassName"),
     ("drainGrace soon", _with("spec.drainGrace", "soon"), "spec.drainGrace"),
     ("drainGrace 2h", _with("spec.drainGrace", "2h"), "drainGrace must be at most 1h"),
+    ("nodeLossGrace 2h", _with("spec.nodeLossGrace", "2h"), "nodeLossGrace must be at most 1h"),
 ]
 
 

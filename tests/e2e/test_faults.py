@@ -249,3 +249,85 @@ def test_operator_killed_mid_scale_down(cluster: Any, namespace: str, operator: 
     assert gpus.peak <= 4
     wait_for(lambda: fsvc(cluster, namespace, name)["status"].get("readyReplicas") == 1, 30)
     print(f"[fault] operator killed mid-scale-down: 4 -> 1 finished, peak {gpus.peak} GPUs")
+
+
+@pytest.mark.process_node  # a second process node, frozen as a lost machine
+async def test_node_lost(cluster: Any, namespace: str, operator: Operator) -> None:
+    """A node stops reporting and its processes stop answering. The router drops its replicas
+    as soon as their health polls fail, and their sessions move; Kubernetes evicts the pods
+    after nodeLossGrace, and the operator replaces them on the node that works."""
+    name, lost = "nl", "e2e-node-2"
+    node = cluster.add_node(lost, gpus=4, ip_prefix="127.0.1.")
+    main = cluster.node.name
+    try:
+        # The router and replica 0 on the main node, replicas 1 and 2 on the one to be lost.
+        cluster.kubectl("cordon", lost)
+        spec = service(name, 1, gpus=1, nodeLossGrace="2s", drainGrace="1s", requestTimeout="5s")
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=spec)
+        wait_for(lambda: fsvc(cluster, namespace, name).get("status", {}).get("readyReplicas") == 1)
+        router = wait_for(lambda: _router_pods(cluster, namespace, name), 60)[0]
+        cluster.kubectl("cordon", main)
+        cluster.kubectl("uncordon", lost)
+        cluster.kubectl("scale", "-n", namespace, f"services.kubeforge.dev/{name}", "--replicas=3")
+        wait_for(lambda: fsvc(cluster, namespace, name).get("status", {}).get("readyReplicas") == 3)
+        cluster.kubectl("uncordon", main)
+        on_lost = {p["metadata"]["name"] for p in replicas_now(cluster, namespace, name)} - {
+            f"{name}-replica-0"
+        }
+        assert all(
+            p["spec"]["nodeName"] == lost
+            for p in replicas_now(cluster, namespace, name)
+            if p["metadata"]["name"] in on_lost
+        )
+        url = f"http://{router['status']['podIP']}:{ROUTER_PORT}"
+        async with ServiceClient(url, token=_token(cluster, namespace, name)) as client:
+            await _until_states(client, ["HEALTHY"] * 3, 30)
+            sids = [await client.start_session() for _ in range(6)]
+            holder = {sid: (await client.whoami(sid))["replica"] for sid in sids}
+            moving = [sid for sid in sids if holder[sid] in on_lost]
+            assert moving, holder
+            await asyncio.to_thread(cluster.run, node.freeze())
+            frozen = time.monotonic()
+            await _until_states(client, ["HEALTHY", "UNHEALTHY", "UNHEALTHY"], 10, prefix=True)
+            dropped = time.monotonic() - frozen
+            for sid in moving:  # re-pinned to the replica that is left
+                assert (await client.whoami(sid))["replica"] == f"{name}-replica-0"
+
+            def replaced() -> bool:
+                """three Ready replicas again, none on the lost node"""
+                pods = replicas_now(cluster, namespace, name)
+                return len(pods) == 3 and all(
+                    ready(p) and p["spec"]["nodeName"] == main for p in pods
+                )
+
+            await asyncio.to_thread(wait_for, replaced, 150, 1.0)
+            back = time.monotonic() - frozen
+            await _until_states(client, ["HEALTHY"] * 3, 30)
+            for sid in moving:  # sessions stay where they moved
+                assert (await client.whoami(sid))["replica"] == f"{name}-replica-0"
+    finally:
+        cluster.kubectl("uncordon", main, check=False)
+        cluster.kubectl("delete", "node", lost, "--wait=false", check=False)
+    # The bound: the controller's node-monitor-grace-period (40 s here, 50 s by default), then
+    # nodeLossGrace, then the pod's termination grace (drainGrace + 5 s), then a start.
+    assert back <= 40 + 5 + 2 + 6 + 30, back
+    print(
+        f"[fault] node lost: router dropped its replicas after {dropped:.1f} s, "
+        f"{len(moving)} sessions re-pinned, replicas replaced and Ready after {back:.1f} s"
+    )
+
+
+async def _until_states(
+    client: ServiceClient, states: list[str], timeout: float, prefix: bool = False
+) -> None:
+    """The router's replica states, in index order, are `states` (for `prefix`, the first
+    is and the rest are anything but HEALTHY)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = [r["state"] for r in await client.replicas()]
+        if now == states or (
+            prefix and now[:1] == states[:1] and "HEALTHY" not in now[1:] and len(now) == 3
+        ):
+            return
+        assert time.monotonic() < deadline, f"replica states {now}, not {states}"
+        await asyncio.sleep(0.1)

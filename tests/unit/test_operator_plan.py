@@ -226,3 +226,45 @@ def test_template_hash_changes_with_the_spec_not_the_index() -> None:
     assert template_hash(pod_template(changed)) != h
     scaled = {**BODY, "spec": {**BODY["spec"], "replicas": 9}}
     assert template_hash(pod_template(scaled)) == h
+
+
+def test_pods_evicted_from_a_lost_node_are_released_when_their_grace_ends() -> None:
+    """Past its deletion deadline nobody will confirm the pod's end: deleted with no grace,
+    its index then comes back. Before that, the plan asks to be run again when it ends."""
+    evicted = [
+        PodView("s-replica-0", 0, H, "Running", True),
+        PodView("s-replica-1", 1, H, "Running", False, deleting=True, evicted_until=100.0),
+        PodView("s-replica-2", 2, H, "Running", False, deleting=True, evicted_until=103.5),
+    ]
+    observed = Observed(3, H, evicted, 1, "sel", "http://x", [], "T", clock=101.0)
+    p = plan(observed)
+    assert p.force_delete == ["s-replica-1"] and p.recheck_in == 2.5
+    assert p.create == [] and p.delete == []  # both indices still held until they are gone
+    assert [r for r, _ in p.events] == [Reason.NODE_LOST]
+    deleting_only = [PodView("s-replica-0", 0, H, "Running", True, deleting=True)]
+    assert plan(Observed(1, H, deleting_only, 1, "sel", "http://x", [], "T", clock=5.0)) == Plan(
+        status=plan(Observed(1, H, deleting_only, 1, "sel", "http://x", [], "T")).status
+    )  # an ordinary deletion is left to its kubelet
+
+
+def test_replica_pods_tolerate_a_lost_node_for_node_loss_grace() -> None:
+    body = {
+        "metadata": {"name": "s", "namespace": "ns", "uid": "u"},
+        "spec": {
+            "actor": "m:A",
+            "nodeLossGrace": "7s",
+            "tolerations": [{"key": "node.kubernetes.io/unreachable", "operator": "Exists"}],
+        },
+    }
+    tolerations = pod_template(body)["spec"]["tolerations"]
+    assert tolerations == [
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists"},  # the user's, kept
+        {
+            "key": "node.kubernetes.io/not-ready",
+            "operator": "Exists",
+            "effect": "NoExecute",
+            "tolerationSeconds": 7,
+        },
+    ]
+    default = pod_template({**body, "spec": {"actor": "m:A"}})["spec"]["tolerations"]
+    assert {t["tolerationSeconds"] for t in default} == {30}
