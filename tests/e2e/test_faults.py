@@ -8,7 +8,7 @@ import calendar
 import json
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -150,15 +150,40 @@ async def test_router_pod_killed_under_load(
     )
 
 
-class GpuWatch:
-    """Samples, every 0.2 s in a thread, the GPUs held by a Service's replica pods: every pod
-    placed on a node and not finished holds its limit, terminating ones included."""
+class Sampler:
+    """Calls `sample()` every `period` seconds in a thread, for the length of a `with` block:
+    invariants that must hold at every moment of a test, not only at its end."""
+
+    period = 0.2
 
     def __init__(self, cluster: Any, namespace: str, name: str) -> None:
         self.cluster, self.namespace, self.name = cluster, namespace, name
-        self.peak = 0
+        self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.sample()
+            self.samples += 1
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class GpuWatch(Sampler):
+    """The GPUs held by a Service's replica pods: every pod placed on a node and not finished
+    holds its limit, terminating ones included."""
+
+    peak = 0
 
     def held(self) -> int:
         return sum(
@@ -169,18 +194,8 @@ class GpuWatch:
             and p["status"].get("phase") not in ("Succeeded", "Failed")
         )
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.held())
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> GpuWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    def sample(self) -> None:
+        self.peak = max(self.peak, self.held())
 
 
 def replicas_now(cluster: Any, ns: str, name: str) -> list[dict[str, Any]]:

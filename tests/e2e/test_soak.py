@@ -10,7 +10,6 @@ import asyncio
 import collections
 import os
 import random
-import threading
 import time
 from typing import Any
 
@@ -21,41 +20,30 @@ from kubeforge.contract import L_INDEX
 from kubeforge.operator.manifests import ROUTER_PORT
 from tests.e2e.conftest import Operator
 from tests.e2e.test_cluster import wait_for
+from tests.e2e.test_faults import Sampler
 from tests.e2e.test_operator import _router_pods, _token, fsvc, ready, replica_pods, service
 
 SECONDS = float(os.environ.get("KUBEFORGE_SOAK_SECONDS", "150"))
 pytestmark = pytest.mark.timeout(SECONDS + 300)
 
 
-class IndexWatch:
-    """Samples every pod of the Service twice a second: no replica index may ever belong to
-    two pods at once (terminating ones included)."""
+class IndexWatch(Sampler):
+    """No replica index may ever belong to two pods at once (terminating ones included)."""
+
+    period = 0.5
 
     def __init__(self, cluster: Any, namespace: str, name: str) -> None:
-        self.cluster, self.namespace, self.name = cluster, namespace, name
+        super().__init__(cluster, namespace, name)
         self.doubles: list[dict[str, list[str]]] = []
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            owners: dict[str, list[str]] = collections.defaultdict(list)
-            for p in replica_pods(self.cluster, self.namespace, self.name):
-                index = p["metadata"]["labels"].get(L_INDEX)
-                if index is not None:
-                    owners[index].append(p["metadata"]["name"])
-            self.samples += 1
-            if any(len(names) > 1 for names in owners.values()):
-                self.doubles.append(dict(owners))
-
-    def __enter__(self) -> IndexWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    def sample(self) -> None:
+        owners: dict[str, list[str]] = collections.defaultdict(list)
+        for p in replica_pods(self.cluster, self.namespace, self.name):
+            index = p["metadata"]["labels"].get(L_INDEX)
+            if index is not None:
+                owners[index].append(p["metadata"]["name"])
+        if any(len(names) > 1 for names in owners.values()):
+            self.doubles.append(dict(owners))
 
 
 async def test_soak_with_random_faults(cluster: Any, namespace: str, operator: Operator) -> None:
