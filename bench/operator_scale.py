@@ -7,12 +7,15 @@ For each count of Services (default 1 and 10; `--services 1,10,100`), each with 
   running in both), watches excluded; in all, and of the kinds the operator makes;
 - the operator's RSS and its CPU per minute while idle;
 and once: seconds from a replica pod's deletion to its replacement being created, and Ready.
-Prints each figure and a RESULT line. Usage: `.venv/bin/python bench/operator_scale.py`.
+Prints each figure and a RESULT line. Usage: `.venv/bin/python bench/operator_scale.py`; for 100
+Services (300 pods as processes, about 14 GB): `--services 100 --settle 120`, since on two cores
+the first minute after Ready is not idle yet (pods' readiness and routers' first status writes).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -41,28 +44,34 @@ OPERATOR_RESOURCES = {
 }
 
 
-def request_counts(cluster: Cluster) -> tuple[float, float]:
-    """(every request answered, those of the kinds the operator makes), watches excluded."""
-    total = mine = 0.0
+def request_counts(cluster: Cluster) -> collections.Counter[str]:
+    """Requests answered so far by "resource verb", watches excluded."""
+    counts: collections.Counter[str] = collections.Counter()
     for line in cluster.kubectl("get", "--raw", "/metrics").stdout.splitlines():
         if not line.startswith("apiserver_request_total{") or 'verb="WATCH"' in line:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-        value = float(line.rsplit(" ", 1)[1])
-        total += value
-        if labels.get("resource") in OPERATOR_RESOURCES or (
-            labels.get("resource") == "events" and labels.get("verb") == "POST"
-        ):
-            mine += value
-    return total, mine
+        kind = labels.get("resource", "") + (
+            f"/{labels['subresource']}" if labels.get("subresource") else ""
+        )
+        counts[f"{kind} {labels.get('verb')}"] += float(line.rsplit(" ", 1)[1])
+    return counts
 
 
-def per_minute(cluster: Cluster, window: float) -> tuple[float, float]:
-    total0, mine0 = request_counts(cluster)
+def operators_kind(key: str) -> bool:
+    resource, verb = key.split(" ")
+    return resource.split("/")[0] in OPERATOR_RESOURCES or (resource == "events" and verb == "POST")
+
+
+def per_minute(cluster: Cluster, window: float) -> collections.Counter[str]:
+    """Requests per minute by "resource verb" over a quiet `window`."""
+    before = request_counts(cluster)
     time.sleep(window)
-    total1, mine1 = request_counts(cluster)
-    # The metrics scrape itself is one request: left out.
-    return (total1 - total0 - 1) * 60 / window, (mine1 - mine0) * 60 / window
+    after = request_counts(cluster)
+    after["nonResourceURL GET"] -= 1  # the metrics scrape itself
+    return collections.Counter(
+        {k: (after[k] - before[k]) * 60 / window for k in after if after[k] != before[k]}
+    )
 
 
 def proc_stat(pid: int) -> tuple[float, float]:
@@ -125,9 +134,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--services", default="1,10", help="comma-separated counts of Services")
     ap.add_argument("--window", type=float, default=30.0, help="seconds per idle measurement")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        help="seconds to wait after Ready before measuring idle (routers' first status writes)",
+    )
     args = ap.parse_args()
     counts = [int(c) for c in args.services.split(",")]
-    cluster = Cluster(gpus=0)
+    # 100 Services are 300 pods (2 replicas and a router each): more than a node's usual 110.
+    cluster = Cluster(gpus=0, max_pods=400)
     cluster.start(progress=lambda m: print(m, flush=True))
     log = Path(tempfile.mkdtemp(prefix="kubeforge-bench-")) / "operator.log"
     op: subprocess.Popen[bytes] | None = None
@@ -150,22 +166,31 @@ def main() -> int:
                     raise TimeoutError(f"{count} Services not Ready in 600 s")
                 time.sleep(0.5)
             ready_s = time.monotonic() - started
-            time.sleep(10)  # routers' first status writes, pods settled
+            time.sleep(args.settle)  # routers' first status writes, pods settled
             _, cpu0 = proc_stat(op.pid)
-            with_operator, with_kinds = per_minute(cluster, args.window)
+            with_operator = per_minute(cluster, args.window)
             rss, cpu1 = proc_stat(op.pid)
             op.terminate()
             op.wait(15)
-            without, without_kinds = per_minute(cluster, args.window)
+            without = per_minute(cluster, args.window)
             op = start_operator(cluster, log)
             time.sleep(5)  # it lists everything again before the next measurement
             figures = {
                 "apply_to_ready_s": round(ready_s, 1),
-                "operator_kind_requests_per_min": round(with_kinds - without_kinds, 1),
+                "operator_kind_requests_per_min": round(
+                    sum(v for k, v in with_operator.items() if operators_kind(k))
+                    - sum(v for k, v in without.items() if operators_kind(k)),
+                    1,
+                ),
                 "cluster_requests_per_min": {
-                    "with": round(with_operator),
-                    "without": round(without),
+                    "with": round(sum(with_operator.values())),
+                    "without": round(sum(without.values())),
                 },
+                # Where the two differ most ("resource verb": with - without), to read the
+                # difference instead of guessing at it.
+                "largest_differences": dict(
+                    (k, round(v, 1)) for k, v in (with_operator - without).most_common(5)
+                ),
                 "operator_rss_mib": round(rss, 1),
                 "operator_idle_cpu_s_per_min": round((cpu1 - cpu0) * 60 / args.window, 2),
             }

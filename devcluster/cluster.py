@@ -20,9 +20,10 @@ class Cluster:
     """`start()` blocks until the API server, controllers, scheduler and node are up; the
     node runs on its own event loop in a thread so sync and async callers can both use it."""
 
-    def __init__(self, root: Path | None = None, gpus: int = 4) -> None:
+    def __init__(self, root: Path | None = None, gpus: int = 4, max_pods: int = 110) -> None:
         self.control = ControlPlane(root)
         self.gpus = gpus
+        self.max_pods = max_pods
         self.node: ProcessNode | None = None
         self.extra_nodes: list[ProcessNode] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -73,6 +74,7 @@ class Cluster:
             self.control.pki.ca,
             self.control.root / "pods",
             gpus=self.gpus,
+            max_pods=self.max_pods,
         )
         self._thread = threading.Thread(target=loop.run_forever, name="process-node", daemon=True)
         self._thread.start()

@@ -78,6 +78,7 @@ class ProcessNode:
         name: str = "e2e-node",
         gpus: int = 4,
         ip_prefix: str = "127.0.0.",
+        max_pods: int = 110,
         backoff: float = 1.0,
         backoff_cap: float = 30.0,
     ) -> None:
@@ -92,6 +93,10 @@ class ProcessNode:
         self.pods: dict[str, PodRun] = {}  # by uid
         self.free_ips = [f"{ip_prefix}{i}" for i in range(2, 255)]
         self.frozen = False
+        # One loopback address per pod: beyond 253 pods, more from 127.100.0.0/16.
+        more = max_pods - len(self.free_ips)
+        self.free_ips += [f"127.100.{i // 250}.{2 + i % 250}" for i in range(max(more, 0))]
+        self.max_pods = max_pods
         self.api: client.ApiClient | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._terminations: set[asyncio.Task[Any]] = set()
@@ -138,7 +143,12 @@ class ProcessNode:
     # the Node and its heartbeat -------------------------------------------------------------
 
     def _node_status(self) -> dict[str, Any]:
-        capacity = {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": str(self.gpus)}
+        capacity = {
+            "cpu": "16",
+            "memory": "64Gi",
+            "pods": str(self.max_pods),
+            "nvidia.com/gpu": str(self.gpus),
+        }
         return {
             "capacity": capacity,
             "allocatable": capacity,
