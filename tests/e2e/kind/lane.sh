@@ -52,12 +52,14 @@ bin=$(k8s/build-bin.sh --kind | tail -1)
 export PATH="$PWD/images/kind-node/bin:$bin:$PATH"
 export KUBEFORGE_REAL_DOCKER=$docker_client
 
-sed -e "s/ETCD_VERSION/$ETCD_VERSION/" -e "s/COREDNS_VERSION/$COREDNS_VERSION/" \
-    tests/e2e/kind/cluster.yaml >"$work/cluster.yaml"
+config=tests/e2e/kind/cluster.yaml
+for tag in "$ETCD_VERSION" "$COREDNS_VERSION"; do
+    grep -q "imageTag: $tag\$" "$config" || { log "ERROR: $config does not name $tag (k8s/versions.env)"; exit 1; }
+done
 kubeconfig=$work/kubeconfig
 log "creating the cluster ($node_image) ..."
 kind delete cluster --name "$name" >/dev/null 2>&1 || true
-kind create cluster --name "$name" --image "$node_image" --config "$work/cluster.yaml" \
+kind create cluster --name "$name" --image "$node_image" --config "$config" \
     --kubeconfig "$kubeconfig" --wait 180s
 export KUBECONFIG=$kubeconfig
 node=$(kubectl get nodes -o jsonpath='{.items[0].metadata.name}')
