@@ -303,8 +303,9 @@ for spec in "${kind_tools[@]}"; do
     if [[ ! -f "$dir/go.sum" ]]; then
         init_wrapper "$dir" "$mod" "$ver" "$(published_gomod "$mod" "$ver")"
         resolve "$dir" "$pkg@$ver"
+    else  # a wrapper shared with a tool built before: add this package's dependencies
+        (cd "$dir" && go get "$pkg@$ver" >/dev/null 2>&1) || resolve "$dir" "$pkg@$ver"
     fi
-    (cd "$dir" && go get "$pkg@$ver" >/dev/null 2>&1) || resolve "$dir" "$pkg@$ver"
     ldflags="-s -w"
     case "$name" in
         kind) vercmd=version expect="kind $ver" ;;

@@ -52,6 +52,7 @@ class World:
     tokens: set[Key] = field(default_factory=set)  # token Secret known to exist
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     dirty: set[Key] = field(default_factory=set)
+    rechecks: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)  # one per Service
 
 
 _world = World()
@@ -87,6 +88,8 @@ async def on_service(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
         for table in (_world.services, _world.pods, _world.children, _world.locks):
             table.pop(key, None)  # type: ignore[attr-defined]
         _world.tokens.discard(key)
+        if (timer := _world.rechecks.pop(key, None)) is not None:
+            timer.cancel()
         return
     _world.services[key] = dict(body)
     _schedule(key)
@@ -274,6 +277,15 @@ async def _event(raw: dict[str, Any], reason: str, message: str) -> None:
             log.warning("event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
 
 
+async def _delete_pod(core: client.CoreV1Api, namespace: str, name: str, **options: Any) -> None:
+    """Delete a pod; one that is gone already is fine (its event is on the way)."""
+    try:
+        await core.delete_namespaced_pod(name, namespace, **options)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
 async def reconcile(key: Key) -> None:
     raw = _world.services.get(key)
     if raw is None or (raw.get("metadata") or {}).get("deletionTimestamp"):
@@ -309,20 +321,16 @@ async def reconcile(key: Key) -> None:
             if exc.status != 409:  # there already (its event is on the way)
                 raise
     for pod_name in decided.delete:
-        try:
-            await core.delete_namespaced_pod(pod_name, namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        await _delete_pod(core, namespace, pod_name)
     for pod_name in decided.force_delete:
         log.info("deleting %s/%s without grace: its node is lost", namespace, pod_name)
-        try:
-            await core.delete_namespaced_pod(pod_name, namespace, grace_period_seconds=0)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        await _delete_pod(core, namespace, pod_name, grace_period_seconds=0)
+    if (timer := _world.rechecks.pop(key, None)) is not None:
+        timer.cancel()
     if decided.recheck_in is not None:  # no event will mark the end of an evicted pod's grace
-        asyncio.get_running_loop().call_later(decided.recheck_in + 0.1, _schedule, key)
+        _world.rechecks[key] = asyncio.get_running_loop().call_later(
+            decided.recheck_in + 0.1, _schedule, key
+        )
     for reason, message in decided.events:  # after the writes: only what really happened
         await _event(raw, reason, message)
     # Only what changed: an idle Service's status is not written again and again (the plan keeps

@@ -119,9 +119,10 @@ def plan(observed: Observed) -> Plan:
 
 def _release_lost(observed: Observed, out: Plan) -> None:
     """Pods evicted from a lost node wait out their own grace, then are deleted without one."""
-    evicted = [p for p in observed.pods if p.evicted_until is not None]
-    for pod in evicted:
-        left = pod.evicted_until - observed.clock  # type: ignore[operator]
+    for pod in observed.pods:
+        if pod.evicted_until is None:
+            continue
+        left = pod.evicted_until - observed.clock
         if left <= 0:
             out.force_delete.append(pod.name)
             out.events.append(

@@ -17,7 +17,15 @@ from kubeforge.contract import L_HASH as HASH
 from kubeforge.operator.manifests import GPU, ROUTER_PORT
 from tests.e2e.conftest import Operator
 from tests.e2e.test_cluster import wait_for
-from tests.e2e.test_operator import _router_pods, _token, fsvc, ready, replica_pods, service
+from tests.e2e.test_operator import (
+    _router_pods,
+    _token,
+    fsvc,
+    ready,
+    replica_pods,
+    replicas_only,
+    service,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -199,12 +207,7 @@ class GpuWatch(Sampler):
 
 
 def replicas_now(cluster: Any, ns: str, name: str) -> list[dict[str, Any]]:
-    return [
-        p
-        for p in replica_pods(cluster, ns, name)
-        if p["metadata"]["labels"]["kubeforge.dev/component"] == "replica"
-        and not p["metadata"].get("deletionTimestamp")
-    ]
+    return replicas_only(replica_pods(cluster, ns, name))
 
 
 def test_operator_killed_mid_rollout(cluster: Any, namespace: str, operator: Operator) -> None:
