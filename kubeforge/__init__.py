@@ -17,6 +17,7 @@ from kubeforge.errors import (
     SessionMovedError,
     UnguardedMainError,
 )
+from kubeforge.ranks import Rank, current_rank
 
 __all__ = [
     "Actor",
@@ -25,6 +26,7 @@ __all__ = [
     "NestedSpawnError",
     "NoHealthyReplicasError",
     "OverloadedError",
+    "Rank",
     "RemoteError",
     "ReplicaLostError",
     "RequestTimeoutError",
@@ -33,6 +35,7 @@ __all__ = [
     "ServiceConfig",
     "SessionMovedError",
     "UnguardedMainError",
+    "current_rank",
     "endpoint",
 ]
 

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from kubeforge import spawn_guard
+from kubeforge.ranks import current_rank
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,6 +39,16 @@ class Actor:
 
     async def on_session_end(self, session_id: str) -> None:
         """Free per-session state (a KV cache, say) when a session ends or expires."""
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in its replica (0 unless the replica has `procs`/`hosts`)."""
+        return current_rank().rank
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in this replica: procs x hosts."""
+        return current_rank().world_size
 
     @classmethod
     def options(cls, **config: Any) -> Any:

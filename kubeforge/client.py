@@ -32,6 +32,7 @@ class ServiceClient(ServiceAPI):
         raise_on_session_moved: bool = False,
         connections: int = 100,
         at_most_once: bool = False,
+        return_first_rank_result: bool = True,
     ) -> None:
         """`url` is the router's, or several routers' of one Service (pods of a router
         Deployment): a request that cannot reach one goes to the next, as the retry rule allows
@@ -41,6 +42,8 @@ class ServiceClient(ServiceAPI):
 
         `at_most_once` stops the router from re-sending a call without a session that was cut
         short by its replica's death (by default such a call runs again on another replica).
+        `return_first_rank_result=False` returns every rank's result of replicas with several
+        ranks (procs/hosts), in rank order, as torchforge's ServiceConfig option does.
         """
         super().__init__()
         urls = [url] if isinstance(url, str) else list(url)
@@ -53,6 +56,7 @@ class ServiceClient(ServiceAPI):
         self._connections = connections
         self.raise_on_session_moved = raise_on_session_moved
         self.at_most_once = at_most_once
+        self.return_first_rank_result = return_first_rank_result
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ServiceClient:
@@ -120,10 +124,10 @@ class ServiceClient(ServiceAPI):
     async def _send_call(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
         return await self._request("POST", wire.CALL_PREFIX + endpoint, body, headers)
 
-    async def _send_broadcast(self, endpoint: str, body: bytes) -> Reply:
-        return await self._request(
-            "POST", wire.CALL_ALL_PREFIX + endpoint, body, {wire.H_CONTENT_TYPE: wire.JSON}
-        )
+    async def _send_broadcast(
+        self, endpoint: str, body: bytes, headers: dict[bytes, bytes]
+    ) -> Reply:
+        return await self._request("POST", wire.CALL_ALL_PREFIX + endpoint, body, headers)
 
     async def _send_start_session(self) -> Reply:
         return await self._request("POST", wire.SESSIONS_PATH)

@@ -29,6 +29,7 @@ def _label(key: str) -> str:
 L_SERVICE = _label("service")
 L_COMPONENT = _label("component")
 L_INDEX = _label("replica_index")
+L_HOST = _label("host_index")
 L_HASH = _label("template_hash")
 A_ROUTER_HASH = _label("router_hash")
 
@@ -42,6 +43,7 @@ H_SESSION_MOVED = _header("session_moved")  # request: "error" to get SessionMov
 H_SESSION_MOVED_FROM = _header("session_moved_from")  # response: the id a session had before
 H_TIMEOUT = _header("timeout")  # request: seconds the caller is willing to wait
 H_DELIVERY = _header("delivery")  # request: "at-most-once" forbids re-sending a lost call
+H_RANKS = _header("ranks")  # request: "all" for every rank's result of an SPMD replica
 # response: the call never reached the actor (overloaded, draining); the router may go elsewhere
 H_RETRYABLE = _header("retryable")
 H_RELAY_PREFIX = _header("relay_prefix")  # headers only the native relay may send

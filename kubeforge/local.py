@@ -138,6 +138,7 @@ class ReplicaSet:
     host: str = "127.0.0.1"
     flags: list[str] = field(default_factory=list)
     gpus: list[list[str]] | None = None  # per replica, from kubeforge.gpus.assign
+    ranks: int = 1  # processes per replica (flags carry --procs); each replica gets its ports
     env: dict[str, str] = field(default_factory=dict)
     procs: Processes = field(default_factory=Processes)
     urls: list[str] = field(default_factory=list)
@@ -170,6 +171,9 @@ class ReplicaSet:
                 str(port),
                 *self.flags,
             ]
+            if self.ranks > 1:  # one rendezvous per replica, on ports of its own
+                argv += ["--master-port", str(free_port(self.host))]
+                argv += ["--gang-port", str(free_port(self.host))]
             self.procs.spawn(argv, f"replica-{i}", env)
         self.procs.wait_ready(self.urls, deadline, "replica", progress)
         return self.urls

@@ -31,7 +31,7 @@ class ServiceConfig:
     """torchforge's ServiceConfig, plus the bounds kubeforge puts on every wait."""
 
     num_replicas: int
-    procs: int = 1  # GPUs per replica when with_gpus (torchforge: processes per replica)
+    procs: int = 1  # rank processes per replica, one GPU each when with_gpus
     with_gpus: bool = False
     hosts: int | None = None
     health_poll_rate: float = DEFAULTS.health_poll_rate
@@ -48,8 +48,8 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.num_replicas, int) or self.num_replicas < 1:
             raise ValueError(f"num_replicas must be a positive integer, got {self.num_replicas!r}")
-        if self.procs < 1:
-            raise ValueError(f"procs must be at least 1, got {self.procs!r}")
+        if not isinstance(self.procs, int) or self.procs < 1:
+            raise ValueError(f"procs must be a positive integer, got {self.procs!r}")
         if self.hosts not in (None, 0, 1):
             raise ValueError(
                 f"hosts={self.hosts}: a local Service runs on one host; "
@@ -76,6 +76,7 @@ class Service(ServiceAPI):
         self.actor_path = import_path_of(actor_def)
         self.raise_on_session_moved = cfg.raise_on_session_moved
         self.at_most_once = cfg.at_most_once
+        self.return_first_rank_result = cfg.return_first_rank_result
         # GPUs are checked here, before anything starts; not where a start would be refused
         # anyway (`start` says why then, which a GpuError would hide).
         self._gpus = (
@@ -89,6 +90,7 @@ class Service(ServiceAPI):
             args=list(actor_args),
             kwargs=dict(actor_kwargs),
             gpus=self._gpus,
+            ranks=cfg.procs,
             env={"KUBEFORGE_LOG_LEVEL": os.environ.get("KUBEFORGE_LOG_LEVEL", "WARNING")},
             flags=[
                 "--max-concurrent-requests",
@@ -99,6 +101,11 @@ class Service(ServiceAPI):
                 str(cfg.request_timeout),
                 "--session-ttl",
                 str(cfg.session_ttl),
+                *(
+                    ["--procs", str(cfg.procs), "--gpus-per-rank", str(int(cfg.with_gpus))]
+                    if cfg.procs > 1
+                    else []
+                ),
             ],
         )
         self._router: Router | None = None
@@ -174,8 +181,12 @@ class Service(ServiceAPI):
             {wire.H_CONTENT_TYPE: resp.content_type, **dict(resp.headers or ())},
         )
 
-    async def _send_broadcast(self, endpoint: str, body: bytes) -> Reply:
-        resp = await self.router.broadcast(endpoint, body, wire.JSON)
+    async def _send_broadcast(
+        self, endpoint: str, body: bytes, headers: dict[bytes, bytes]
+    ) -> Reply:
+        resp = await self.router.broadcast(
+            endpoint, body, headers.get(wire.H_CONTENT_TYPE), headers.get(wire.H_RANKS)
+        )
         return Reply(resp.status, resp.body, {wire.H_CONTENT_TYPE: resp.content_type})
 
     async def _send_start_session(self) -> Reply:

@@ -62,6 +62,8 @@ class ServiceAPI(ABC):
     # A call without a session that its replica's death cut short is sent to another replica
     # unless this is set (DESIGN §3); set it when an endpoint's outside effects must not repeat.
     at_most_once: bool = False
+    # torchforge's return_first_rank_result: False asks SPMD replicas for every rank's result.
+    return_first_rank_result: bool = True
 
     def __init__(self) -> None:
         self._moved: dict[str, str] = {}  # session id the caller holds -> where it lives now
@@ -74,7 +76,9 @@ class ServiceAPI(ABC):
         """POST /v1/call/{endpoint}; typed errors may be raised instead of returned."""
 
     @abstractmethod
-    async def _send_broadcast(self, endpoint: str, body: bytes) -> Reply: ...
+    async def _send_broadcast(
+        self, endpoint: str, body: bytes, headers: dict[bytes, bytes]
+    ) -> Reply: ...
 
     @abstractmethod
     async def _send_start_session(self) -> Reply: ...
@@ -105,6 +109,7 @@ class ServiceAPI(ABC):
                 headers[wire.H_SESSION_MOVED] = b"error"
         elif self.at_most_once:
             headers[wire.H_DELIVERY] = wire.AT_MOST_ONCE
+        headers.update(self._ranks_header())
         reply = await self._send_call(endpoint, _encode_call(endpoint, args, kwargs), headers)
         if sid is not None and wire.H_SESSION_MOVED_FROM in reply.headers:
             new_id = reply.headers[wire.H_SESSION].decode()
@@ -125,7 +130,11 @@ class ServiceAPI(ABC):
         Raises `BroadcastError` (with every result and every error) when any replica failed,
         and `NoHealthyReplicasError` (a RuntimeError, as in torchforge) when none is healthy.
         """
-        reply = await self._send_broadcast(function, _encode_call(function, args, kwargs))
+        reply = await self._send_broadcast(
+            function,
+            _encode_call(function, args, kwargs),
+            {wire.H_CONTENT_TYPE: wire.JSON, **self._ranks_header()},
+        )
         data = _decode(reply)
         errors = {name: from_wire(err) for name, err in data["errors"].items()}
         if errors:
@@ -138,6 +147,10 @@ class ServiceAPI(ABC):
                 errors,
             )
         return data["results"]
+
+    def _ranks_header(self) -> dict[bytes, bytes]:
+        """Every rank's result, in rank order, instead of rank 0's (replicas with procs > 1)."""
+        return {} if self.return_first_rank_result else {wire.H_RANKS: wire.ALL_RANKS}
 
     async def start_session(self) -> str:
         """A new session on the least-loaded replica; calls that name it stick to it."""

@@ -42,6 +42,9 @@ class Defaults:
     startup_timeout: float = 120.0  # a local Service's replicas must be ready within this
     stop_grace: float = 10.0  # a local Service's replicas drain this long on stop
     replica_port: int = 8000
+    master_port: int = 29500  # an SPMD replica's torch.distributed rendezvous (MASTER_PORT)
+    gang_port: int = 29400  # where rank 0 of an SPMD replica hands calls to the other ranks
+    rank_silence: float = 5.0  # a rank not heard from this long makes its replica unready
     router_port: int = 8080
 
 

@@ -16,6 +16,7 @@ from kubeforge.contract import (  # noqa: F401  (re-exported: the wire protocol'
     CALL_ALL_PREFIX,
     CALL_PREFIX,
     H_DELIVERY,
+    H_RANKS,
     H_RETRYABLE,
     H_SESSION,
     H_SESSION_MOVED,
@@ -48,6 +49,7 @@ def is_endpoint_name(name: str) -> bool:
     return name.isascii() and name.isidentifier()
 
 
+ALL_RANKS = b"all"  # the H_RANKS value: every rank's result, in rank order
 AT_MOST_ONCE = b"at-most-once"  # the H_DELIVERY value that forbids re-sending a lost call
 H_AUTH = b"authorization"
 H_CONTENT_TYPE = b"content-type"

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
 
-from kubeforge import _runtime, spawn_guard
+from kubeforge import _runtime, ranks, spawn_guard
 from kubeforge.actor import load_actor_class
 from kubeforge.errors import UnguardedMainError
+from kubeforge.replica.gang import EXIT_SETUP_FAILED, RankConfig, serve_rank
+from kubeforge.replica.launcher import Launcher, die_with_launcher
 from kubeforge.replica.server import ReplicaConfig, ReplicaServer
 from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica")
+HOST_INDEX_ENV = "KUBEFORGE_HOST_INDEX"  # the operator sets it on each pod of a replica group
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,12 +60,86 @@ def parser() -> argparse.ArgumentParser:
         help="SIGTERM waits this long for running calls",
     )
     p.add_argument("--max-body", type=int, default=DEFAULTS.max_body, help="bytes")
+    spmd = p.add_argument_group("SPMD replicas (torchforge's procs and hosts)")
+    spmd.add_argument("--procs", type=int, default=1, help="ranks on this host")
+    spmd.add_argument("--hosts", type=int, default=1, help="hosts (pods) of the replica")
+    spmd.add_argument(
+        "--host-index",
+        type=int,
+        default=int(os.environ.get(HOST_INDEX_ENV, "0")),
+        help=f"which host this is; host 0 runs rank 0 (default ${HOST_INDEX_ENV} or 0)",
+    )
+    spmd.add_argument("--gpus-per-rank", type=int, default=0, help="GPUs of each rank")
+    spmd.add_argument(
+        "--master-addr",
+        default=os.environ.get(ranks.MASTER_ADDR),
+        help="rank 0's address (default $MASTER_ADDR, else the bind address or 127.0.0.1)",
+    )
+    spmd.add_argument("--master-port", type=int, default=DEFAULTS.master_port)
+    spmd.add_argument(
+        "--gang-port", type=int, default=DEFAULTS.gang_port, help="rank 0 hands calls on here"
+    )
+    p.add_argument("--rank-process", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
+def _launch(ns: argparse.Namespace, argv: list[str]) -> None:
+    """This host's share of an SPMD replica: start its ranks and keep them together."""
+    host = _runtime.bind_host(ns.host)
+    master = ns.master_addr or (host if host not in ("0.0.0.0", "::") else "127.0.0.1")
+    visible = os.environ.get(ranks.CUDA_VISIBLE_DEVICES)
+    try:
+        layout = ranks.Layout(ns.procs, ns.hosts, ns.host_index, ns.gpus_per_rank)
+        envs = ranks.rank_envs(
+            layout,
+            master,
+            ns.master_port,
+            None if visible is None else [g for g in visible.split(",") if g.strip()],
+        )
+    except ranks.RankError as exc:
+        sys.exit(f"kubeforge.replica: {exc}")
+    log.info(
+        "host %d of %d: starting ranks %s of %d (rank 0 at %s)",
+        ns.host_index,
+        ns.hosts,
+        list(layout.ranks),
+        layout.world_size,
+        master,
+    )
+    runner = Launcher(argv, envs, leads=ns.host_index == 0, grace=ns.drain_grace)
+    sys.exit(asyncio.run(runner.run()))
+
+
+def _serve_rank(ns: argparse.Namespace, actor_cls: type) -> None:
+    """A rank other than 0: SIGTERM is rank 0's to act on (it drains, then lets us go)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    me = ranks.current_rank()
+    config = RankConfig(
+        actor=ns.actor,
+        args=ns.args,
+        kwargs=ns.kwargs,
+        rank=me.rank,
+        world_size=me.world_size,
+        leader=(os.environ[ranks.MASTER_ADDR], ns.gang_port),
+        token=os.environ.get("KUBEFORGE_TOKEN") or None,
+        max_frame=ns.max_body + 65536,
+    )
+    sys.exit(asyncio.run(serve_rank(config, actor_cls)))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     ns = parser().parse_args(argv)
-    _runtime.setup_logging("replica")
+    world = ns.procs * ns.hosts
+    if world > 1 and not ns.rank_process:
+        _runtime.setup_logging("launcher")
+        _launch(ns, argv)
+    # Only a launcher's child reads its rank: a plain replica is rank 0 of 1 whatever RANK says.
+    me = ranks.current_rank() if ns.rank_process else ranks.Rank()
+    _runtime.setup_logging(f"replica rank {me.rank}" if world > 1 else "replica")
+    if ns.rank_process:
+        die_with_launcher()
     sys.path.insert(0, os.getcwd())  # `examples.echo:Echo` from the working directory works
     try:
         actor_cls = load_actor_class(ns.actor)
@@ -72,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(spawn_guard.EXIT_UNGUARDED_MAIN)
     except ValueError as exc:
         sys.exit(f"kubeforge.replica: {exc}")
+    if me.rank > 0:
+        _serve_rank(ns, actor_cls)
     if ns.max_concurrent_requests < 1 or ns.max_queued_requests < 0:
         sys.exit(
             "kubeforge.replica: --max-concurrent-requests must be >= 1, --max-queued-requests >= 0"
@@ -90,11 +171,20 @@ def main(argv: list[str] | None = None) -> None:
         drain_grace=ns.drain_grace,
         max_body=ns.max_body,
         token=os.environ.get("KUBEFORGE_TOKEN") or None,
+        world_size=me.world_size,
+        gang_port=ns.gang_port,
     )
     server = ReplicaServer(config, actor_cls)
 
     async def start() -> None:
-        port = await server.start()
+        try:
+            port = await server.start()
+        except Exception:
+            if not ns.rank_process:
+                raise
+            log.exception("rank 0 could not start")
+            logging.shutdown()
+            os._exit(EXIT_SETUP_FAILED)  # the launcher gives up rather than restart in a loop
         log.info(
             "replica %s of %s ready on %s:%d (instance %s, endpoints %s)",
             server.name,

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import secrets
+import socket
 import time
 import traceback
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from kubeforge.errors import (
 from kubeforge.http.server import HttpServer, Request, Response
 from kubeforge.metrics import SlidingWindow
 from kubeforge.replica.admission import Admission
+from kubeforge.replica.gang import EXIT_RANK_LOST, Gang, Outcome, invoke
 from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica")
@@ -55,6 +57,8 @@ class ReplicaConfig:
     max_body: int = DEFAULTS.max_body
     token: str | None = None
     metrics_window: float = DEFAULTS.metrics_window
+    world_size: int = 1  # ranks of an SPMD replica; this server is rank 0 of them
+    gang_port: int = DEFAULTS.gang_port
 
 
 class Sessions:
@@ -109,6 +113,9 @@ class ReplicaServer:
         self._auth = wire.bearer(config.token)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._openapi = wire.encode(openapi.document("kubeforge replica", self.endpoints, False))
+        self.gang: Gang | None = None
+        if config.world_size > 1:
+            self.gang = Gang(config.world_size, config.actor, config.token, _rank_lost)
 
     # lifecycle ----------------------------------------------------------------------------
 
@@ -118,8 +125,12 @@ class ReplicaServer:
         self.config.port = port
         if not self.config.name:
             self.name = f"{self.config.host}:{port}"
+        if self.gang is not None:  # before setup(): the other ranks' setup runs alongside
+            await self.gang.start(self.config.host, self.config.gang_port)
         self.actor = self.actor_cls(*self.config.args, **self.config.kwargs)
         await self.actor.setup()
+        if self.gang is not None:
+            await self._wait_for_ranks()
         self.ready = True
         self._spawn(self._expire_sessions())
         return port
@@ -152,8 +163,22 @@ class ReplicaServer:
                 break
             await self._end_session(sid, "replica shut down")
         await self.http.close(grace=max(0.0, min(1.0, deadline - loop.time())))
+        if self.gang is not None:
+            await self.gang.close()
         for task in self._tasks:
             task.cancel()
+
+    async def _wait_for_ranks(self) -> None:
+        """Ready only once every rank has joined and finished its setup(), however long the
+        other hosts' pods take to be scheduled; meanwhile the log says who is missing."""
+        assert self.gang is not None
+        while True:
+            try:
+                await asyncio.wait_for(self.gang.formed.wait(), 10.0)
+                log.info("all %d ranks are ready", self.gang.world_size)
+                return
+            except TimeoutError:
+                log.info("waiting for ranks %s to join and finish setup()", self.gang.missing())
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -170,7 +195,7 @@ class ReplicaServer:
             if path in (HEALTHZ, "/health") and req.method == "GET":
                 return Response(200, wire.encode(self.health()))
             if path == READYZ and req.method == "GET":
-                ok = self.ready and not self.draining
+                ok = self._taking_calls()
                 return Response(200 if ok else 503, wire.encode({"ready": ok}))
             if path == "/metrics" and req.method == "GET":
                 return Response(200, self.prometheus(), prom.CONTENT_TYPE)
@@ -201,7 +226,13 @@ class ReplicaServer:
             return False
         log.info("session %s ended: %s", sid, reason)
         try:
-            await self.actor.on_session_end(sid)
+            if self.gang is None:
+                await self.actor.on_session_end(sid)
+            else:  # every rank frees its share, in the order of the calls
+                outcomes = await self.gang.submit(
+                    "end_session", {"session": sid}, lambda: self.actor.on_session_end(sid)
+                )
+                _first_rank_result(outcomes, "on_session_end", False)
         except Exception:
             log.exception("on_session_end(%r) raised", sid)
         return True
@@ -230,6 +261,7 @@ class ReplicaServer:
                     f"bad {wire.H_TIMEOUT.decode()} header {asked.decode('latin-1')!r}: "
                     "seconds expected"
                 ) from None
+        all_ranks = req.headers.get(wire.H_RANKS) == wire.ALL_RANKS
         sid_raw = req.headers.get(wire.H_SESSION)
         sid = sid_raw.decode("latin-1") if sid_raw else None  # any byte: at worst unknown
         started = time.monotonic()
@@ -238,7 +270,12 @@ class ReplicaServer:
             self.sessions.busy[sid] = self.sessions.busy.get(sid, 0) + 1
         ok = False
         try:
-            result = await self._run(info.name, info.is_async, args, kwargs, timeout, started)
+            if self.gang is None:
+                result = await self._run(info.name, info.is_async, args, kwargs, timeout, started)
+            else:
+                result = await self._run_ranks(
+                    info.name, req.body, use_msgpack, all_ranks, args, kwargs, timeout, started
+                )
             try:
                 body = wire.encode({"result": result}, use_msgpack)
             except (TypeError, ValueError, OverflowError) as exc:
@@ -314,6 +351,51 @@ class ReplicaServer:
             if is_async:
                 self.admission.release()
 
+    async def _run_ranks(
+        self,
+        name: str,
+        body: bytes,
+        use_msgpack: bool,
+        all_ranks: bool,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        timeout: float,
+        started: float,
+    ) -> Any:
+        """An SPMD replica's call: admitted here, then run on every rank in one order."""
+        assert self.gang is not None
+        info = self.endpoints[name]
+        try:  # checked before the call takes a place in the order that every rank must run
+            info.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArgumentsError(f"TypeError: {name}{info.signature}: {exc}") from None
+        await self.admission.acquire(timeout)
+        fn = getattr(self.actor, name)
+        work = self.gang.submit(
+            "call",
+            {"endpoint": name, "body": body, "msgpack": use_msgpack, "all": all_ranks},
+            lambda: invoke(fn, info.is_async, args, kwargs),
+        )
+        # The slot stays taken until every rank is done, as for a thread that outlives its caller.
+        work.add_done_callback(lambda _t: self.admission.release())
+        deadline = asyncio.timeout(timeout - (time.monotonic() - started))
+        try:
+            async with deadline:
+                outcomes = await asyncio.shield(work)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"endpoint {name!r} did not finish on all {self.gang.world_size} ranks within "
+                f"{timeout:g}s",
+                timeout=timeout,
+            ) from None
+        return _first_rank_result(outcomes, name, all_ranks)
+
+    def _taking_calls(self) -> bool:
+        """Ready, not draining, and (SPMD) every rank heard from lately: a rank that stops
+        answering takes the replica out of rotation until it answers again."""
+        ok = self.ready and not self.draining
+        return ok and (self.gang is None or not self.gang.silent(time.monotonic()))
+
     async def _expire_sessions(self) -> None:
         ttl = self.config.session_ttl
         while True:
@@ -328,14 +410,20 @@ class ReplicaServer:
             "status": "ok",
             "name": self.name,
             "instance": self.instance,
-            "ready": self.ready and not self.draining,
+            "ready": self._taking_calls(),
             "draining": self.draining,
             "in_flight": self.admission.active,
             "queued": self.admission.queued,
             "sessions": len(self.sessions.live),
             "max_concurrent_requests": self.config.max_concurrent_requests,
             "pid": os.getpid(),
+            **({} if self.gang is None else {"ranks": self._ranks()}),
         }
+
+    def _ranks(self) -> list[dict[str, Any]]:
+        assert self.gang is not None
+        own = {"rank": 0, "pid": os.getpid(), "host": socket.gethostname(), "ready": self.ready}
+        return [own, *self.gang.describe(time.monotonic())]
 
     def prometheus(self) -> bytes:
         stats = self.window.stats(time.monotonic())
@@ -363,6 +451,33 @@ class ReplicaServer:
             ],
         )
         return exp.render()
+
+
+def _rank_lost(why: str) -> None:
+    """A rank of this replica is gone: its peers may be stuck in a collective with it, so
+    nothing here can recover. Exit at once; the launcher restarts every rank together, and
+    the router sees the replica go (sessions re-pinned, calls re-sent as for any lost one)."""
+    log.error("%s; stopping every rank of this replica so they restart together", why)
+    logging.shutdown()
+    os._exit(EXIT_RANK_LOST)
+
+
+def _first_rank_result(outcomes: list[Outcome], name: str, all_ranks: bool) -> Any:
+    """Rank 0's value, or every rank's in rank order; an error on any rank raises, naming it."""
+    failed = [r for r, (ok, _) in enumerate(outcomes) if not ok]
+    if not failed:
+        values = [value for _, value in outcomes]
+        return values if all_ranks else values[0]
+    first = outcomes[failed[0]][1]
+    if isinstance(first, BaseException):
+        err = _remote(first)
+        kind, message, tb = err.remote_type, err.remote_message, err.traceback
+    else:
+        kind, message, tb = first["type"], first["message"], first.get("traceback")
+    also = ""
+    if len(failed) > 1:
+        also = f" (ranks {', '.join(map(str, failed))} of {len(outcomes)} failed)"
+    raise RemoteError(kind, f"rank {failed[0]} of {len(outcomes)}: {message}{also}", tb)
 
 
 def _remote(exc: BaseException) -> RemoteError:

@@ -351,12 +351,16 @@ class Router:
         )
 
     def _forwarded(self, headers: dict[bytes, bytes], left: float | None = None) -> bytes:
-        """The header lines a call carries on to its replica: token, body type, deadline (as
-        the caller sent it, or what is `left` of it for a re-send)."""
+        """The header lines a call carries on to its replica: token, body type, the ranks
+        whose results it wants, deadline (as the caller sent it, or what is `left` of it for a
+        re-send)."""
         extra = self._auth_line
         ctype = headers.get(wire.H_CONTENT_TYPE)
         if ctype:
             extra += b"content-type: " + ctype + b"\r\n"
+        ranks = headers.get(wire.H_RANKS)
+        if ranks:
+            extra += wire.H_RANKS + b": " + ranks + b"\r\n"
         asked = headers.get(wire.H_TIMEOUT) if left is None else f"{max(left, 0):.3f}".encode()
         if asked:
             extra += wire.H_TIMEOUT + b": " + asked + b"\r\n"
@@ -567,12 +571,15 @@ class Router:
                 replica.sessions_reported -= 1
         return Response(resp.status, resp.body)
 
-    async def broadcast(self, endpoint: str, body: bytes, ctype: bytes | None) -> Response:
+    async def broadcast(
+        self, endpoint: str, body: bytes, ctype: bytes | None, ranks: bytes | None = None
+    ) -> Response:
         replicas = list(self.table.healthy)
         if not replicas:
             raise NoHealthyReplicasError(self.table._no_healthy_message())
         use_msgpack = wire.is_msgpack(ctype)
-        headers = self._auth_line + (b"content-type: " + ctype + b"\r\n" if ctype else b"")
+        asked = {wire.H_CONTENT_TYPE: ctype} if ctype else {}
+        headers = self._forwarded({**asked, **({wire.H_RANKS: ranks} if ranks else {})})
         path = (wire.CALL_PREFIX + endpoint).encode()
         outcomes = await asyncio.gather(
             *(self._send(r, path, headers, body) for r in replicas), return_exceptions=True

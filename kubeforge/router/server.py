@@ -121,6 +121,7 @@ class RouterServer:
                 wire.endpoint_of(path, wire.CALL_ALL_PREFIX),
                 req.body,
                 req.headers.get(wire.H_CONTENT_TYPE),
+                req.headers.get(wire.H_RANKS),
             )
         if path == wire.SESSIONS_PATH and method == "POST":
             return await self.router.start_session()

@@ -178,7 +178,8 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
     }
 }
 
-/// The call as the replica gets it: same path and body; token, type, deadline and session.
+/// The call as the replica gets it: same path and body; token, type, deadline, ranks asked
+/// for and session.
 fn upstream_request(
     shared: &Shared,
     raw: &[u8],
@@ -199,6 +200,7 @@ fn upstream_request(
     for (name, value) in [
         ("content-type", slice(raw, head.content_type)),
         (names::HEADERS_TIMEOUT, slice(raw, head.timeout)),
+        (names::HEADERS_RANKS, slice(raw, head.ranks)),
         (names::HEADERS_SESSION, session),
     ] {
         if let Some(value) = value {

@@ -26,6 +26,7 @@ pub struct RequestHead {
     pub session: Option<(usize, usize)>,
     pub content_type: Option<(usize, usize)>,
     pub timeout: Option<(usize, usize)>,
+    pub ranks: Option<(usize, usize)>,
 }
 
 pub enum Request {
@@ -93,6 +94,7 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Request {
         session: None,
         content_type: None,
         timeout: None,
+        ranks: None,
     };
     let mut length: Option<(usize, usize)> = None;
     for h in req.headers.iter() {
@@ -121,6 +123,8 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Request {
             once(&mut head.content_type, buf, h.value)
         } else if name.eq_ignore_ascii_case(names::HEADERS_TIMEOUT) {
             once(&mut head.timeout, buf, h.value)
+        } else if name.eq_ignore_ascii_case(names::HEADERS_RANKS) {
+            once(&mut head.ranks, buf, h.value)
         } else {
             true
         };
