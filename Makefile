@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 .PHONY: venv test unit integration e2e e2e-kind images images-test kind-node-image crds k8s-bin cluster-up cluster-down lint bench bench-tools clean
 
 # The install builds the router's native relay (relay/, Rust) with cargo: edits there rebuild it.
-$(VENV)/.installed: pyproject.toml relay/Cargo.toml relay/Cargo.lock $(wildcard relay/src/*.rs)
+$(VENV)/.installed: pyproject.toml kubeforge/contract.toml relay/Cargo.toml relay/Cargo.lock $(wildcard relay/src/*.rs)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

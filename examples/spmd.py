@@ -38,8 +38,9 @@ class Store:
                         self.changed.notify_all()
                         answer: Any = True
                     else:
-                        await self.changed.wait_for(lambda: op["key"] in self.data)
-                        answer = self.data[op["key"]]
+                        key = op["key"]
+                        await self.changed.wait_for(lambda k=key: k in self.data)
+                        answer = self.data[key]
                 writer.write(json.dumps(answer).encode() + b"\n")
         except (asyncio.CancelledError, ConnectionError):
             pass  # the process is stopping, or the rank went away
@@ -79,12 +80,15 @@ class StoreClient:
 class RankCounter(Actor):
     """Every rank counts the calls it runs; rank 0's count is what a caller sees."""
 
-    def __init__(self, start: int = 0) -> None:
+    def __init__(self, start: int = 0, fail_setup_on: int | None = None) -> None:
         self.calls = start
         self.rounds = 0
+        self.fail_setup_on = fail_setup_on
 
     async def setup(self) -> None:
         self.me = current_rank()
+        if self.me.rank == self.fail_setup_on:
+            raise RuntimeError(f"rank {self.me.rank} was asked to fail its setup")
         addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         if self.me.rank == 0:
             self.server = await asyncio.start_server(Store().serve, addr, port)

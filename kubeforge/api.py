@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kubeforge._runtime import duration, format_duration
 from kubeforge.contract import API_VERSION, KIND
@@ -48,6 +48,12 @@ _SPEC_RULES = [
         "message": "nodeLossGrace must be at most 1h",
         "fieldPath": ".nodeLossGrace",
     },
+    {
+        "rule": "self.gpusPerReplica % (self.procs * self.hosts) == 0",
+        "message": "gpusPerReplica must be a multiple of procs x hosts: every rank gets the "
+        "same number of GPUs",
+        "fieldPath": ".gpusPerReplica",
+    },
 ]
 
 # A string field where "" has no meaning: refused (by the schema too), naming the field.
@@ -61,9 +67,27 @@ class ServiceSpec(_Model):
         json_schema_extra={"x-kubernetes-validations": _SPEC_RULES},
     )
 
-    replicas: int = Field(1, ge=0, description="Actor replicas (pods), each with its GPUs.")
+    replicas: int = Field(1, ge=0, description="Actor replicas, each with its GPUs.")
     gpus_per_replica: int = Field(
-        0, alias="gpusPerReplica", ge=0, description="nvidia.com/gpu per replica pod."
+        0,
+        alias="gpusPerReplica",
+        ge=0,
+        description="nvidia.com/gpu of each replica, split evenly over its hosts' pods and "
+        "then over their ranks.",
+    )
+    procs: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Rank processes per pod (torchforge's procs): every call runs on every "
+        "rank, in one order; rank 0 answers.",
+    )
+    hosts: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Pods per replica (torchforge's hosts), created and replaced together; "
+        "ranks are numbered across them.",
     )
     health_poll_rate: str = Field(
         format_duration(DEFAULTS.health_poll_rate),
@@ -131,10 +155,22 @@ class ServiceSpec(_Model):
     def node_loss_grace_seconds(self) -> float:
         return duration(self.node_loss_grace)
 
+    @model_validator(mode="after")
+    def _gpus_split_evenly(self) -> ServiceSpec:
+        """The CEL rule on gpusPerReplica, for manifests that never meet the API server."""
+        if self.gpus_per_replica % self.world_size:
+            raise ValueError(_SPEC_RULES[-1]["message"])
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one replica."""
+        return self.procs * self.hosts
+
     def replica_flags(self) -> list[str]:
         """`python -m kubeforge.replica` flags for what the spec says of each replica; pods
         and `kubeforge run` start replicas with exactly these."""
-        return [
+        flags = [
             "--max-concurrent-requests",
             str(self.max_concurrent_requests),
             "--request-timeout",
@@ -142,6 +178,10 @@ class ServiceSpec(_Model):
             "--drain-grace",
             self.drain_grace,
         ]
+        if self.world_size > 1:
+            flags += ["--procs", str(self.procs), "--hosts", str(self.hosts)]
+            flags += ["--gpus-per-rank", str(self.gpus_per_replica // self.world_size)]
+        return flags
 
     def router_flags(self) -> list[str]:
         """`python -m kubeforge.router` flags for every spec field the router uses; the router

@@ -63,6 +63,11 @@ def _run(ns: argparse.Namespace) -> int:
         spec = manifest.spec
         if spec.replicas < 1:
             raise ManifestError(f"{ns.spec}: spec.replicas is {spec.replicas}: nothing to run")
+        if spec.hosts > 1:
+            raise ManifestError(
+                f"{ns.spec}: spec.hosts is {spec.hosts}: a local run has one host; replicas "
+                "that span hosts need the operator on a cluster (procs works here)"
+            )
         assigned = (
             gpus.assign(spec.replicas, spec.gpus_per_replica, gpus.visible_gpus())
             if spec.gpus_per_replica
@@ -83,6 +88,7 @@ def _run(ns: argparse.Namespace) -> int:
             kwargs=spec.kwargs,
             host=ns.host,
             gpus=assigned,
+            ranks=spec.procs,
             env={**env, **{e["name"]: str(e.get("value", "")) for e in spec.env if "name" in e}},
             flags=spec.replica_flags(),
         ),

@@ -17,6 +17,7 @@ LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+HOST_INDEX = "KUBEFORGE_HOST_INDEX"  # which pod of its replica's group a launcher runs in
 
 
 @dataclass(frozen=True)

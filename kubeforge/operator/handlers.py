@@ -201,6 +201,8 @@ def _view(pod: dict[str, Any]) -> PodView:
         unschedulable=unschedulable,
         crash_looping=crash,
         evicted_until=evicted_until,
+        host=int(labels.get(m.L_HOST, "0")),
+        ip=status.get("podIP") or "",
     )
 
 
@@ -300,9 +302,10 @@ async def reconcile(key: Key) -> None:
 
     views = list(_world.pods.get(key, {}).values())
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    spec = raw.get("spec") or {}
     decided = plan(
         Observed(
-            desired=(raw.get("spec") or {}).get("replicas", 1),
+            desired=spec.get("replicas", 1),
             template_hash=m.template_hash(m.pod_template(raw)),
             pods=views,
             generation=(raw.get("metadata") or {}).get("generation", 0),
@@ -311,12 +314,15 @@ async def reconcile(key: Key) -> None:
             previous_conditions=list((raw.get("status") or {}).get("conditions", [])),
             now=now,
             clock=time.time(),
+            hosts=spec.get("hosts", 1),
         )
     )
     core = client.CoreV1Api(_api)
-    for index in decided.create:
+    pods = [m.replica_pod(raw, index) for index in decided.create]
+    pods += [m.replica_pod(raw, j.index, j.host, j.leader_ip) for j in decided.join]
+    for pod in pods:
         try:
-            await core.create_namespaced_pod(namespace, m.replica_pod(raw, index))
+            await core.create_namespaced_pod(namespace, pod)
         except ApiException as exc:
             if exc.status != 409:  # there already (its event is on the way)
                 raise

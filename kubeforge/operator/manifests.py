@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any
 
+from kubeforge import ranks
 from kubeforge.api import ServiceSpec
 from kubeforge.contract import A_ROUTER_HASH as ROUTER_HASH
 from kubeforge.contract import (
@@ -17,6 +18,7 @@ from kubeforge.contract import (
     KIND,
     L_COMPONENT,
     L_HASH,
+    L_HOST,
     L_INDEX,
     L_SERVICE,
     LABEL_PREFIX,
@@ -47,8 +49,10 @@ ROUTER_PORT = DEFAULTS.router_port
 GPU = "nvidia.com/gpu"
 
 
-def replica_name(service: str, index: int) -> str:
-    return f"{service}-replica-{index}"
+def replica_name(service: str, index: int, host: int = 0) -> str:
+    """A replica's pod; a replica of several hosts adds `-<host>` for every pod but the
+    leader's, as LeaderWorkerSet names its workers."""
+    return f"{service}-replica-{index}" + (f"-{host}" if host else "")
 
 
 def router_name(service: str) -> str:
@@ -93,10 +97,21 @@ def _user_annotations(body: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def _rank_env(spec: ServiceSpec) -> list[dict[str, Any]]:
+    """An SPMD replica's pods find rank 0 at the leader pod's IP: its own, in the template;
+    the other pods of the group get it written in (`replica_pod`)."""
+    if spec.world_size == 1:
+        return []
+    return [
+        {"name": ranks.MASTER_ADDR, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": ranks.HOST_INDEX, "value": "0"},
+    ]
+
+
 def replica_container(spec: ServiceSpec, service: str) -> dict[str, Any]:
     resources = json.loads(json.dumps(spec.resources or {}))
-    if spec.gpus_per_replica:
-        resources.setdefault("limits", {})[GPU] = spec.gpus_per_replica
+    if spec.gpus_per_replica:  # split evenly over the group's pods (the schema says it can be)
+        resources.setdefault("limits", {})[GPU] = spec.gpus_per_replica // spec.hosts
     probe = {"periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 3}
     return {
         "name": "replica",
@@ -122,6 +137,7 @@ def replica_container(spec: ServiceSpec, service: str) -> dict[str, Any]:
                 "name": "KUBEFORGE_TOKEN",
                 "valueFrom": {"secretKeyRef": {"name": token_secret_name(service), "key": "token"}},
             },
+            *_rank_env(spec),
             *spec.env,
         ],
         "ports": [{"name": "http", "containerPort": REPLICA_PORT}],
@@ -182,26 +198,45 @@ def template_hash(template: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def replica_pod(body: dict[str, Any], index: int) -> dict[str, Any]:
+def replica_pod(
+    body: dict[str, Any], index: int, host: int = 0, leader_ip: str = ""
+) -> dict[str, Any]:
+    """Pod `host` of replica `index`. Every pod of a group has the template's hash; the pods
+    after the leader differ only in what makes them followers: their host index, rank 0's
+    address, and no HTTP port or probes (rank 0 alone serves calls)."""
     service = body["metadata"]["name"]
     template = pod_template(body)
+    labels = {
+        **template["labels"],
+        L_SERVICE: service,
+        L_COMPONENT: "replica",
+        L_INDEX: str(index),
+        L_HASH: template_hash(template),
+    }
+    spec = template["spec"]
+    if int(body["spec"].get("hosts", 1)) > 1:
+        labels[L_HOST] = str(host)
+    if host:
+        spec = json.loads(json.dumps(spec))
+        container = spec["containers"][0]
+        for key in ("ports", "readinessProbe", "livenessProbe"):
+            container.pop(key, None)
+        pinned = {ranks.MASTER_ADDR: leader_ip, ranks.HOST_INDEX: str(host)}
+        container["env"] = [
+            {"name": e["name"], "value": pinned[e["name"]]} if e["name"] in pinned else e
+            for e in container["env"]
+        ]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": replica_name(service, index),
+            "name": replica_name(service, index, host),
             "namespace": body["metadata"]["namespace"],
-            "labels": {
-                **template["labels"],
-                L_SERVICE: service,
-                L_COMPONENT: "replica",
-                L_INDEX: str(index),
-                L_HASH: template_hash(template),
-            },
+            "labels": labels,
             "annotations": template["annotations"],
             "ownerReferences": [owner_reference(body)],
         },
-        "spec": template["spec"],
+        "spec": spec,
     }
 
 

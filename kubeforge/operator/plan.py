@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-FAILED = "Failed"  # pod phase: the pod will not recover on its own
+from kubeforge.operator.groups import FAILED, GROUP_RESTART, Join, fold
 
 
 class ConditionType(StrEnum):
@@ -42,6 +42,7 @@ class Reason(StrEnum):
     AS_EXPECTED = "AsExpected"
     # Events
     REPLICA_FAILED = "ReplicaFailed"
+    GROUP_RESTART = GROUP_RESTART
     NODE_LOST = "NodeLost"
     SCALED_DOWN = "ScaledDown"
     SCALED_UP = "ScaledUp"
@@ -64,6 +65,8 @@ class PodView:
     # Evicted from a node that stopped reporting: when its grace ends (epoch seconds). No
     # kubelet will confirm its end, so after that the operator deletes it without one.
     evicted_until: float | None = None
+    host: int = 0  # which pod of its replica's group (hosts > 1); 0 leads
+    ip: str = ""  # the pod's IP, once it has one
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Observed:
     previous_conditions: list[dict[str, Any]]  # status.conditions as last written
     now: str  # RFC 3339 timestamp for conditions that change status in this pass
     clock: float = 0.0  # the same moment in epoch seconds
+    hosts: int = 1  # pods per replica (spec.hosts)
 
 
 @dataclass
@@ -91,26 +95,34 @@ class Plan:
     # their index is free for a replacement on a node that works.
     force_delete: list[str] = field(default_factory=list)
     recheck_in: float | None = None  # seconds until the next such grace runs out
+    join: list[Join] = field(default_factory=list)  # pods of a group after its leader
 
 
 def plan(observed: Observed) -> Plan:
-    """Decide which replica pods to create and delete, and the status that describes them."""
-    live = sorted((p for p in observed.pods if not p.deleting), key=lambda p: p.index)
-    settling = any(p.deleting for p in observed.pods)
+    """Decide which replica pods to create and delete, and the status that describes them.
+
+    A replica of several hosts is a group of pods that the planner sees as one (`groups`).
+    """
+    groups = fold(observed.pods, observed.hosts)
+    replicas = groups.replicas
+    live = sorted((p for p in replicas if not p.deleting), key=lambda p: p.index)
+    settling = any(p.deleting for p in replicas)
     live, replaced = _replace_failed(live)
     # A failed or deleting pod holds its index until it is gone; its replacement then takes the
     # same one (session ids and names stay stable), as soon as the pod's deletion is seen.
-    holding = len(live) + len(replaced.delete) + sum(p.deleting for p in observed.pods)
+    holding = len(live) + len(replaced.delete) + sum(p.deleting for p in replicas)
     if len(live) > observed.desired:
         live, change = _scale_down(live, observed.desired)
     elif holding < observed.desired:
-        change = _scale_up(observed, holding)
+        change = _scale_up(observed.desired, replicas, holding)
     else:
         change = _roll(live, observed.template_hash, settling)
+    decided = replaced.delete + change.delete
     out = Plan(
         create=change.create,
-        delete=replaced.delete + change.delete,
-        events=replaced.events + change.events,
+        delete=groups.delete + [pod for name in decided for pod in groups.members[name]],
+        events=groups.events + replaced.events + change.events,
+        join=groups.join,
     )
     _release_lost(observed, out)
     out.status = _status(observed, live, settling, out)
@@ -163,15 +175,15 @@ def _scale_down(live: list[PodView], desired: int) -> tuple[list[PodView], Plan]
     )
 
 
-def _scale_up(observed: Observed, live: int) -> Plan:
+def _scale_up(desired: int, replicas: list[PodView], live: int) -> Plan:
     """Create the missing replicas at the lowest free indices, so names stay dense and stable.
 
     An index stays taken while any pod holds it, even one being deleted or failed: its name
     frees up only once that pod is gone.
     """
-    taken = {p.index for p in observed.pods}
-    free = (i for i in range(observed.desired + len(observed.pods)) if i not in taken)
-    create = [next(free) for _ in range(observed.desired - live)]
+    taken = {p.index for p in replicas}
+    free = (i for i in range(desired + len(replicas)) if i not in taken)
+    create = [next(free) for _ in range(desired - live)]
     return Plan(
         create=create,
         events=[_event(Reason.SCALED_UP, f"creating replica {i}") for i in create],

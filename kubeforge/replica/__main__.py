@@ -18,7 +18,6 @@ from kubeforge.replica.server import ReplicaConfig, ReplicaServer
 from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica")
-HOST_INDEX_ENV = "KUBEFORGE_HOST_INDEX"  # the operator sets it on each pod of a replica group
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,8 +65,8 @@ def parser() -> argparse.ArgumentParser:
     spmd.add_argument(
         "--host-index",
         type=int,
-        default=int(os.environ.get(HOST_INDEX_ENV, "0")),
-        help=f"which host this is; host 0 runs rank 0 (default ${HOST_INDEX_ENV} or 0)",
+        default=int(os.environ.get(ranks.HOST_INDEX, "0")),
+        help=f"which host this is; host 0 runs rank 0 (default ${ranks.HOST_INDEX} or 0)",
     )
     spmd.add_argument("--gpus-per-rank", type=int, default=0, help="GPUs of each rank")
     spmd.add_argument(

@@ -27,6 +27,9 @@ LAUNCHER_PID_ENV = "KUBEFORGE_LAUNCHER_PID"
 _PR_SET_PDEATHSIG = 1
 _STABLE_AFTER = 60.0  # seconds of running that reset the restart backoff
 _MAX_BACKOFF = 10.0
+_PEERS_FOLLOW = 0.5  # seconds the other ranks get to end on their own after one ended
+# Exit statuses that mean "this actor cannot start here": a first start that ends so gives up.
+_FATAL = (EXIT_SETUP_FAILED, spawn_guard.EXIT_UNGUARDED_MAIN)
 
 
 def die_with_launcher() -> None:
@@ -62,7 +65,7 @@ class Launcher:
                 return await self._stop(ranks)
             local, code = exited
             await self._kill(ranks)
-            if self.restarts == 0 and code in (EXIT_SETUP_FAILED, spawn_guard.EXIT_UNGUARDED_MAIN):
+            if self.restarts == 0 and code in _FATAL:
                 log.error("rank %d could not start the actor (exit %d); giving up", local, code)
                 return code
             if loop.time() - started > _STABLE_AFTER:
@@ -93,17 +96,25 @@ class Launcher:
     async def _until_exit_or_stop(
         self, ranks: list[asyncio.subprocess.Process]
     ) -> tuple[int, int] | None:
-        """(local rank, exit status) of the first rank to end, or None on SIGTERM."""
-        waits = {asyncio.ensure_future(p.wait()): i for i, p in enumerate(ranks)}
+        """(local rank, exit status) of the rank that ended first, or None on SIGTERM."""
+        waits = [asyncio.ensure_future(p.wait()) for p in ranks]
         stop = asyncio.ensure_future(self.stopping.wait())
-        done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
-        for fut in [*waits, stop]:
-            if fut not in done:
+        await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
+        if stop.done():
+            for fut in waits:
                 fut.cancel()
-        if stop in done:
             return None
-        first = min((waits[f] for f in done), key=lambda i: i)
-        return first, ranks[first].returncode or 0
+        stop.cancel()
+        first = next(i for i, fut in enumerate(waits) if fut.done())
+        # Its peers follow it within moments (rank 0 exits when it loses a rank): wait for
+        # them briefly, so that a failed setup() is told apart from the peers it took down.
+        _, pending = await asyncio.wait(waits, timeout=_PEERS_FOLLOW)
+        for fut in pending:
+            fut.cancel()
+        codes = [p.returncode for p in ranks]
+        fatal = [i for i, code in enumerate(codes) if code in _FATAL]
+        chosen = fatal[0] if fatal else first
+        return chosen, codes[chosen] or 0
 
     async def _stop(self, ranks: list[asyncio.subprocess.Process]) -> int:
         """Rank 0 drains (the others follow it); on other hosts the ranks wait for rank 0."""

@@ -17,7 +17,7 @@ from typing import Any
 from kubernetes_asyncio import client, watch
 
 from kubeforge._runtime import duration
-from kubeforge.contract import GROUP, L_COMPONENT, L_INDEX, L_SERVICE, PLURAL, VERSION
+from kubeforge.contract import GROUP, L_COMPONENT, L_HOST, L_INDEX, L_SERVICE, PLURAL, VERSION
 from kubeforge.kube import API_UNAVAILABLE, api_client
 from kubeforge.router.discovery import ReplicaSink
 from kubeforge.settings import DEFAULTS, router_request_timeout
@@ -32,8 +32,11 @@ def _member(pod: Any) -> tuple[int, str, str] | None:
     ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
     if not ready:
         return None
+    labels = pod.metadata.labels or {}
+    if labels.get(L_HOST, "0") != "0":
+        return None  # a replica's other hosts: rank 0, on the leader pod, takes its calls
     try:
-        index = int((pod.metadata.labels or {})[L_INDEX])
+        index = int(labels[L_INDEX])
     except (KeyError, ValueError):
         return None
     return index, pod.metadata.name, f"http://{pod.status.pod_ip}:{DEFAULTS.replica_port}"
