@@ -90,6 +90,14 @@ INVALID = [
     ("drainGrace soon", _with("spec.drainGrace", "soon"), "spec.drainGrace"),
     ("drainGrace 2h", _with("spec.drainGrace", "2h"), "drainGrace must be at most 1h"),
     ("nodeLossGrace 2h", _with("spec.nodeLossGrace", "2h"), "nodeLossGrace must be at most 1h"),
+    ("procs 0", _with("spec.procs", 0), "spec.procs"),
+    ("hosts 0", _with("spec.hosts", 0), "spec.hosts"),
+    (
+        "GPUs not split evenly over ranks",
+        {"spec": {**COUNTER["spec"], "procs": 2, "hosts": 2, "gpusPerReplica": 6}}
+        | {k: v for k, v in COUNTER.items() if k != "spec"},
+        "gpusPerReplica must be a multiple of procs x hosts",
+    ),
 ]
 
 
