@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import random
+import time
 from typing import Any
 
 from kubeforge import Actor, current_rank, endpoint
@@ -83,6 +84,8 @@ class RankCounter(Actor):
     def __init__(self, start: int = 0, fail_setup_on: int | None = None) -> None:
         self.calls = start
         self.rounds = 0
+        self.running = 0
+        self.most_running = 0  # calls seen running at once on this rank: 1 when in order
         self.fail_setup_on = fail_setup_on
 
     async def setup(self) -> None:
@@ -111,8 +114,24 @@ class RankCounter(Actor):
         ranks' k-th run, so any two ranks that ran calls in different orders disagree here."""
         self.rounds += 1
         mine = self.rounds
-        await asyncio.sleep(random.random() * 0.005)  # invites interleaving, were it allowed
-        return await self._all_gather(f"round-{mine}", {"rank": self.me.rank, "tag": tag})
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await asyncio.sleep(random.random() * 0.005)  # invites overlap, were it allowed
+            return await self._all_gather(f"round-{mine}", {"rank": self.me.rank, "tag": tag})
+        finally:
+            self.running -= 1
+
+    @endpoint
+    async def overlap(self) -> int:
+        """The most calls this rank ever ran at once."""
+        return self.most_running
+
+    @endpoint
+    async def stall(self, rank: int, seconds: float) -> None:
+        """Block rank `rank`'s event loop, as a runaway computation on it would."""
+        if self.me.rank == rank:
+            time.sleep(seconds)
 
     @endpoint
     def env(self) -> dict[str, Any]:

@@ -159,7 +159,8 @@ class Service(ServiceAPI):
 
     @property
     def pids(self) -> list[int]:
-        """Process ids of the replica processes (for tests and tooling)."""
+        """Process ids of the replica processes (for tests and tooling); with procs > 1, each
+        replica's launcher, whose children are its ranks."""
         return self._replicas.procs.pids
 
     @property

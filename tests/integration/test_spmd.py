@@ -13,6 +13,7 @@ import pytest
 
 from examples.spmd import RankCounter
 from kubeforge import RemoteError, Service, ServiceConfig
+from kubeforge.settings import DEFAULTS
 from tests.integration.procs import REPO, descendants, free_port, http_get, pid_alive
 from tests.integration.test_cli import start_run
 
@@ -71,6 +72,10 @@ async def test_concurrent_calls_reach_every_rank_in_one_order(spmd: Service) -> 
     results = await asyncio.gather(*(spmd.gather.route(tag) for tag in tags))
     for tag, gathered in zip(tags, results, strict=True):
         assert gathered == [{"rank": 0, "tag": tag}, {"rank": 1, "tag": tag}]
+    # ... and one at a time on each rank, however many were admitted at once.
+    spmd.return_first_rank_result = False
+    assert await spmd.overlap.fanout() == [[1, 1], [1, 1]]
+    spmd.return_first_rank_result = True
     # Broadcasts take their place in the same order on every rank of every replica.
     fan = await asyncio.gather(*(spmd.gather.fanout(f"f{i}") for i in range(10)))
     for i, per_replica in enumerate(fan):
@@ -136,6 +141,29 @@ async def test_kill9_of_rank_1_restarts_the_replica_as_a_unit(spmd: Service) -> 
     assert [r["pid"] for r in after[1]] == [r["pid"] for r in before[1]]  # the other kept its
     assert not [r["pid"] for r in before[0] if pid_alive(r["pid"])]  # no orphaned rank
     print(f"rank 1 killed: out of rotation at once, rejoined after {rejoined:.2f}s, {calls} calls")
+
+
+async def test_a_rank_that_stops_answering_takes_its_replica_out_of_rotation() -> None:
+    cfg = ServiceConfig(num_replicas=2, procs=2, health_poll_rate=0.2)
+    async with Service(cfg, RankCounter) as svc:
+        sid = await svc.start_session()
+        stalled = svc._replicas.urls.index(
+            next(u for u in svc._replicas.urls if http_get(u + "/healthz")[1]["sessions"] == 1)
+        )
+        stall = asyncio.create_task(svc.stall(sid, 1, DEFAULTS.rank_silence + 2))
+        started = time.monotonic()
+        while svc.get_metrics_summary()["service"]["healthy_replicas"] != 1:
+            assert time.monotonic() - started < DEFAULTS.rank_silence + 1.5, "still in rotation"
+            await asyncio.sleep(0.05)
+        left = time.monotonic() - started
+        assert (await svc.gather.route("meanwhile"))[0]["tag"] == "meanwhile"  # the other one
+        assert await stall is None
+        while svc.get_metrics_summary()["service"]["healthy_replicas"] != 2:
+            assert time.monotonic() - started < DEFAULTS.rank_silence + 6, "did not come back"
+            await asyncio.sleep(0.05)
+        _, health = http_get(svc._replicas.urls[stalled] + "/healthz")
+        assert health["ready"] is True and health["instance"]  # the same ranks, answering again
+    print(f"a silent rank took its replica out of rotation after {left:.1f}s")
 
 
 async def test_no_rank_outlives_its_launcher_or_the_service() -> None:
