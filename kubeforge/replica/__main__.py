@@ -12,7 +12,7 @@ import sys
 from kubeforge import _runtime, ranks, spawn_guard
 from kubeforge.actor import load_actor_class
 from kubeforge.errors import UnguardedMainError
-from kubeforge.replica.gang import EXIT_SETUP_FAILED, RankConfig, serve_rank
+from kubeforge.replica.gang import EXIT_SETUP_FAILED, FRAME_SLACK, RankConfig, serve_rank
 from kubeforge.replica.launcher import Launcher, die_with_launcher
 from kubeforge.replica.server import ReplicaConfig, ReplicaServer
 from kubeforge.settings import DEFAULTS
@@ -122,7 +122,7 @@ def _serve_rank(ns: argparse.Namespace, actor_cls: type) -> None:
         world_size=me.world_size,
         leader=(os.environ[ranks.MASTER_ADDR], ns.gang_port),
         token=os.environ.get("KUBEFORGE_TOKEN") or None,
-        max_frame=ns.max_body + 65536,
+        max_frame=ns.max_body + FRAME_SLACK,
     )
     sys.exit(asyncio.run(serve_rank(config, actor_cls)))
 

@@ -38,6 +38,7 @@ log = logging.getLogger("kubeforge.replica.gang")
 
 _LENGTH = struct.Struct(">I")
 BEAT_EVERY = 0.5  # seconds between a rank's heartbeats
+FRAME_SLACK = 65536  # a frame may exceed the call body limit by this much (its other fields)
 # Exit statuses of rank processes that the launcher reads (away from 1, 2 and 128+N).
 EXIT_SETUP_FAILED = 85  # the actor's constructor or setup() raised
 EXIT_RANK_LOST = 86  # a peer rank went away: the replica must restart as a unit
@@ -100,7 +101,7 @@ class Gang:
         actor: str,
         token: str | None,
         on_lost: Callable[[str], None],
-        max_frame: int = DEFAULTS.max_body + 65536,
+        max_frame: int = DEFAULTS.max_body + FRAME_SLACK,
     ) -> None:
         self.world_size = world_size
         self.actor = actor
@@ -206,8 +207,11 @@ class Gang:
                     if not self.missing():
                         self.formed.set()
         except GangError as exc:
-            log.warning("refused a rank connection: %s", exc)
-            writer.write(pack({"t": "refused", "reason": str(exc)}))
+            if link is None:
+                log.warning("refused a rank connection: %s", exc)
+                writer.write(pack({"t": "refused", "reason": str(exc)}))
+            elif not self.closing:  # a member that breaks the protocol is as good as lost
+                self.on_lost(f"rank {link.rank} (pid {link.pid} on {link.host}): {exc}")
         except asyncio.CancelledError:
             pass  # shutdown; returning (not raising) keeps Python 3.11's streams quiet
         except (asyncio.IncompleteReadError, OSError, TimeoutError, ValueError) as exc:
@@ -265,7 +269,7 @@ class RankConfig:
     leader: tuple[str, int]  # rank 0's gang address (MASTER_ADDR, --gang-port)
     token: str | None
     connect_timeout: float = DEFAULTS.startup_timeout
-    max_frame: int = DEFAULTS.max_body + 65536
+    max_frame: int = DEFAULTS.max_body + FRAME_SLACK
 
 
 async def _connect(config: RankConfig) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -318,7 +322,10 @@ async def serve_rank(config: RankConfig, actor_cls: type) -> int:
     try:
         while True:
             message = await read(reader, config.max_frame)
-            writer.write(pack(await _run_one(actor, endpoints, message)))
+            reply = pack(await _run_one(actor, endpoints, message))
+            if len(reply) > config.max_frame:  # rank 0 would refuse it: say why instead
+                reply = pack(_too_large(message, len(reply), config.max_frame))
+            writer.write(reply)
     except (asyncio.IncompleteReadError, OSError):
         log.info("rank %d: rank 0 went away; stopping", config.rank)
         return EXIT_RANK_LOST
@@ -345,6 +352,11 @@ async def _run_one(actor: Any, endpoints: dict, message: dict[str, Any]) -> dict
         reply["ok"] = False
         reply["error"] = error_of(exc)
     return reply
+
+
+def _too_large(message: dict[str, Any], size: int, limit: int) -> dict[str, Any]:
+    error = ValueError(f"the result is {size} bytes, over the limit of {limit} between ranks")
+    return {"t": "result", "seq": message.get("seq"), "ok": False, "error": error_of(error)}
 
 
 async def _beat(writer: asyncio.StreamWriter) -> None:

@@ -33,7 +33,7 @@ from kubeforge.errors import (
 from kubeforge.http.server import HttpServer, Request, Response
 from kubeforge.metrics import SlidingWindow
 from kubeforge.replica.admission import Admission
-from kubeforge.replica.gang import EXIT_RANK_LOST, Gang, Outcome, invoke
+from kubeforge.replica.gang import EXIT_RANK_LOST, FRAME_SLACK, Gang, Outcome, invoke
 from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica")
@@ -115,7 +115,13 @@ class ReplicaServer:
         self._openapi = wire.encode(openapi.document("kubeforge replica", self.endpoints, False))
         self.gang: Gang | None = None
         if config.world_size > 1:
-            self.gang = Gang(config.world_size, config.actor, config.token, _rank_lost)
+            self.gang = Gang(
+                config.world_size,
+                config.actor,
+                config.token,
+                _rank_lost,
+                max_frame=config.max_body + FRAME_SLACK,
+            )
 
     # lifecycle ----------------------------------------------------------------------------
 

@@ -9,13 +9,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from examples.spmd import RankCounter
 from kubeforge import RemoteError, Service, ServiceConfig
+from kubeforge.replica import gang as gang_frames
 from kubeforge.settings import DEFAULTS
-from tests.integration.procs import REPO, descendants, free_port, http_get, pid_alive
+from tests.integration.conftest import call
+from tests.integration.procs import REPO, Procs, descendants, free_port, http_get, pid_alive
 from tests.integration.test_cli import start_run
+
+ACTOR = "examples.spmd:RankCounter"
 
 
 @pytest.fixture
@@ -218,3 +223,40 @@ async def test_kubeforge_run_serves_procs_and_refuses_hosts(tmp_path: Path) -> N
     proc, out = await loop.run_in_executor(None, start_run, str(spec), free_port())
     assert proc.wait(10) == 2
     assert "spec.hosts is 2: a local run has one host" in out
+
+
+async def test_rank_0_admits_only_its_own_ranks(procs: Procs) -> None:
+    """The gang port takes ranks that hold the replica's token and run its actor in its world;
+    anyone else is refused with the reason, and the replica keeps serving."""
+    gang = free_port()
+    replica = procs.replica(
+        ACTOR,
+        "--procs",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "--gang-port",
+        str(gang),
+        env={"KUBEFORGE_TOKEN": "s3cret"},
+    )
+    hello = {"t": "hello", "rank": 1, "world_size": 2, "actor": ACTOR, "token": "s3cret"}
+    for wrong, reason in [
+        ({"token": "guess"}, "wrong token"),
+        ({"world_size": 4}, "in a world of 4"),
+        ({"rank": 1}, "already here or the replica is formed"),
+        ({"t": "call"}, "expected a hello"),
+    ]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gang)
+        writer.write(gang_frames.pack({**hello, **wrong}))
+        answer = await gang_frames.read(reader, 4096)
+        writer.close()
+        assert answer["t"] == "refused" and reason in answer["reason"], answer
+    status, body = http_get(replica.url + "/healthz")
+    assert status == 200 and body["ready"] and len(body["ranks"]) == 2, body
+    headers = {"Authorization": "Bearer s3cret"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        status, body, _ = await call(http, replica.url, "gather", "still")
+    assert status == 200 and body["result"] == [
+        {"rank": 0, "tag": "still"},
+        {"rank": 1, "tag": "still"},
+    ]
