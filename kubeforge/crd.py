@@ -46,10 +46,10 @@ PRINTER_COLUMNS = [
         "jsonPath": ".spec.gpusPerReplica",
         "description": "nvidia.com/gpu per replica",
     },
-    {"name": "Procs", "type": "integer", "jsonPath": ".spec.procs", "priority": 1},
-    {"name": "Hosts", "type": "integer", "jsonPath": ".spec.hosts", "priority": 1},
     {"name": "Req/s", "type": "number", "jsonPath": ".status.metrics.requestRate"},
     {"name": "Sessions", "type": "integer", "jsonPath": ".status.metrics.activeSessions"},
+    {"name": "Procs", "type": "integer", "jsonPath": ".spec.procs", "priority": 1},
+    {"name": "Hosts", "type": "integer", "jsonPath": ".spec.hosts", "priority": 1},
     {
         "name": "Status",
         "type": "string",
