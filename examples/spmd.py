@@ -92,6 +92,8 @@ class RankCounter(Actor):
         self.me = current_rank()
         if self.me.rank == self.fail_setup_on:
             raise RuntimeError(f"rank {self.me.rank} was asked to fail its setup")
+        if self.me.world_size == 1:  # procs=1: a world of one, nobody to meet
+            return
         addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         if self.me.rank == 0:
             self.server = await asyncio.start_server(Store().serve, addr, port)
@@ -100,6 +102,8 @@ class RankCounter(Actor):
         await self._all_gather("joined", self.me.rank)
 
     async def _all_gather(self, key: str, value: Any) -> list[Any]:
+        if self.me.world_size == 1:
+            return [value]
         await self.store.set(f"{key}/{self.me.rank}", value)
         return [await self.store.get(f"{key}/{r}") for r in range(self.me.world_size)]
 
