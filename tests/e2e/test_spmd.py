@@ -22,9 +22,9 @@ from tests.e2e.test_operator import (
     _router_pods,
     _token,
     _until,
+    deploy,
     fsvc,
     replica_pods,
-    service,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -67,12 +67,8 @@ async def _client_for(cluster: Any, ns: str, name: str, **kw: Any) -> ServiceCli
 async def test_procs_2_ranks_share_a_pod_and_restart_together(
     cluster: Any, namespace: str, operator: Operator
 ) -> None:
-    spec = service("spmd", 2, gpus=2, actor=ACTOR, procs=2, healthPollRate="200ms")
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=spec)
     started = time.monotonic()
-    wait_for(
-        lambda: fsvc(cluster, namespace, "spmd").get("status", {}).get("readyReplicas") == 2, 90
-    )
+    deploy(cluster, namespace, "spmd", 2, gpus=2, actor=ACTOR, procs=2, healthPollRate="200ms")
     print(f"procs: 2 -> 2 replicas Ready in {time.monotonic() - started:.1f}s")
     pods = replicas_of(cluster, namespace, "spmd")
     assert [p["metadata"]["name"] for p in pods] == ["spmd-replica-0", "spmd-replica-1"]
@@ -147,12 +143,8 @@ async def test_procs_2_ranks_share_a_pod_and_restart_together(
 async def test_hosts_2_is_one_replica_of_two_pods_replaced_together(
     cluster: Any, namespace: str, operator: Operator
 ) -> None:
-    spec = service("duo", 1, gpus=0, actor=ACTOR, hosts=2, healthPollRate="200ms")
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=spec)
     started = time.monotonic()
-    wait_for(
-        lambda: fsvc(cluster, namespace, "duo").get("status", {}).get("readyReplicas") == 1, 90
-    )
+    deploy(cluster, namespace, "duo", 1, gpus=0, actor=ACTOR, hosts=2, healthPollRate="200ms")
     print(f"hosts: 2 -> 1 replica of 2 pods Ready in {time.monotonic() - started:.1f}s")
     pods = replicas_of(cluster, namespace, "duo")
     assert [p["metadata"]["name"] for p in pods] == ["duo-replica-0", "duo-replica-0-1"]

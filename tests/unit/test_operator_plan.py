@@ -23,7 +23,11 @@ def pods(*specs: tuple[int, bool], hash_: str = H) -> list[PodView]:
 
 
 def run(
-    desired: int, current: list[PodView], hash_: str = H, prev: list[dict[str, Any]] | None = None
+    desired: int,
+    current: list[PodView],
+    hash_: str = H,
+    prev: list[dict[str, Any]] | None = None,
+    hosts: int = 1,
 ) -> Plan:
     return plan(
         Observed(
@@ -35,6 +39,7 @@ def run(
             endpoint="http://x",
             previous_conditions=prev or [],
             now="T",
+            hosts=hosts,
         )
     )
 

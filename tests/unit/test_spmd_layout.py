@@ -9,8 +9,9 @@ from kubeforge import ranks
 from kubeforge.api import ServiceSpec
 from kubeforge.contract import L_HASH, L_HOST
 from kubeforge.operator.manifests import GPU, replica_pod
-from kubeforge.operator.plan import Observed, Plan, PodView, Reason, plan
+from kubeforge.operator.plan import Plan, PodView, Reason
 from kubeforge.ranks import Layout, RankError, rank_envs
+from tests.unit.test_operator_plan import run as plan_of
 
 # ranks ---------------------------------------------------------------------------------------
 
@@ -84,19 +85,7 @@ def member(index: int, host: int, ready: bool = True, **kw: Any) -> PodView:
 
 
 def run(desired: int, current: list[PodView], hosts: int = 2, hash_: str = "h1") -> Plan:
-    return plan(
-        Observed(
-            desired=desired,
-            template_hash=hash_,
-            pods=current,
-            generation=1,
-            selector="sel",
-            endpoint="e",
-            previous_conditions=[],
-            now="T",
-            hosts=hosts,
-        )
-    )
+    return plan_of(desired, current, hash_, hosts=hosts)
 
 
 def test_a_group_starts_with_its_leader_then_the_rest_at_the_leaders_ip() -> None:
