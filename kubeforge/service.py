@@ -185,9 +185,7 @@ class Service(ServiceAPI):
     async def _send_broadcast(
         self, endpoint: str, body: bytes, headers: dict[bytes, bytes]
     ) -> Reply:
-        resp = await self.router.broadcast(
-            endpoint, body, headers.get(wire.H_CONTENT_TYPE), headers.get(wire.H_RANKS)
-        )
+        resp = await self.router.broadcast(endpoint, body, headers)
         return Reply(resp.status, resp.body, {wire.H_CONTENT_TYPE: resp.content_type})
 
     async def _send_start_session(self) -> Reply:

@@ -238,7 +238,7 @@ class ReplicaServer:
                 outcomes = await self.gang.submit(
                     "end_session", {"session": sid}, lambda: self.actor.on_session_end(sid)
                 )
-                _first_rank_result(outcomes, "on_session_end", False)
+                _rank_results(outcomes, False)
         except Exception:
             log.exception("on_session_end(%r) raised", sid)
         return True
@@ -394,7 +394,7 @@ class ReplicaServer:
                 f"{timeout:g}s",
                 timeout=timeout,
             ) from None
-        return _first_rank_result(outcomes, name, all_ranks)
+        return _rank_results(outcomes, all_ranks)
 
     def _taking_calls(self) -> bool:
         """Ready, not draining, and (SPMD) every rank heard from lately: a rank that stops
@@ -468,7 +468,7 @@ def _rank_lost(why: str) -> None:
     os._exit(EXIT_RANK_LOST)
 
 
-def _first_rank_result(outcomes: list[Outcome], name: str, all_ranks: bool) -> Any:
+def _rank_results(outcomes: list[Outcome], all_ranks: bool) -> Any:
     """Rank 0's value, or every rank's in rank order; an error on any rank raises, naming it."""
     failed = [r for r, (ok, _) in enumerate(outcomes) if not ok]
     if not failed:

@@ -571,15 +571,13 @@ class Router:
                 replica.sessions_reported -= 1
         return Response(resp.status, resp.body)
 
-    async def broadcast(
-        self, endpoint: str, body: bytes, ctype: bytes | None, ranks: bytes | None = None
-    ) -> Response:
+    async def broadcast(self, endpoint: str, body: bytes, asked: dict[bytes, bytes]) -> Response:
+        """`asked` is the call's wire headers; what a call carries on, a broadcast does too."""
         replicas = list(self.table.healthy)
         if not replicas:
             raise NoHealthyReplicasError(self.table._no_healthy_message())
-        use_msgpack = wire.is_msgpack(ctype)
-        asked = {wire.H_CONTENT_TYPE: ctype} if ctype else {}
-        headers = self._forwarded({**asked, **({wire.H_RANKS: ranks} if ranks else {})})
+        use_msgpack = wire.is_msgpack(asked.get(wire.H_CONTENT_TYPE))
+        headers = self._forwarded(asked)
         path = (wire.CALL_PREFIX + endpoint).encode()
         outcomes = await asyncio.gather(
             *(self._send(r, path, headers, body) for r in replicas), return_exceptions=True

@@ -120,8 +120,7 @@ class RouterServer:
             return await self.router.broadcast(
                 wire.endpoint_of(path, wire.CALL_ALL_PREFIX),
                 req.body,
-                req.headers.get(wire.H_CONTENT_TYPE),
-                req.headers.get(wire.H_RANKS),
+                req.headers,
             )
         if path == wire.SESSIONS_PATH and method == "POST":
             return await self.router.start_session()
