@@ -1,6 +1,7 @@
 """An actor whose calls take a configurable time: for queueing, timeouts and load tests."""
 
 import asyncio
+import os
 import time
 
 from kubeforge import Actor, endpoint
@@ -23,3 +24,7 @@ class Slow(Actor):
         d = self.delay if delay is None else delay
         time.sleep(d)
         return d
+
+    @endpoint
+    async def whoami(self) -> dict[str, object]:
+        return {"replica": os.environ.get("KUBEFORGE_REPLICA_NAME", ""), "pid": os.getpid()}

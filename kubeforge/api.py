@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kubeforge._runtime import duration, format_duration
 from kubeforge.contract import API_VERSION, KIND
+from kubeforge.operator.autoscale import Policy
 from kubeforge.settings import DEFAULTS, router_request_timeout
 
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?)(ms|s|m|h)$"
@@ -20,6 +21,60 @@ ACTOR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A
 
 class _Model(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+
+class AutoscalingSpec(_Model):
+    """With it, the operator owns `replicas`: it follows the load the routers publish."""
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.minReplicas <= self.maxReplicas",
+                    "message": "minReplicas must not be above maxReplicas",
+                    "fieldPath": ".minReplicas",
+                },
+                {
+                    "rule": "duration(self.scaleUpDelay) <= duration('1h') && "
+                    "duration(self.scaleDownDelay) <= duration('1h')",
+                    "message": "scaleUpDelay and scaleDownDelay must be at most 1h",
+                    "fieldPath": ".scaleUpDelay",
+                },
+            ]
+        },
+    )
+    min_replicas: int = Field(1, alias="minReplicas", ge=1, le=1000, description="Fewest replicas.")
+    max_replicas: int = Field(..., alias="maxReplicas", ge=1, le=1000, description="Most replicas.")
+    target_in_flight: float = Field(
+        ...,
+        alias="targetInFlight",
+        gt=0,
+        le=10000,
+        description="Calls running or queued per replica that the count aims at.",
+    )
+    scale_up_delay: str = Field(
+        format_duration(DEFAULTS.scale_up_delay),
+        alias="scaleUpDelay",
+        pattern=DURATION_PATTERN,
+        description="Load must stay above target this long before replicas are added.",
+    )
+    scale_down_delay: str = Field(
+        format_duration(DEFAULTS.scale_down_delay),
+        alias="scaleDownDelay",
+        pattern=DURATION_PATTERN,
+        description="Load must stay below target this long before replicas are removed.",
+    )
+
+    def policy(self) -> Policy:
+        return Policy(
+            self.min_replicas,
+            self.max_replicas,
+            self.target_in_flight,
+            duration(self.scale_up_delay),
+            duration(self.scale_down_delay),
+        )
 
 
 class RouterSpec(_Model):
@@ -138,6 +193,9 @@ class ServiceSpec(_Model):
     scheduler_name: NonEmpty | None = Field(None, alias="schedulerName")
     pod_template: dict[str, Any] | None = Field(None, alias="podTemplate")
     router: RouterSpec = Field(default_factory=RouterSpec)
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Follow the load; without it, replicas is yours (kubectl scale, HPA)."
+    )
 
     @property
     def health_poll_seconds(self) -> float:
@@ -269,6 +327,16 @@ class RouterShare(Traffic):
     last_update_time: str | None = Field(None, alias="lastUpdateTime")
 
 
+class AutoscalerStatus(BaseModel):
+    """The autoscaler's latest decision that changed something, and why."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    desired_replicas: int = Field(0, alias="desiredReplicas")
+    reason: str = ""
+    message: str = ""
+    last_scale_time: str | None = Field(None, alias="lastScaleTime")
+
+
 class ServiceStatus(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
     observed_generation: int | None = Field(None, alias="observedGeneration")
@@ -284,6 +352,7 @@ class ServiceStatus(BaseModel):
     routers: dict[str, RouterShare] = Field(
         default_factory=dict, description="Each router pod's share of the metrics, by pod name."
     )
+    autoscaler: AutoscalerStatus | None = None
 
 
 class Metadata(BaseModel):

@@ -18,12 +18,23 @@ import yaml
 from kubeforge import gpus
 from kubeforge._runtime import duration, json_arg
 from kubeforge.api import ManifestError, ServiceManifest, parse_manifest
-from kubeforge.contract import API_VERSION, KIND, LABEL_PREFIX
+from kubeforge.contract import (
+    API_VERSION,
+    CRD_NAME,
+    GROUP,
+    KIND,
+    LABEL_PREFIX,
+    PLURAL,
+    SHORT_NAME,
+    VERSION,
+)
 from kubeforge.errors import BroadcastError, KubeforgeError
 from kubeforge.local import LocalDeployment, ReplicaSet
 from kubeforge.settings import DEFAULTS
 
 # Fields that mean something only to a cluster; `run` says it ignores them rather than pretend.
+# `kubeforge status fsvc/NAME`: the names kubectl takes for the resource.
+_RESOURCE_NAMES = (SHORT_NAME, PLURAL, CRD_NAME)
 _CLUSTER_ONLY = (
     "image",
     "resources",
@@ -170,20 +181,98 @@ def status_table(replicas: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def service_table(body: dict[str, Any]) -> str:
+    """A Service on a cluster, from its status: the counts, the autoscaler's last decision,
+    and the replicas as its routers publish them (pods not serving yet, from the operator)."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    lines = [
+        f"{body['metadata']['name']}: desired {spec.get('replicas', 0)}, "
+        f"replicas {status.get('replicas', 0)}, ready {status.get('readyReplicas', 0)}, "
+        f"healthy {status.get('healthyReplicas', 0)}, updated {status.get('updatedReplicas', 0)}"
+        f" ({ready.get('reason', 'no status yet')})"
+    ]
+    scaler = status.get("autoscaler")
+    if spec.get("autoscaling"):
+        last = "no decision yet"
+        if scaler:
+            when = scaler.get("lastScaleTime") or ""
+            last = f"{scaler.get('reason', '')} {when}: {scaler.get('message', '')}".strip()
+        lines.append(f"autoscaler: {last}")
+    metrics = status.get("metrics") or {}
+    served = {r["name"]: r for r in metrics.get("replicas") or []}
+    rows = [
+        {
+            "name": name,
+            "state": r.get("state", ""),
+            "in_flight": r.get("inFlight", 0),
+            "queue_depth": r.get("queueDepth", 0),
+            "assigned_sessions": r.get("sessions", 0),
+            "request_rate": r.get("requestRate", 0.0),
+            "p50_latency": r.get("p50LatencyMs", 0.0) / 1000,
+        }
+        for name, r in served.items()
+    ]
+    for pod in status.get("replicaStatuses") or []:
+        if pod.get("pod") not in served:
+            state = pod.get("phase", "").upper() or "PENDING"
+            rows.append(
+                {
+                    "name": pod.get("pod", ""),
+                    "state": state,
+                    "in_flight": 0,
+                    "queue_depth": 0,
+                    "assigned_sessions": 0,
+                    "request_rate": 0.0,
+                    "p50_latency": 0.0,
+                    "reason": pod.get("reason", ""),
+                }
+            )
+    return "\n".join([*lines, status_table(rows)])
+
+
+async def _fetch_service(target: str, namespace: str | None) -> dict[str, Any]:
+    """The Service resource `fsvc/NAME`, with the kubeconfig's credentials (and namespace)."""
+    from kubernetes_asyncio import config
+    from kubernetes_asyncio.client import CustomObjectsApi
+
+    from kubeforge.kube import api_client
+
+    if namespace is None:
+        try:
+            contexts = await config.list_kube_config_contexts()
+            namespace = (contexts[1] or {}).get("context", {}).get("namespace") or "default"
+        except (config.ConfigException, OSError):
+            namespace = "default"
+    api = await api_client()
+    try:
+        return await CustomObjectsApi(api).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, target.split("/", 1)[1]
+        )
+    finally:
+        await api.close()
+
+
 def _status(ns: argparse.Namespace) -> int:
+    from kubernetes_asyncio.client.exceptions import ApiException
+
     from kubeforge.client import ServiceClient
 
-    async def fetch() -> list[dict[str, Any]]:
+    on_cluster = ns.url.split("/", 1)[0] in _RESOURCE_NAMES and "/" in ns.url
+
+    async def fetch() -> str:
+        if on_cluster:
+            return service_table(await _fetch_service(ns.url, ns.namespace))
         async with ServiceClient(ns.url, token=ns.token, timeout=5.0) as client:
-            return await client.replicas()
+            return status_table(await client.replicas())
 
     live = not ns.once and sys.stdout.isatty()
     try:
         while True:
             try:
-                table = status_table(asyncio.run(fetch()))
-            except KubeforgeError as exc:
-                table = f"kubeforge: {exc}"
+                table = asyncio.run(fetch())
+            except (KubeforgeError, ApiException, OSError) as exc:
+                table = f"kubeforge: {getattr(exc, 'reason', None) or exc}"
                 if not live:
                     print(table, file=sys.stderr)
                     return 1
@@ -250,8 +339,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=duration, default=300.0)
     c.set_defaults(func=_call)
 
-    s = sub.add_parser("status", help="a live table of a router's replicas")
-    s.add_argument("url")
+    s = sub.add_parser(
+        "status", help="a live table of a router's replicas, or of a Service on a cluster"
+    )
+    s.add_argument("url", help="a router URL, or fsvc/NAME (read with your kubeconfig)")
+    s.add_argument("-n", "--namespace", help="of fsvc/NAME (default: the kubeconfig's)")
     s.add_argument("--once", action="store_true", help="print once and exit")
     s.add_argument("--interval", type=duration, default=1.0)
     s.add_argument("--token", default=token)

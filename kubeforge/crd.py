@@ -82,6 +82,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         return _structural(node, defs)  # the one kind may itself be a $ref
     if "const" in node:
         node["enum"] = [node.pop("const")]
+    for bound, edge in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
+            node[edge] = node.pop(bound)  # OpenAPI v3: the number, and a flag that excludes it
+            node[bound] = True
     node.pop("title", None)
     if node.get("default", ...) in (None, [], {}):
         node.pop("default")  # default only what a user should see in the stored object

@@ -41,6 +41,8 @@ class Defaults:
     metrics_window: float = 60.0  # seconds of the sliding window rates and latencies use
     startup_timeout: float = 120.0  # a local Service's replicas must be ready within this
     stop_grace: float = 10.0  # a local Service's replicas drain this long on stop
+    scale_up_delay: float = 10.0  # autoscaling: load above target this long adds replicas
+    scale_down_delay: float = 300.0  # and below target this long removes them
     replica_port: int = 8000
     master_port: int = 29500  # an SPMD replica's torch.distributed rendezvous (MASTER_PORT)
     gang_port: int = 29400  # where rank 0 of an SPMD replica hands calls to the other ranks

@@ -26,10 +26,12 @@ import kopf
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from kubeforge.api import ServiceSpec
 from kubeforge.contract import GROUP, L_COMPONENT, L_SERVICE, PLURAL, VERSION
 from kubeforge.kube import api_client
 from kubeforge.operator import children as ch
 from kubeforge.operator import manifests as m
+from kubeforge.operator.autoscale import Load, Why, decide
 from kubeforge.operator.plan import Observed, PodView, plan
 
 SAFETY_EVERY = 300.0  # seconds: the only periodic work, a net under missed events
@@ -53,6 +55,7 @@ class World:
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     dirty: set[Key] = field(default_factory=set)
     rechecks: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)  # one per Service
+    loads: dict[Key, Load] = field(default_factory=dict)  # the autoscaler's samples
 
 
 _world = World()
@@ -85,7 +88,7 @@ async def close(**_: Any) -> None:
 async def on_service(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
     key = (body.metadata.namespace, body.metadata.name)
     if event["type"] == "DELETED":
-        for table in (_world.services, _world.pods, _world.children, _world.locks):
+        for table in (_world.services, _world.pods, _world.children, _world.locks, _world.loads):
             table.pop(key, None)  # type: ignore[attr-defined]
         _world.tokens.discard(key)
         if (timer := _world.rechecks.pop(key, None)) is not None:
@@ -288,6 +291,66 @@ async def _delete_pod(core: client.CoreV1Api, namespace: str, name: str, **optio
             raise
 
 
+@dataclass
+class _Scaled:
+    status: dict[str, Any]  # status.autoscaler
+    recheck_in: float | None
+
+
+async def _autoscale(
+    raw: dict[str, Any],
+    key: Key,
+    views: list[PodView],
+    metrics: dict[str, Any],
+    now: str,
+) -> _Scaled | None:
+    """With spec.autoscaling: sample the load the routers published, ask the decision, and
+    write spec.replicas when it changes (this pass plans with the new count already)."""
+    spec = ServiceSpec.model_validate(raw.get("spec") or {})
+    if spec.autoscaling is None:
+        _world.loads.pop(key, None)
+        return None
+    policy = spec.autoscaling.policy()
+    samples = _world.loads.setdefault(key, Load()).observe(
+        metrics.get("inFlight"), time.monotonic(), policy
+    )
+    waiting = [v for v in views if v.unschedulable and not v.deleting]
+    decision = decide(
+        policy,
+        spec.replicas,
+        samples,
+        time.monotonic(),
+        unschedulable=len(waiting),
+        scheduler_says=waiting[0].unschedulable if waiting else "",
+    )
+    before = (raw.get("status") or {}).get("autoscaler") or {}
+    status = dict(before) or {"desiredReplicas": spec.replicas, "reason": decision.why.value}
+    if decision.replicas != spec.replicas:
+        namespace, name = key
+        await client.CustomObjectsApi(_api).patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"spec": {"replicas": decision.replicas}},
+            _content_type="application/merge-patch+json",
+        )
+        message = f"{spec.replicas} -> {decision.replicas} replicas: {decision.message}"
+        log.info("autoscaling %s/%s: %s", namespace, name, message)
+        await _event(raw, decision.why.value, message)
+        raw["spec"]["replicas"] = decision.replicas  # until the watch says so
+        status = {
+            "desiredReplicas": decision.replicas,
+            "reason": decision.why.value,
+            "message": message,
+            "lastScaleTime": now,
+        }
+    elif decision.why == Why.AT_CAPACITY and before.get("reason") != Why.AT_CAPACITY:
+        status = {**status, "reason": decision.why.value, "message": decision.message}
+    return _Scaled(status, decision.recheck_in)
+
+
 async def reconcile(key: Key) -> None:
     raw = _world.services.get(key)
     if raw is None or (raw.get("metadata") or {}).get("deletionTimestamp"):
@@ -303,6 +366,8 @@ async def reconcile(key: Key) -> None:
     views = list(_world.pods.get(key, {}).values())
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     spec = raw.get("spec") or {}
+    metrics = (raw.get("status") or {}).get("metrics") or {}
+    scaled = await _autoscale(raw, key, views, metrics, now)
     decided = plan(
         Observed(
             desired=spec.get("replicas", 1),
@@ -315,8 +380,16 @@ async def reconcile(key: Key) -> None:
             now=now,
             clock=time.time(),
             hosts=spec.get("hosts", 1),
+            autoscaling=scaled is not None,
+            sessions={r["name"]: r.get("sessions", 0) for r in metrics.get("replicas") or []},
         )
     )
+    if scaled is not None:
+        decided.status["autoscaler"] = scaled.status
+    elif (raw.get("status") or {}).get("autoscaler"):
+        decided.status["autoscaler"] = None  # autoscaling was turned off: the count is yours
+        if scaled.recheck_in is not None:
+            decided.recheck_in = min(decided.recheck_in or scaled.recheck_in, scaled.recheck_in)
     core = client.CoreV1Api(_api)
     pods = [m.replica_pod(raw, index) for index in decided.create]
     pods += [m.replica_pod(raw, j.index, j.host, j.leader_ip) for j in decided.join]

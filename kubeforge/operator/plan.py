@@ -38,6 +38,7 @@ class Reason(StrEnum):
     STABLE = "Stable"
     # Degraded (Unschedulable is also a replica entry's reason)
     UNSCHEDULABLE = "Unschedulable"
+    AT_CAPACITY = "AtCapacity"  # unschedulable while autoscaling: the count holds
     CRASH_LOOP = "CrashLoop"
     AS_EXPECTED = "AsExpected"
     # Events
@@ -83,6 +84,8 @@ class Observed:
     now: str  # RFC 3339 timestamp for conditions that change status in this pass
     clock: float = 0.0  # the same moment in epoch seconds
     hosts: int = 1  # pods per replica (spec.hosts)
+    autoscaling: bool = False  # the operator owns spec.replicas (spec.autoscaling)
+    sessions: dict[str, int] = field(default_factory=dict)  # per replica, as routers publish
 
 
 @dataclass
@@ -112,7 +115,7 @@ def plan(observed: Observed) -> Plan:
     # same one (session ids and names stay stable), as soon as the pod's deletion is seen.
     holding = len(live) + len(replaced.delete) + sum(p.deleting for p in replicas)
     if len(live) > observed.desired:
-        live, change = _scale_down(live, observed.desired)
+        live, change = _scale_down(live, observed.desired, observed)
     elif holding < observed.desired:
         change = _scale_up(observed.desired, replicas, holding)
     else:
@@ -162,13 +165,20 @@ def _replace_failed(live: list[PodView]) -> tuple[list[PodView], Plan]:
     )
 
 
-def _scale_down(live: list[PodView], desired: int) -> tuple[list[PodView], Plan]:
+def _scale_down(
+    live: list[PodView], desired: int, observed: Observed
+) -> tuple[list[PodView], Plan]:
     """Remove the surplus: unready replicas first (they serve nothing), then the highest index,
-    so the indices that stay are the dense low ones.
+    so the indices that stay are the dense low ones. The autoscaler's scale-downs take the
+    replicas with the fewest sessions before the highest index: fewer sessions move.
 
     Returns the replicas that remain, and the deletions.
     """
-    gone = sorted(live, key=lambda p: (p.ready, -p.index))[: len(live) - desired]
+
+    def sessions(p: PodView) -> int:
+        return observed.sessions.get(p.name, 0) if observed.autoscaling else 0
+
+    gone = sorted(live, key=lambda p: (p.ready, sessions(p), -p.index))[: len(live) - desired]
     return [p for p in live if p not in gone], Plan(
         delete=[p.name for p in gone],
         events=[_event(Reason.SCALED_DOWN, f"removed {p.name}") for p in gone],
@@ -272,13 +282,14 @@ def _progressing_reason(
     return Reason.STABLE
 
 
-def _degraded(live: list[PodView]) -> tuple[Reason, str]:
+def _degraded(live: list[PodView], autoscaling: bool) -> tuple[Reason, str]:
     """What keeps replicas from running, if anything: the scheduler's reason (not enough GPUs)
-    outranks a crash loop, since a pod that cannot be placed never gets to crash."""
+    outranks a crash loop, since a pod that cannot be placed never gets to crash. While the
+    autoscaler owns the count, a pod the scheduler cannot place means the cluster is full."""
     unschedulable = [p for p in live if p.unschedulable]
     if unschedulable:
         first = unschedulable[0]
-        return Reason.UNSCHEDULABLE, (
+        return Reason.AT_CAPACITY if autoscaling else Reason.UNSCHEDULABLE, (
             f"{len(unschedulable)} replica(s) cannot be scheduled: "
             f"{first.name}: {first.unschedulable}"
         )
@@ -306,7 +317,7 @@ def _conditions(
         )
 
     all_ready = ready >= observed.desired
-    degraded, why = _degraded(live)
+    degraded, why = _degraded(live, observed.autoscaling)
     return [
         condition(
             ConditionType.READY,

@@ -135,7 +135,14 @@ def gpu_pod(name: str, gpus: int) -> dict[str, Any]:
 
 def test_gpu_capacity_is_enforced_by_the_scheduler(cluster: Any, namespace: str) -> None:
     apply(cluster, namespace, gpu_pod("gpu-a", 3))
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/gpu-a", "--timeout=60s")
+    waited = cluster.kubectl(
+        "wait", "-n", namespace, "--for=condition=Ready", "pod/gpu-a", "--timeout=60s", check=False
+    )
+    if waited.returncode:  # say why: the pod's conditions, and who holds the node's GPUs
+        pods = cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout
+        node = cluster.kubectl("describe", "nodes", check=False).stdout[-2500:]
+        pod = get(cluster, namespace, "pod", "gpu-a")["status"]
+        raise AssertionError(f"gpu-a not Ready: {waited.stderr}\n{pod}\n{pods}\n{node}")
     apply(cluster, namespace, gpu_pod("gpu-b", 3))
 
     def unschedulable() -> dict[str, Any] | None:
