@@ -297,7 +297,12 @@ class Traffic(BaseModel):
     p50_latency_ms: float = Field(0.0, alias="p50LatencyMs")
     p95_latency_ms: float = Field(0.0, alias="p95LatencyMs")
     p99_latency_ms: float = Field(0.0, alias="p99LatencyMs")
-    in_flight: int = Field(0, alias="inFlight")
+    in_flight: float = Field(
+        0.0,
+        alias="inFlight",
+        description="Calls open at the routers (running or queued at a "
+        "replica), averaged over the last status interval; the autoscaler's load.",
+    )
 
 
 class ServiceMetrics(Traffic):

@@ -8,6 +8,7 @@ there is no sample cap, and memory does not grow with the request rate.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -167,3 +168,37 @@ def percentiles(hist: dict[int, int], count: int, qs: tuple[float, ...]) -> list
     while len(out) < len(qs):
         out.append(_value_of(max(hist)))
     return out
+
+
+# Upper bounds (seconds) of the latency histograms on /metrics: from a no-op call on loopback to
+# a long generation; Prometheus adds +Inf.
+DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+class Histogram:
+    """Call durations since the process started, in fixed buckets: what Prometheus's
+    `histogram_quantile` aggregates across replicas and routers (window percentiles cannot be
+    added up; these can)."""
+
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, calls at or below it) for every bucket, +Inf last."""
+        out, seen = [], 0
+        for bound, n in zip((*DURATION_BUCKETS, math.inf), self.counts, strict=True):
+            seen += n
+            out.append(("+Inf" if bound == math.inf else repr(bound), seen))
+        return out

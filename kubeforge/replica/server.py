@@ -31,7 +31,7 @@ from kubeforge.errors import (
     UnknownSessionError,
 )
 from kubeforge.http.server import HttpServer, Request, Response
-from kubeforge.metrics import SlidingWindow
+from kubeforge.metrics import Histogram
 from kubeforge.replica.admission import Admission
 from kubeforge.replica.gang import EXIT_RANK_LOST, FRAME_SLACK, Gang, Outcome, invoke
 from kubeforge.settings import DEFAULTS
@@ -56,7 +56,6 @@ class ReplicaConfig:
     drain_grace: float = DEFAULTS.drain_grace
     max_body: int = DEFAULTS.max_body
     token: str | None = None
-    metrics_window: float = DEFAULTS.metrics_window
     world_size: int = 1  # ranks of an SPMD replica; this server is rank 0 of them
     gang_port: int = DEFAULTS.gang_port
 
@@ -107,7 +106,7 @@ class ReplicaServer:
         self.draining = False
         self.admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
         self.sessions = Sessions()
-        self.window = SlidingWindow(time.monotonic(), config.metrics_window)
+        self.durations = Histogram()
         self.counts: dict[tuple[str, str], int] = {}
         self.http = HttpServer(self.handle, config.max_body, on_error=wire.http_error)
         self._auth = wire.bearer(config.token)
@@ -295,7 +294,7 @@ class ReplicaServer:
             return Response(200, body, wire.MSGPACK if use_msgpack else wire.JSON)
         finally:
             now = time.monotonic()
-            self.window.record(now, now - started, ok)
+            self.durations.observe(now - started)
             outcome = "ok" if ok else "error"
             key = (name, outcome)
             self.counts[key] = self.counts.get(key, 0) + 1
@@ -432,7 +431,6 @@ class ReplicaServer:
         return [own, *self.gang.describe(time.monotonic())]
 
     def prometheus(self) -> bytes:
-        stats = self.window.stats(time.monotonic())
         exp = prom.Exposition()
         exp.family(
             "kubeforge_replica_requests_total",
@@ -440,21 +438,21 @@ class ReplicaServer:
             "Calls handled, by endpoint and outcome",
             [({"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(self.counts.items())],
         )
+        exp.histogram(
+            "kubeforge_replica_request_duration_seconds",
+            "Call latency at the replica, queue wait included",
+            [({}, self.durations)],
+        )
         exp.one("kubeforge_replica_in_flight", "gauge", "Calls running now", self.admission.active)
         exp.one(
-            "kubeforge_replica_queued", "gauge", "Calls waiting for a slot", self.admission.queued
+            "kubeforge_replica_queue_depth",
+            "gauge",
+            "Calls waiting for a slot",
+            self.admission.queued,
         )
         exp.one("kubeforge_replica_sessions", "gauge", "Live sessions", len(self.sessions.live))
-        exp.one("kubeforge_replica_ready", "gauge", "1 when taking calls", int(self.ready))
-        exp.family(
-            "kubeforge_replica_latency_seconds",
-            "summary",
-            f"Call latency including queue wait over the last {stats.window_s:g}s",
-            [
-                ({"quantile": "0.5"}, stats.p50),
-                ({"quantile": "0.95"}, stats.p95),
-                ({"quantile": "0.99"}, stats.p99),
-            ],
+        exp.one(
+            "kubeforge_replica_ready", "gauge", "1 when taking calls", int(self._taking_calls())
         )
         return exp.render()
 

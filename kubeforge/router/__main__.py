@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
 
         def follow(spec: dict[str, object]) -> None:
             server.follow(router_settings(spec))
+            if isinstance(spec.get("replicas"), int):
+                server.router.desired_replicas = spec["replicas"]
 
         k8s = KubernetesDiscovery(ns.service, ns.namespace, on_settings=follow)
         discovery: object = k8s

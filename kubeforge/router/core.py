@@ -12,11 +12,11 @@ import enum
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubeforge.errors import NoHealthyReplicasError
-from kubeforge.metrics import SlidingWindow
+from kubeforge.metrics import Histogram, SlidingWindow
 from kubeforge.router.sessions import SessionCodec
 
 log = logging.getLogger("kubeforge.router")
@@ -51,6 +51,17 @@ class Replica:
     successful_requests: int = 0
     failed_requests: int = 0
     reason: str = ""  # why it is not HEALTHY, for status tables
+    durations: Histogram = field(default_factory=Histogram)  # since start, for /metrics
+
+    def record(self, now: float, seconds: float, ok: bool) -> None:
+        """One finished call, from either call path."""
+        self.window.record(now, seconds, ok)
+        self.durations.observe(seconds)
+        self.total_requests += 1
+        if ok:
+            self.successful_requests += 1
+        else:
+            self.failed_requests += 1
 
     @property
     def load(self) -> int:

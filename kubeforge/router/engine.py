@@ -113,6 +113,11 @@ class Router:
         self.table = RoutingTable(SessionCodec(config.token))
         self.upstreams: dict[int, Upstream] = {}
         self.retries_total = 0
+        # The Service resource's spec.replicas when the router follows one (for /metrics:
+        # replicas against desired); else the replicas it was given.
+        self.desired_replicas: int | None = None
+        self._in_flight_sum = 0  # this router's open calls, summed ten times a second
+        self._in_flight_samples = 0
         self.polled_once = False
         self._auth = wire.bearer(config.token)
         self._auth_line = b"authorization: " + self._auth + b"\r\n" if self._auth else b""
@@ -177,9 +182,20 @@ class Router:
         while True:
             await asyncio.sleep(0.1)
             self.collect()
+            self._in_flight_sum += sum(r.open_calls for r in self.table.replicas.values())
+            self._in_flight_samples += 1
             now = time.monotonic()
             for upstream in list(self.upstreams.values()):
                 upstream.expire(now)
+
+    def take_in_flight(self) -> float:
+        """This router's open calls, averaged since the last time it was asked: what status
+        publishes and the autoscaler reads, without the instant's noise."""
+        if not self._in_flight_samples:
+            return float(sum(r.open_calls for r in self.table.replicas.values()))
+        average = self._in_flight_sum / self._in_flight_samples
+        self._in_flight_sum = self._in_flight_samples = 0
+        return round(average, 1)
 
     async def poll_all(self) -> None:
         self.collect()  # loads reported by replicas are split into ours and others' with it
@@ -392,12 +408,7 @@ class Router:
     def _record(self, replica: Replica, started: float, ok: bool) -> None:
         replica.in_flight -= 1
         now = time.monotonic()
-        replica.window.record(now, now - started, ok)
-        replica.total_requests += 1
-        if ok:
-            replica.successful_requests += 1
-        else:
-            replica.failed_requests += 1
+        replica.record(now, now - started, ok)
 
     def relay(self, req: Request, conn: HttpProtocol) -> bool:
         """The common case of `call`, relayed with callbacks only, or False to take `call`.

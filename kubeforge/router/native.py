@@ -94,12 +94,7 @@ class NativeRelay:
         for index, seconds, ok in samples:
             replica = replicas.get(index)
             if replica is not None:
-                replica.window.record(now, seconds, ok)
-                replica.total_requests += 1
-                if ok:
-                    replica.successful_requests += 1
-                else:
-                    replica.failed_requests += 1
+                replica.record(now, seconds, ok)
         for index, count in in_flight:
             replica = replicas.get(index)
             if replica is not None:

@@ -94,7 +94,12 @@ def replicas(router: Router, now: float) -> list[dict[str, Any]]:
 
 
 def prometheus(router: Router, now: float) -> bytes:
-    entries = [replica_entry(r, now) for r in _ordered(router)]
+    """The router's /metrics. Counters and histograms are cumulative since start, so that
+    Prometheus's rate() and histogram_quantile() aggregate them across routers; gauges say
+    what is true now. Names follow Prometheus's conventions (base units, `_total`, a `replica`
+    label per replica pod); README lists them beside vLLM's and the Inference Extension's."""
+    replicas = _ordered(router)
+    entries = [replica_entry(r, now) for r in replicas]
     exp = prom.Exposition()
 
     def per_replica(name: str, kind: str, help_text: str, key: str) -> None:
@@ -110,8 +115,10 @@ def prometheus(router: Router, now: float) -> bytes:
             for o, k in (("ok", "successful_requests"), ("error", "failed_requests"))
         ],
     )
-    per_replica(
-        "kubeforge_router_request_rate", "gauge", "Calls per second over the window", "request_rate"
+    exp.histogram(
+        "kubeforge_router_request_duration_seconds",
+        "Call latency as the router saw it, queue wait at the replica included",
+        [({"replica": r.name}, r.durations) for r in replicas],
     )
     per_replica("kubeforge_router_in_flight", "gauge", "Calls this router has open", "in_flight")
     per_replica(
@@ -121,21 +128,14 @@ def prometheus(router: Router, now: float) -> bytes:
     exp.family(
         "kubeforge_router_replica_healthy",
         "gauge",
-        "1 when the replica takes traffic",
-        [
-            ({"replica": e["name"], "state": e["state"]}, int(e["state"] == "HEALTHY"))
-            for e in entries
-        ],
+        "1 when the replica takes traffic (GET /v1/replicas says why not)",
+        [({"replica": e["name"]}, int(e["state"] == "HEALTHY")) for e in entries],
     )
-    exp.family(
-        "kubeforge_router_latency_seconds",
-        "summary",
-        "Call latency as the router saw it (queue wait included), over the window",
-        [
-            ({"replica": e["name"], "quantile": q}, e[k])
-            for e in entries
-            for q, k in (("0.5", "p50_latency"), ("0.95", "p95_latency"), ("0.99", "p99_latency"))
-        ],
+    exp.one(
+        "kubeforge_router_desired_replicas",
+        "gauge",
+        "Replicas the Service asks for (its spec.replicas; else the replicas given)",
+        router.desired_replicas if router.desired_replicas is not None else len(entries),
     )
     exp.one(
         "kubeforge_router_sessions_moved_total",

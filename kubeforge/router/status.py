@@ -36,17 +36,20 @@ def _unstamped(entry: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k != _STAMP}
 
 
-def share(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """This router's part of the traffic: the figures that differ between router pods."""
+def share(summary: Mapping[str, Any], in_flight: float | None = None) -> dict[str, Any]:
+    """This router's part of the traffic: the figures that differ between router pods.
+    `in_flight` is its open calls averaged since its last write (else they are counted now)."""
     service = summary["service"]
     replicas = list(summary["replicas"].values())
+    if in_flight is None:
+        in_flight = sum(r["in_flight"] for r in replicas)
     return {
         "requestRate": round(service["total_request_rate"], 2),
         "errorRate": round(service["error_rate"], 4),
         "p50LatencyMs": _ms(service["p50_latency"]),
         "p95LatencyMs": _ms(service["p95_latency"]),
         "p99LatencyMs": _ms(service["p99_latency"]),
-        "inFlight": sum(r["in_flight"] for r in replicas),
+        "inFlight": in_flight,
         "replicas": {
             r["name"]: {
                 "requestRate": round(r["request_rate"], 2),
@@ -82,7 +85,7 @@ def combine(shares: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "p50LatencyMs": round(_weighted((s["requestRate"], s["p50LatencyMs"]) for s in ordered), 2),
         "p95LatencyMs": max((s["p95LatencyMs"] for s in ordered), default=0.0),
         "p99LatencyMs": max((s["p99LatencyMs"] for s in ordered), default=0.0),
-        "inFlight": sum(s["inFlight"] for s in ordered),
+        "inFlight": round(sum(s["inFlight"] for s in ordered), 1),
     }
 
 
@@ -100,6 +103,7 @@ def status_patch(
     me: str,
     peers: Mapping[str, Any] | None = None,
     live: set[str] | None = None,
+    in_flight: float | None = None,
 ) -> dict[str, Any]:
     """The router-owned status fields, as one merge patch (without timestamps).
 
@@ -107,7 +111,7 @@ def status_patch(
     router pods that exist now (None when not known yet: then nothing is pruned). Shares of
     router pods that are gone are left out of the totals and removed from the map.
     """
-    mine = share(summary)
+    mine = share(summary, in_flight)
     peers = peers or {}
     alive = live if live is not None and me in live else None
     shares = {

@@ -57,6 +57,7 @@ class StatusWriter:
             self.me,
             (seen or {}).get("routers"),
             self.live_routers(),
+            self.router.take_in_flight(),
         )
         if patch == self.last and seen is None:
             return None

@@ -68,10 +68,10 @@ class Load:
         await asyncio.gather(*self._tasks)
 
 
-async def _until(check: Any, timeout: float, what: str) -> float:
+async def _until(check: Any, timeout: float, what: str, show: Any = None) -> float:
     started = time.monotonic()
     while not check():
-        assert time.monotonic() - started < timeout, what
+        assert time.monotonic() - started < timeout, f"{what}: {show() if show else ''}"
         await asyncio.sleep(0.2)
     return time.monotonic() - started
 
@@ -101,6 +101,12 @@ async def test_the_count_follows_the_load_without_a_failed_call(
             lambda: count("replicas") == 3 and count("readyReplicas") == 3,
             up_delay + 10,
             "did not reach 3 replicas within scaleUpDelay + 10 s",
+            lambda: (
+                heavy.calls,
+                heavy.errors[:2],
+                fsvc(cluster, namespace, "auto").get("status"),
+                [e["message"] for e in events(cluster, namespace, "auto")],
+            ),
         )
         await heavy.stop()
         # Without load, sessions spread over the 3 replicas (ties go to the fewest sessions);
@@ -117,6 +123,7 @@ async def test_the_count_follows_the_load_without_a_failed_call(
             ),
             down_delay + 10,
             "did not return to 1 replica within scaleDownDelay + 10 s",
+            lambda: fsvc(cluster, namespace, "auto").get("status"),
         )
         await light.stop()
         failed = heavy.errors + light.errors
@@ -128,6 +135,8 @@ async def test_the_count_follows_the_load_without_a_failed_call(
     status = fsvc(cluster, namespace, "auto")["status"]
     assert status["autoscaler"]["reason"] == "ScaleDown", status["autoscaler"]
     assert status["autoscaler"]["desiredReplicas"] == 1
+    decisions = [e["message"] for e in events(cluster, namespace, "auto") if "->" in e["message"]]
+    print("decisions:", *decisions, sep="\n  ")
     reasons = {e["reason"] for e in events(cluster, namespace, "auto")}
     assert {"ScaleUp", "ScaleDown"} <= reasons, reasons
     # `kubeforge status fsvc/NAME` reads the same from the cluster, with the kubeconfig.

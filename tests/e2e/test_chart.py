@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubeforge.crd import CRD_NAME
 from tests.e2e.test_cluster import wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -24,13 +25,15 @@ def helm(cluster: Any, *args: str, check: bool = True) -> subprocess.CompletedPr
     binary = str(control.bins / "helm") if control else shutil.which("helm")
     if binary is None:
         pytest.fail("no helm: run `make k8s-bin` and put its bin dir on PATH")
-    return subprocess.run(
+    done = subprocess.run(
         [binary, "--kubeconfig", str(cluster.kubeconfig), *args],
         capture_output=True,
         text=True,
-        check=check,
         timeout=180,
     )
+    if check and done.returncode:
+        raise AssertionError(f"helm {' '.join(args)}: exit {done.returncode}\n{done.stderr}")
+    return done
 
 
 def render(cluster: Any, *sets: str) -> list[dict[str, Any]]:
@@ -98,6 +101,22 @@ RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
 # Installs a release of its own: on kind, its operator would fight the lane's (test_real_node.py
 # checks the lane's release in a `restricted` namespace instead).
 @pytest.mark.process_node
+def adopt_crd(cluster: Any, release: str, namespace: str) -> None:
+    """A CRD applied before the chart (`kubectl apply -f crds/`, as other tests and many users
+    do) joins the release the way Helm adopts an existing object: its ownership metadata."""
+    if cluster.kubectl("get", "crd", CRD_NAME, check=False).returncode:
+        return
+    cluster.kubectl("label", "crd", CRD_NAME, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+    cluster.kubectl(
+        "annotate",
+        "crd",
+        CRD_NAME,
+        f"meta.helm.sh/release-name={release}",
+        f"meta.helm.sh/release-namespace={namespace}",
+        "--overwrite",
+    )
+
+
 def test_helm_install_runs_the_operator_and_uninstall_cleans_up(
     cluster: Any, namespace: str
 ) -> None:
@@ -107,6 +126,7 @@ def test_helm_install_runs_the_operator_and_uninstall_cleans_up(
         cluster.kubectl("create", "namespace", "kf-system")
     for ns in ("kf-system", namespace):
         cluster.kubectl("label", "namespace", ns, RESTRICTED, "--overwrite")
+    adopt_crd(cluster, "kf", "kf-system")
     helm(
         cluster,
         "install",

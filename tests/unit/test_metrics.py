@@ -1,6 +1,14 @@
 import pytest
 
-from kubeforge.metrics import SlidingWindow, _bucket_of, _value_of, percentiles
+from kubeforge.metrics import (
+    DURATION_BUCKETS,
+    Histogram,
+    SlidingWindow,
+    _bucket_of,
+    _value_of,
+    percentiles,
+)
+from kubeforge.prom import Exposition
 
 
 def test_rate_counts_only_calls_inside_the_window() -> None:
@@ -70,3 +78,19 @@ def test_merged_windows_add_rates_and_merge_histograms() -> None:
     assert s.p50 == pytest.approx(0.001, rel=0.07)
     assert s.p95 == pytest.approx(0.100, rel=0.07)
     assert merged_stats([], 1.0).count == 0
+
+
+def test_duration_histogram_is_cumulative_with_prometheus_buckets() -> None:
+    hist = Histogram()
+    for seconds in (0.0002, 0.003, 0.003, 0.2, 700.0):
+        hist.observe(seconds)
+    buckets = dict(hist.cumulative())
+    assert buckets["0.0005"] == 1 and buckets["0.005"] == 3 and buckets["0.25"] == 4
+    assert buckets["300.0"] == 4 and buckets["+Inf"] == 5 == hist.count
+    assert list(buckets)[-1] == "+Inf" and len(buckets) == len(DURATION_BUCKETS) + 1
+    assert hist.sum == pytest.approx(700.2062)
+    exp = Exposition()
+    exp.histogram("x_seconds", "help", [({"replica": "r"}, hist)])
+    text = exp.render().decode()
+    assert 'x_seconds_bucket{replica="r",le="+Inf"} 5.0' in text
+    assert 'x_seconds_count{replica="r"} 5.0' in text and "# TYPE x_seconds histogram" in text
