@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the pinned Kubernetes control-plane binaries used by the e2e tier
-# (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm)
+# (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm, and the
+# prometheus that scrapes the e2e cluster)
 # from their Go modules, into a cache outside the repo keyed by all versions:
 #
 #   ${KUBEFORGE_K8S_CACHE:-$HOME/.cache/kubeforge/k8s}/<k8s>-etcd<etcd>-helm<helm>/bin/
@@ -76,14 +77,21 @@ fi
 kube_tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 # kind_tools: what the kind lane adds (name module version package), built when --kind is given.
 kind_kube_tools=(kubelet kubeadm kube-proxy)
-kind_tools=()
+: "${PROMETHEUS_VERSION:?PROMETHEUS_VERSION not set in $versions_file}"
+[[ "$PROMETHEUS_VERSION" =~ ^v0\.3([0-9][0-9])\.([0-9]+)$ ]] \
+    || die "PROMETHEUS_VERSION must look like v0.3NN.P (Prometheus v3.NN.P), got '$PROMETHEUS_VERSION'"
+prometheus_release="3.$((10#${BASH_REMATCH[1]})).${BASH_REMATCH[2]}"
+prom_mod=github.com/prometheus/prometheus
+# Tools built from one Go module each (name module version package), versioned apart from the
+# cache key; the kind lane's are added with --kind.
+kind_tools=("prometheus $prom_mod $PROMETHEUS_VERSION $prom_mod/cmd/prometheus")
 if (( with_kind )); then
     : "${KIND_VERSION:?}" "${CONTAINERD_VERSION:?}" "${CNI_PLUGINS_VERSION:?}"
     : "${CRI_TOOLS_VERSION:?}" "${COREDNS_VERSION:?}"
     kube_tools+=("${kind_kube_tools[@]}")
     cd_mod=github.com/containerd/containerd/v2
     cni_mod=github.com/containernetworking/plugins
-    kind_tools=(
+    kind_tools+=(
         "kind sigs.k8s.io/kind $KIND_VERSION sigs.k8s.io/kind"
         "containerd $cd_mod $CONTAINERD_VERSION $cd_mod/cmd/containerd"
         "containerd-shim-runc-v2 $cd_mod $CONTAINERD_VERSION $cd_mod/cmd/containerd-shim-runc-v2"
@@ -294,7 +302,7 @@ if needs_any "${kube_tools[@]}"; then
     fi
 fi
 
-# --- the kind lane's other tools (one wrapper module per Go module) -------------
+# --- prometheus and the kind lane's other tools (one wrapper module per Go module) ---
 # Built without cgo, and containerd without the snapshotters that need it (a node uses overlayfs).
 for spec in "${kind_tools[@]}"; do
     read -r name mod ver pkg <<<"$spec"
@@ -307,7 +315,12 @@ for spec in "${kind_tools[@]}"; do
         (cd "$dir" && go get "$pkg@$ver" >/dev/null 2>&1) || resolve "$dir" "$pkg@$ver"
     fi
     ldflags="-s -w"
+    tags="no_btrfs,no_devmapper,no_zfs,no_aufs"
     case "$name" in
+        prometheus)  # only the Kubernetes discovery; the web UI's assets are not needed
+            tags="remove_all_sd,enable_kubernetes_sd"
+            ldflags+=" -X github.com/prometheus/common/version.Version=$prometheus_release"
+            vercmd=--version expect="version $prometheus_release" ;;
         kind) vercmd=version expect="kind $ver" ;;
         containerd | ctr)
             ldflags+=" -X $mod/version.Version=$ver"
@@ -319,7 +332,7 @@ for spec in "${kind_tools[@]}"; do
         *) vercmd=--version expect="" ;;
     esac
     rm -f "$bin/$name"
-    GOFLAGS="$GOFLAGS -tags=no_btrfs,no_devmapper,no_zfs,no_aufs" \
+    GOFLAGS="$GOFLAGS -tags=$tags" \
         build_tool "$name" "$pkg" "$dir" "$ver" "$ldflags" "$vercmd" "$expect"
     echo "$ver" >"$bin/.$name.version"
 done

@@ -1,7 +1,8 @@
 """`python -m kubeforge.generate` (make crds): every YAML derived from the Python sources.
 
-The CRD comes from kubeforge/api.py, the operator's RBAC from kubeforge/operator/rbac.py; each
-lands where it ships (crds/, deploy/, the Helm chart). A unit test fails when any is stale.
+The CRD comes from kubeforge/api.py, the operator's RBAC from kubeforge/operator/rbac.py, the
+Grafana dashboard from kubeforge/dashboard.py; each lands where it ships (crds/, deploy/, the
+Helm chart). A unit test fails when any is stale.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from kubeforge.crd import CRD_NAME, crd, crd_yaml
+from kubeforge.dashboard import dashboard_json
 from kubeforge.operator.rbac import chart_rules, deploy_manifest
 
 
@@ -32,6 +34,7 @@ def outputs() -> dict[str, str]:
         "charts/kubeforge/templates/crd.yaml": chart_crd(),
         "charts/kubeforge/files/operator-rules.yaml": chart_rules(),
         "deploy/operator-rbac.yaml": deploy_manifest(),
+        "charts/kubeforge/files/dashboard.json": dashboard_json(),
     }
 
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from kubeforge.crd import CRD_NAME
+from kubeforge.dashboard import dashboard
 from tests.e2e.test_cluster import wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -84,6 +85,32 @@ def test_chart_renders_with_several_values_sets(cluster: Any) -> None:
     rules = next(d for d in default if d["kind"] == "ClusterRole")["rules"]
     shipped = yaml.safe_load_all((REPO / "deploy" / "operator-rbac.yaml").read_text())
     assert rules == next(d for d in shipped if d["kind"] == "ClusterRole")["rules"]
+
+
+def test_monitoring_objects_render_only_when_asked(cluster: Any) -> None:
+    assert not [k for k in kinds(render(cluster)) if "Monitor" in k or k == "ConfigMap"]
+    docs = render(
+        cluster,
+        "monitoring.podMonitor.enabled=true",
+        "monitoring.podMonitor.labels.release=prom",
+        "monitoring.serviceMonitor.enabled=true",
+        "monitoring.dashboard.enabled=true",
+        "operator.namespaces={ml,rl}",
+    )
+    by_kind = {d["kind"]: d for d in docs}
+    pods = by_kind["PodMonitor"]
+    assert pods["metadata"]["labels"]["release"] == "prom"
+    assert pods["spec"]["namespaceSelector"] == {"matchNames": ["ml", "rl"]}
+    expr = pods["spec"]["selector"]["matchExpressions"][0]
+    assert expr["key"] == "kubeforge.dev/component" and set(expr["values"]) == {"router", "replica"}
+    targets = {r["targetLabel"] for r in pods["spec"]["podMetricsEndpoints"][0]["relabelings"]}
+    assert "kubeforge_service" in targets
+    assert by_kind["ServiceMonitor"]["spec"]["selector"]["matchLabels"] == {
+        "kubeforge.dev/component": "router"
+    }
+    board = by_kind["ConfigMap"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(board["data"]["kubeforge-service.json"]) == dashboard()
 
 
 def test_values_schema_rejects_bad_values(cluster: Any) -> None:
