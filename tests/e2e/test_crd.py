@@ -91,6 +91,29 @@ INVALID = [
     ("drainGrace 2h", _with("spec.drainGrace", "2h"), "drainGrace must be at most 1h"),
     ("nodeLossGrace 2h", _with("spec.nodeLossGrace", "2h"), "nodeLossGrace must be at most 1h"),
     ("procs 0", _with("spec.procs", 0), "spec.procs"),
+    (
+        "autoscaling min above max",
+        _with("spec.autoscaling", {"minReplicas": 4, "maxReplicas": 2, "targetInFlight": 2}),
+        "minReplicas must not be above maxReplicas",
+    ),
+    (
+        "autoscaling target 0",
+        _with("spec.autoscaling", {"maxReplicas": 2, "targetInFlight": 0}),
+        "spec.autoscaling.targetInFlight",
+    ),
+    (
+        "autoscaling delay 2h",
+        _with(
+            "spec.autoscaling",
+            {"maxReplicas": 2, "targetInFlight": 1, "scaleDownDelay": "2h"},
+        ),
+        "scaleUpDelay and scaleDownDelay must be at most 1h",
+    ),
+    (
+        "autoscaling without max",
+        _with("spec.autoscaling", {"targetInFlight": 1}),
+        "spec.autoscaling.maxReplicas",
+    ),
     ("hosts 0", _with("spec.hosts", 0), "spec.hosts"),
     (
         "GPUs not split evenly over ranks",
