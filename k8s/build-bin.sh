@@ -75,7 +75,7 @@ if (( print_dir )); then
 fi
 
 kube_tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-# kind_tools: what the kind lane adds (name module version package), built when --kind is given.
+# The kind lane's Kubernetes binaries, built when --kind is given.
 kind_kube_tools=(kubelet kubeadm kube-proxy)
 : "${PROMETHEUS_VERSION:?PROMETHEUS_VERSION not set in $versions_file}"
 [[ "$PROMETHEUS_VERSION" =~ ^v0\.3([0-9][0-9])\.([0-9]+)$ ]] \
@@ -83,15 +83,15 @@ kind_kube_tools=(kubelet kubeadm kube-proxy)
 prometheus_release="3.$((10#${BASH_REMATCH[1]})).${BASH_REMATCH[2]}"
 prom_mod=github.com/prometheus/prometheus
 # Tools built from one Go module each (name module version package), versioned apart from the
-# cache key; the kind lane's are added with --kind.
-kind_tools=("prometheus $prom_mod $PROMETHEUS_VERSION $prom_mod/cmd/prometheus")
+# cache key: prometheus always, the kind lane's with --kind.
+module_tools=("prometheus $prom_mod $PROMETHEUS_VERSION $prom_mod/cmd/prometheus")
 if (( with_kind )); then
     : "${KIND_VERSION:?}" "${CONTAINERD_VERSION:?}" "${CNI_PLUGINS_VERSION:?}"
     : "${CRI_TOOLS_VERSION:?}" "${COREDNS_VERSION:?}"
     kube_tools+=("${kind_kube_tools[@]}")
     cd_mod=github.com/containerd/containerd/v2
     cni_mod=github.com/containernetworking/plugins
-    kind_tools+=(
+    module_tools+=(
         "kind sigs.k8s.io/kind $KIND_VERSION sigs.k8s.io/kind"
         "containerd $cd_mod $CONTAINERD_VERSION $cd_mod/cmd/containerd"
         "containerd-shim-runc-v2 $cd_mod $CONTAINERD_VERSION $cd_mod/cmd/containerd-shim-runc-v2"
@@ -105,12 +105,12 @@ if (( with_kind )); then
     )
 fi
 all_tools=(etcd "${kube_tools[@]}" helm)
-for spec in "${kind_tools[@]}"; do all_tools+=("${spec%% *}"); done
+for spec in "${module_tools[@]}"; do all_tools+=("${spec%% *}"); done
 
 # The lane's tools are versioned apart from the cache key: each records the version it was built
 # at, and a changed version in versions.env rebuilds it.
 declare -A tool_version=()
-for spec in "${kind_tools[@]}"; do
+for spec in "${module_tools[@]}"; do
     read -r name _ ver _ <<<"$spec"
     tool_version[$name]=$ver
 done
@@ -304,7 +304,7 @@ fi
 
 # --- prometheus and the kind lane's other tools (one wrapper module per Go module) ---
 # Built without cgo, and containerd without the snapshotters that need it (a node uses overlayfs).
-for spec in "${kind_tools[@]}"; do
+for spec in "${module_tools[@]}"; do
     read -r name mod ver pkg <<<"$spec"
     have "$name" && continue
     dir="$work/${mod//\//_}-$ver"

@@ -293,7 +293,7 @@ async def _delete_pod(core: client.CoreV1Api, namespace: str, name: str, **optio
 
 @dataclass
 class _Scaled:
-    status: dict[str, Any]  # status.autoscaler
+    status: dict[str, Any] | None  # status.autoscaler: its last change, if any yet
     recheck_in: float | None
 
 
@@ -324,7 +324,7 @@ async def _autoscale(
         scheduler_says=waiting[0].unschedulable if waiting else "",
     )
     before = (raw.get("status") or {}).get("autoscaler") or {}
-    status = dict(before) or {"desiredReplicas": spec.replicas, "reason": decision.why.value}
+    status = dict(before) or None  # the last decision that changed something, once there is one
     if decision.replicas != spec.replicas:
         namespace, name = key
         await client.CustomObjectsApi(_api).patch_namespaced_custom_object(
@@ -347,7 +347,12 @@ async def _autoscale(
             "lastScaleTime": now,
         }
     elif decision.why == Why.AT_CAPACITY and before.get("reason") != Why.AT_CAPACITY:
-        status = {**status, "reason": decision.why.value, "message": decision.message}
+        status = {
+            **(status or {}),
+            "desiredReplicas": spec.replicas,
+            "reason": decision.why.value,
+            "message": decision.message,
+        }
     return _Scaled(status, decision.recheck_in)
 
 
@@ -385,7 +390,8 @@ async def reconcile(key: Key) -> None:
         )
     )
     if scaled is not None:
-        decided.status["autoscaler"] = scaled.status
+        if scaled.status is not None:
+            decided.status["autoscaler"] = scaled.status
     elif (raw.get("status") or {}).get("autoscaler"):
         decided.status["autoscaler"] = None  # autoscaling was turned off: the count is yours
         if scaled.recheck_in is not None:

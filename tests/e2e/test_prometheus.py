@@ -23,7 +23,7 @@ import yaml
 from kubeforge import ServiceClient
 from kubeforge.dashboard import RATE, queries
 from tests.e2e.conftest import Operator
-from tests.e2e.test_autoscale import SLOW, Load
+from tests.e2e.test_autoscale import SLOW, Load, _until
 from tests.e2e.test_chart import render
 from tests.e2e.test_cluster import wait_for
 from tests.e2e.test_operator import _router_pods, _token, deploy, fsvc
@@ -161,7 +161,12 @@ async def test_prometheus_scrapes_and_every_dashboard_query_has_data(
         sid = await client.start_session()
         await client.work(sid, 0.01)
         load = Load(client, 8)
-        wait_for(lambda: fsvc(cluster, namespace, "scraped")["spec"]["replicas"] == 3, 60)
+        await _until(
+            lambda: fsvc(cluster, namespace, "scraped")["spec"]["replicas"] == 3,
+            60,
+            "did not grow to 3 replicas",
+            lambda: fsvc(cluster, namespace, "scraped").get("status"),
+        )
         await asyncio.sleep(8)  # a few scrapes of the grown Service
         select = {"$namespace": namespace, "$service": "scraped", RATE: "30s"}
         empty = []
