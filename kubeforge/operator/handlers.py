@@ -389,13 +389,15 @@ async def reconcile(key: Key) -> None:
             sessions={r["name"]: r.get("sessions", 0) for r in metrics.get("replicas") or []},
         )
     )
-    if scaled is not None:
+    if scaled is None:
+        if (raw.get("status") or {}).get("autoscaler"):
+            decided.status["autoscaler"] = None  # autoscaling was turned off: the count is yours
+    else:
         if scaled.status is not None:
             decided.status["autoscaler"] = scaled.status
-    elif (raw.get("status") or {}).get("autoscaler"):
-        decided.status["autoscaler"] = None  # autoscaling was turned off: the count is yours
-        if scaled.recheck_in is not None:
-            decided.recheck_in = min(decided.recheck_in or scaled.recheck_in, scaled.recheck_in)
+        if scaled.recheck_in is not None:  # no event marks the end of a pending window
+            waits = [w for w in (decided.recheck_in, scaled.recheck_in) if w is not None]
+            decided.recheck_in = min(waits)
     core = client.CoreV1Api(_api)
     pods = [m.replica_pod(raw, index) for index in decided.create]
     pods += [m.replica_pod(raw, j.index, j.host, j.leader_ip) for j in decided.join]
