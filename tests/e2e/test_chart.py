@@ -125,9 +125,6 @@ def test_values_schema_rejects_bad_values(cluster: Any) -> None:
 RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
 
 
-# Installs a release of its own: on kind, its operator would fight the lane's (test_real_node.py
-# checks the lane's release in a `restricted` namespace instead).
-@pytest.mark.process_node
 def adopt_crd(cluster: Any, release: str, namespace: str) -> None:
     """A CRD applied before the chart (`kubectl apply -f crds/`, as other tests and many users
     do) joins the release the way Helm adopts an existing object: its ownership metadata."""
@@ -144,6 +141,9 @@ def adopt_crd(cluster: Any, release: str, namespace: str) -> None:
     )
 
 
+# Installs a release of its own: on kind, its operator would fight the lane's (test_real_node.py
+# checks the lane's release in a `restricted` namespace instead).
+@pytest.mark.process_node
 def test_helm_install_runs_the_operator_and_uninstall_cleans_up(
     cluster: Any, namespace: str
 ) -> None:
