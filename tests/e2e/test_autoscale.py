@@ -14,14 +14,13 @@ import pytest
 
 from kubeforge import KubeforgeError, ServiceClient
 from tests.e2e.conftest import Operator
-from tests.e2e.test_cluster import wait_for
 from tests.e2e.test_operator import (
-    _router_pods,
     _token,
     condition,
     deploy,
     fsvc,
     replica_pods,
+    router_url,
 )
 from tests.integration.test_cli import KUBEFORGE
 
@@ -88,8 +87,7 @@ async def test_the_count_follows_the_load_without_a_failed_call(
         "scaleDownDelay": f"{down_delay}s",
     }
     deploy(cluster, namespace, "auto", 1, gpus=0, autoscaling=autoscaling, **SLOW)
-    wait_for(lambda: len(_router_pods(cluster, namespace, "auto")) == 1, 90)
-    url = f"http://{_router_pods(cluster, namespace, 'auto')[0]['status']['podIP']}:8080"
+    url = router_url(cluster, namespace, "auto")
 
     def count(field: str) -> int:
         body = fsvc(cluster, namespace, "auto")
@@ -168,8 +166,7 @@ async def test_a_full_cluster_holds_at_one_pending_pod(
         "scaleDownDelay": "5m",
     }
     deploy(cluster, namespace, "full", 1, gpus=1, autoscaling=autoscaling, **SLOW)
-    wait_for(lambda: len(_router_pods(cluster, namespace, "full")) == 1, 90)
-    url = f"http://{_router_pods(cluster, namespace, 'full')[0]['status']['podIP']}:8080"
+    url = router_url(cluster, namespace, "full")
     seen: set[str] = set()
 
     def pods() -> list[dict[str, Any]]:

@@ -359,6 +359,12 @@ def _router_pods(cluster: Any, namespace: str, name: str) -> list[dict[str, Any]
     ]
 
 
+def router_url(cluster: Any, namespace: str, name: str) -> str:
+    """The URL of the Service's router pod, once it is Ready."""
+    wait_for(lambda: len(_router_pods(cluster, namespace, name)) == 1, 90)
+    return f"http://{_router_pods(cluster, namespace, name)[0]['status']['podIP']}:8080"
+
+
 def _token(cluster: Any, namespace: str, name: str) -> str:
     secret = json.loads(
         cluster.kubectl("get", "secret", f"{name}-token", "-n", namespace, "-o", "json").stdout

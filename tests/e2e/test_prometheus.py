@@ -26,7 +26,7 @@ from tests.e2e.conftest import Operator
 from tests.e2e.test_autoscale import SLOW, Load, _until
 from tests.e2e.test_chart import render
 from tests.e2e.test_cluster import wait_for
-from tests.e2e.test_operator import _router_pods, _token, deploy, fsvc
+from tests.e2e.test_operator import _token, deploy, fsvc, router_url
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -147,8 +147,7 @@ async def test_prometheus_scrapes_and_every_dashboard_query_has_data(
         "scaleDownDelay": "5m",
     }
     deploy(cluster, namespace, "scraped", 2, gpus=0, autoscaling=autoscaling, **SLOW)
-    wait_for(lambda: len(_router_pods(cluster, namespace, "scraped")) == 1, 90)
-    url = f"http://{_router_pods(cluster, namespace, 'scraped')[0]['status']['podIP']}:8080"
+    url = router_url(cluster, namespace, "scraped")
 
     def targets_up() -> bool:
         """the router and the replicas are scraped"""

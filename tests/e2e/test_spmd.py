@@ -19,12 +19,12 @@ from tests.e2e.conftest import ExternalCluster, Operator
 from tests.e2e.test_cluster import wait_for
 from tests.e2e.test_operator import (
     _eq,
-    _router_pods,
     _token,
     _until,
     deploy,
     fsvc,
     replica_pods,
+    router_url,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -59,9 +59,7 @@ def kill9(cluster: Any, ns: str, pod: str, pid: int) -> None:
 
 
 async def _client_for(cluster: Any, ns: str, name: str, **kw: Any) -> ServiceClient:
-    wait_for(lambda: len(_router_pods(cluster, ns, name)) == 1, 90)
-    url = f"http://{_router_pods(cluster, ns, name)[0]['status']['podIP']}:8080"
-    return ServiceClient(url, token=_token(cluster, ns, name), **kw)
+    return ServiceClient(router_url(cluster, ns, name), token=_token(cluster, ns, name), **kw)
 
 
 async def test_procs_2_ranks_share_a_pod_and_restart_together(
