@@ -1,0 +1,260 @@
+"""How kubeforge scales on this machine: replicas, broadcast fan-out, sessions, failure detection.
+
+Every figure is printed beside a baseline measured in the same run:
+
+* replicas   -- `python -m kubeforge.router` (token on, health polling on) over 1..32 no-op
+                replicas (`examples.echo:Echo`), driven by wrk with 16 connections: req/s, p50,
+                and the router's CPU per call (its /proc ticks over the calls it relayed), which
+                should stay flat; the ratio is against 1 replica.
+* broadcast  -- `call_all` to 16 replicas against one call to one replica, both through the
+                router, one at a time on a keep-alive connection: p50 of each and their ratio.
+* sessions   -- 100k sessions created through the router: the creation rate, the router's and
+                the replicas' resident memory before and after, and the p50 of calls in a session
+                with 100k live sessions against none.
+* detection  -- kill -9 of a replica, then the time until the router has it out of rotation,
+                idle (active health polls only) and under load (failed calls count too), for
+                healthPollRate 0.2 s and 1 s; the target is healthPollRate + 0.1 s.
+
+Usage: `.venv/bin/python bench/scale.py [--quick] [--duration 5] [--json PATH]`. Needs wrk.
+`--quick` is the smoke test's size (seconds, not minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import aiohttp  # noqa: E402
+import router_overhead as ro  # noqa: E402
+
+from kubeforge.local import LocalDeployment, ReplicaSet, free_port  # noqa: E402
+
+TOKEN = secrets.token_hex(12)
+AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+BODY = b'{"args": ["x"], "kwargs": {}}'
+
+
+@contextmanager
+def deployment(replicas: int, poll: str = "200ms") -> Iterator[LocalDeployment]:
+    env = {"KUBEFORGE_TOKEN": TOKEN, "KUBEFORGE_LOG_LEVEL": "WARNING"}
+    dep = LocalDeployment(
+        ReplicaSet(actor="examples.echo:Echo", replicas=replicas, env=env),
+        port=free_port(),
+        router_flags=["--health-poll-rate", poll],
+        env=env,
+    )
+    try:
+        dep.start(timeout=120, progress=lambda _m: None)
+        yield dep
+    finally:
+        dep.stop(grace=5)
+
+
+def rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def timed_calls(url: str, path: str, n: int, session: str | None = None) -> list[float]:
+    """`n` calls one after another on one keep-alive connection; seconds each."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {**AUTH, **({"X-Kubeforge-Session": session} if session else {})}
+    out = []
+    try:
+        for _ in range(n):
+            started = time.perf_counter()
+            conn.request("POST", path, BODY, headers)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{path}: HTTP {resp.status}")
+            out.append(time.perf_counter() - started)
+    finally:
+        conn.close()
+    return out
+
+
+def p50_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def bench_replicas(counts: list[int], duration: int) -> dict[str, Any]:
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="kubeforge-bench-") as tmp:
+        script = Path(tmp) / "call.lua"
+        ro.write_lua(script, TOKEN)
+        for n in counts:
+            with deployment(n) as dep:
+                router = dep.router.pids[0]
+                r = ro.measure([dep.url], 16, 1, duration, script, proxy_pid=router)
+                if r.errors:
+                    raise RuntimeError(f"{n} replicas: {r.errors} errors; the point is invalid")
+                cpu = (r.proxy_user_us or 0) + (r.proxy_sys_us or 0)
+                rows[n] = {"rps": r.rps, "p50_ms": r.p50_ms, "router_cpu_us": cpu}
+    base = rows[counts[0]]["router_cpu_us"]
+    print(f"\nreplicas (router, token on, 16 connections, {duration}s each)")
+    print(f"{'replicas':>8} {'req/s':>9} {'p50 ms':>8} {'router CPU us/call':>19} {'vs 1':>6}")
+    for n, row in rows.items():
+        ratio = row["router_cpu_us"] / base if base else float("nan")
+        row["cpu_vs_first"] = ratio
+        print(
+            f"{n:>8} {row['rps']:>9.0f} {row['p50_ms']:>8.2f} "
+            f"{row['router_cpu_us']:>19.1f} {ratio:>5.2f}x"
+        )
+    return rows
+
+
+def bench_broadcast(replicas: int, calls: int) -> dict[str, Any]:
+    with deployment(replicas) as dep:
+        timed_calls(dep.url, "/v1/call/echo", 20)  # warm the connections
+        timed_calls(dep.url, "/v1/call_all/echo", 20)
+        one = p50_ms(timed_calls(dep.url, "/v1/call/echo", calls))
+        fan = p50_ms(timed_calls(dep.url, "/v1/call_all/echo", calls))
+    out = {"replicas": replicas, "one_p50_ms": one, "call_all_p50_ms": fan, "ratio": fan / one}
+    print(f"\nbroadcast to {replicas} replicas ({calls} calls each, one at a time)")
+    print(f"  one call p50 {one:.2f} ms, call_all p50 {fan:.2f} ms: {fan / one:.2f}x one call")
+    return out
+
+
+async def _create_sessions(url: str, n: int, concurrency: int = 64) -> list[str]:
+    ids: list[str] = []
+    todo = iter(range(n))
+    async with aiohttp.ClientSession(headers=AUTH) as http:
+
+        async def worker() -> None:
+            for _ in todo:
+                async with http.post(url + "/v1/sessions") as resp:
+                    if resp.status != 201:
+                        raise RuntimeError(f"session create: HTTP {resp.status}")
+                    ids.append((await resp.json())["session_id"])
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ids
+
+
+def bench_sessions(n: int, calls: int) -> dict[str, Any]:
+    with deployment(4) as dep:
+        router, replicas = dep.router.pids, dep.replica_set.procs.pids
+        first = asyncio.run(_create_sessions(dep.url, 1))[0]
+        timed_calls(dep.url, "/v1/call/echo", 50, first)
+        before = p50_ms(timed_calls(dep.url, "/v1/call/echo", calls, first))
+        rss0 = (rss_mib(router), rss_mib(replicas))
+        started = time.perf_counter()
+        asyncio.run(_create_sessions(dep.url, n))
+        rate = n / (time.perf_counter() - started)
+        rss1 = (rss_mib(router), rss_mib(replicas))
+        after = p50_ms(timed_calls(dep.url, "/v1/call/echo", calls, first))
+    out = {
+        "sessions": n,
+        "create_per_s": rate,
+        "router_rss_mib": [rss0[0], rss1[0]],
+        "replicas_rss_mib": [rss0[1], rss1[1]],
+        "p50_ms": [before, after],
+        "p50_ratio": after / before,
+    }
+    print(f"\nsessions: {n} created at {rate:.0f}/s (64 concurrent)")
+    print(f"  router RSS {rss0[0]:.1f} -> {rss1[0]:.1f} MiB, ", end="")
+    print(f"4 replicas {rss0[1]:.1f} -> {rss1[1]:.1f} MiB")
+    print(f"  call in a session p50: {before:.3f} ms with none, ", end="")
+    print(f"{after:.3f} ms with {n} ({after / before:.2f}x)")
+    return out
+
+
+def _states(url: str) -> dict[str, str]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", "/v1/replicas", headers=AUTH)
+        return {r["name"]: r["state"] for r in json.loads(conn.getresponse().read())}
+    finally:
+        conn.close()
+
+
+async def _load(url: str, stop: asyncio.Event) -> None:
+    async with aiohttp.ClientSession(headers=AUTH) as http:
+        while not stop.is_set():
+            async with http.post(url + "/v1/call/echo", data=BODY) as resp:
+                await resp.read()
+
+
+async def _detect(dep: LocalDeployment, loaded: bool) -> float:
+    victim = dep.replica_set.procs.children[1]
+    name = "replica-1"
+    stop = asyncio.Event()
+    load = [asyncio.create_task(_load(dep.url, stop)) for _ in range(2 if loaded else 0)]
+    await asyncio.sleep(0.5)
+    killed = time.perf_counter()
+    os.kill(victim.pid, signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    while (await loop.run_in_executor(None, _states, dep.url)).get(name) == "HEALTHY":
+        if time.perf_counter() - killed > 10:
+            raise RuntimeError("the killed replica stayed in rotation for 10 s")
+        await asyncio.sleep(0.002)
+    took = time.perf_counter() - killed
+    stop.set()
+    await asyncio.gather(*load, return_exceptions=True)
+    return took
+
+
+def bench_detection(rates: list[float]) -> dict[str, Any]:
+    out = {}
+    print("\nfailure detection: kill -9 of a replica until it is out of rotation")
+    for rate in rates:
+        row = {}
+        for loaded in (False, True):
+            with deployment(3, f"{round(rate * 1000)}ms") as dep:
+                row["loaded" if loaded else "idle"] = asyncio.run(_detect(dep, loaded))
+        row["target"] = rate + 0.1
+        out[str(rate)] = row
+        print(
+            f"  healthPollRate {rate:g}s: idle {row['idle']:.3f}s, under load "
+            f"{row['loaded']:.3f}s (target <= {row['target']:.1f}s)"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke-test size: a few seconds")
+    p.add_argument("--duration", type=int, default=5, help="seconds per wrk point")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    ns = p.parse_args(argv)
+    quick = ns.quick
+    figures = {
+        "replicas": bench_replicas(
+            [1, 4] if quick else [1, 2, 4, 8, 16, 32], 1 if quick else ns.duration
+        ),
+        "broadcast": bench_broadcast(4 if quick else 16, 20 if quick else 300),
+        "sessions": bench_sessions(500 if quick else 100_000, 20 if quick else 500),
+        "detection": bench_detection([0.2] if quick else [0.2, 1.0]),
+    }
+    if ns.json:
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        ns.json.write_text(json.dumps(figures, indent=2) + "\n")
+    print("RESULT " + json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
