@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: venv test unit integration e2e e2e-kind images images-test kind-node-image crds k8s-bin cluster-up cluster-down lint bench bench-tools clean
+.PHONY: venv test unit integration e2e e2e-kind images images-test kind-node-image crds k8s-bin cluster-up cluster-down lint bench bench-deps bench-tools bench-smoke clean
 
 # The install builds the router's native relay (relay/, Rust) with cargo: edits there rebuild it.
 $(VENV)/.installed: pyproject.toml kubeforge/contract.toml relay/Cargo.toml relay/Cargo.lock $(wildcard relay/src/*.rs)
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml kubeforge/contract.toml relay/Cargo.toml rela
 
 venv: $(VENV)/.installed
 
-test: lint unit integration e2e images-test e2e-kind
+test: lint unit integration e2e bench-smoke images-test e2e-kind
 
 # The relay's own tests (Rust) link against libpython instead of being loaded by it.
 unit: venv
@@ -76,10 +76,16 @@ lint: venv
 	cargo clippy --quiet --manifest-path relay/Cargo.toml --tests --no-default-features -- -D warnings
 
 # Benchmarks need wrk and nginx (Debian) and vllm-router (PyPI) as the peers they compare with.
-bench-tools: venv
+bench-deps:
 	command -v wrk >/dev/null && command -v nginx >/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null)
+
+bench-tools: venv bench-deps
 	$(PY) -m pip install --quiet -e '.[bench]'
+
+# Every benchmark script for a few seconds (tests/bench): none of them can rot.
+bench-smoke: venv k8s-bin bench-deps
+	$(PYTEST) tests/bench
 
 bench: bench-tools
 	$(PY) bench/router_overhead.py

@@ -2,11 +2,12 @@
 
 Runs on the e2e control plane (devcluster: real API server, pods as local processes), with the
 operator as its own process (admin kubeconfig). Prints the figures.
-Usage: `.venv/bin/python bench/operator_memory.py`.
+Usage: `.venv/bin/python bench/operator_memory.py [--services 20]`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -52,6 +53,9 @@ def wait_ready(cluster: Cluster, names: list[str], timeout: float = 300) -> floa
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--services", type=int, default=20, help="Services in the second point")
+    many = ap.parse_args().services
     cluster = Cluster(gpus=0)
     cluster.start(progress=lambda m: print(m, flush=True))
     op = None
@@ -73,7 +77,7 @@ def main() -> int:
         first = wait_ready(cluster, ["svc-0"])
         time.sleep(3)
         one = rss_mib(op.pid)
-        names = [f"svc-{i}" for i in range(20)]
+        names = [f"svc-{i}" for i in range(many)]
         for name in names[1:]:
             cluster.kubectl("apply", "-f", "-", input=service(name))
         twenty_ready = wait_ready(cluster, names)
@@ -81,15 +85,15 @@ def main() -> int:
         twenty = rss_mib(op.pid)
         print(
             f"operator RSS: idle {idle:.1f} MiB, 1 Service {one:.1f} MiB, "
-            f"20 Services {twenty:.1f} MiB"
+            f"{many} Services {twenty:.1f} MiB"
         )
-        print(f"apply -> Ready: 1 Service {first:.1f}s; 19 more {twenty_ready:.1f}s")
+        print(f"apply -> Ready: 1 Service {first:.1f}s; {many - 1} more {twenty_ready:.1f}s")
         print(
             "RESULT "
             + json.dumps(
                 {
-                    "rss_mib": {"idle": idle, "1": one, "20": twenty},
-                    "ready_s": {"1": first, "20": twenty_ready},
+                    "rss_mib": {"idle": idle, "1": one, str(many): twenty},
+                    "ready_s": {"1": first, str(many): twenty_ready},
                 }
             )
         )
