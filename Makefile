@@ -75,10 +75,10 @@ lint: venv
 	cargo clippy --quiet --manifest-path relay/Cargo.toml --release -- -D warnings
 	cargo clippy --quiet --manifest-path relay/Cargo.toml --tests --no-default-features -- -D warnings
 
-# Benchmarks need wrk and nginx (Debian) and vllm-router (PyPI) as the peers they compare with.
+# Benchmarks need wrk, nginx and HAProxy (Debian) and vllm-router (PyPI): the peers they compare with.
 bench-deps:
-	command -v wrk >/dev/null && command -v nginx >/dev/null || \
-	  (apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null)
+	command -v wrk >/dev/null && command -v nginx >/dev/null && command -v haproxy >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq wrk nginx-light haproxy >/dev/null)
 
 bench-tools: venv bench-deps
 	$(PY) -m pip install --quiet -e '.[bench]'
@@ -92,6 +92,8 @@ bench: bench-tools
 	$(PY) bench/service_calls.py
 	$(PY) bench/operator_memory.py
 	$(PY) bench/operator_scale.py
+	$(PY) bench/scale.py
+	$(PY) bench/spmd_calls.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info relay/target kubeforge/_relay*.so

@@ -1,27 +1,32 @@
 """Router overhead benchmark: what does putting kubeforge's router in front of replicas cost?
 
 Starts three no-op replicas (``examples.echo:Echo``) and drives the same tiny request
-(``POST /v1/call/echo`` with ``{"args": ["x"], "kwargs": {}}``) with wrk against:
+(``POST /v1/call/echo`` with ``{"args": ["x"], "kwargs": {}}``) with wrk against, the way a
+user runs each (the token on, the router's health polling on):
 
 * direct       -- the replicas themselves (one wrk per replica, connections split three ways);
                   the floor any proxy is measured against;
-* nginx        -- nginx as a plain reverse proxy (least_conn, upstream keepalive), the
-                  "boring, well-tuned" baseline for a proxy hop;
+* nginx        -- nginx as a reverse proxy (least_conn, upstream keep-alive as its docs advise);
+* haproxy      -- HAProxy in HTTP mode (leastconn, keep-alive both ways, `http-reuse always`);
 * kf-router    -- ``python -m kubeforge.router`` over the same replicas;
-* kf-router/s  -- the same router with every call in a session (3 sessions, taken in turn by
-                  wrk's ``request()``, which costs wrk some speed of its own);
-* vllm-router  -- the Rust router from PyPI (``vllm-router``), if installed, as a second
-                  point of comparison.
+* kf-router/s  -- the same router with every call in a session (3 sessions, taken in turn);
+* nginx/s      -- the same session calls through nginx, sticky by hashing the same header;
+* vllm-router  -- the Rust router from PyPI (``vllm-router``), if installed. It serves these
+                  calls through its transparent-proxy fallback (it parses and re-serialises the
+                  JSON), a different path from the others: shown for reference, not compared.
 
-Targets run one after the other (never concurrently, the box has two cores), each with a 1 s
-warm-up before every measurement. It prints a table, the ratios router/nginx, router/direct and
-vllm-router/nginx in req/s, the p50 latency the router adds over direct, and one JSON line
-prefixed ``RESULT `` with the same figures. Non-2xx responses and socket errors are printed
-per row: a target that answers errors quickly must not look fast.
+Every proxy runs for the whole benchmark; ``--rounds`` (5) interleaved rounds measure them in
+an order that rotates each round, and each point reports the median req/s with its min and max,
+the median p50/p99, and the proxy's CPU per call (its /proc ticks over the calls it served): the
+figure that does not depend on how the scheduler shared the two cores. A point with any non-2xx
+answer or socket error is invalid: its ratios print n/a. ``--pin`` runs the proxy alone on core
+0 and the replicas and wrk on core 1 (taskset), so the figure is the proxy's capacity, not what
+it takes from the replicas. The peers' versions are printed and in the ``RESULT`` JSON line.
 
 Usage: ``.venv/bin/python bench/router_overhead.py [--duration 10] [--connections 16,64]
-[--quick] [--threads 1] [--token T]``. Needs ``wrk`` and ``nginx`` on PATH
-(Debian: ``apt-get install -y wrk nginx-light``) and optionally ``pip install vllm-router``.
+[--rounds 5] [--quick] [--pin] [--threads 1] [--token T | --no-token]``. Needs ``wrk``,
+``nginx`` and ``haproxy`` on PATH (Debian: ``apt-get install -y wrk nginx-light haproxy``, which
+``make bench-deps`` does) and optionally ``pip install vllm-router``.
 
 Notes on the external tools (checked with wrk 4.1.0, nginx 1.22.1, vllm-router 0.1.17):
 
@@ -59,13 +64,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import math
 import os
 import re
+import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +93,9 @@ CALL_PATH = "/v1/call/echo"
 CALL_BODY = '{"args": ["x"], "kwargs": {}}'
 WARMUP_S = 1
 WRK_TIMEOUT = "10s"
+WRK_PREFIX: list[str] = []  # `taskset -c 1` when the proxy has core 0 to itself (--pin)
+# nginx's stickiness for calls in sessions: the same header the router reads, hashed.
+HASH_ON_SESSION = "hash $http_x_kubeforge_session consistent;"
 
 NGINX_CONF = """\
 {user}worker_processes 1;
@@ -288,8 +299,15 @@ def start_sessions(url: str, n: int, headers: dict[str, str]) -> list[str]:
     return ids
 
 
+def register_session(replica_url: str, sid: str, headers: dict[str, str]) -> None:
+    req = urllib.request.Request(f"{replica_url}/v1/sessions/{sid}", data=b"", headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        resp.read()
+
+
 def wrk_argv(url: str, conns: int, threads: int, duration: int, script: Path) -> list[str]:
     return [
+        *WRK_PREFIX,
         "wrk",
         f"-t{max(1, min(threads, conns))}",
         f"-c{conns}",
@@ -398,12 +416,6 @@ def vllm_router_available() -> bool:
     )
 
 
-def ratio(a: WrkResult | None, b: WrkResult | None) -> float | None:
-    if a is None or b is None or b.rps <= 0:
-        return None
-    return a.rps / b.rps
-
-
 def fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -412,20 +424,75 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     p.add_argument("--connections", default="16,64", help="comma-separated connection counts")
-    p.add_argument("--quick", action="store_true", help="3 s measurements")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (order rotates)")
+    p.add_argument("--quick", action="store_true", help="3 s measurements, one round")
     p.add_argument("--threads", type=int, default=1, choices=(1, 2), help="wrk threads")
-    p.add_argument("--token", default=None, help="KUBEFORGE_TOKEN for replicas and router")
+    p.add_argument("--token", default=None, help="the token (default: a random one)")
+    p.add_argument("--no-token", action="store_true", help="auth off (not how users run it)")
+    p.add_argument(
+        "--pin", action="store_true", help="proxy on core 0, replicas and wrk on core 1 (taskset)"
+    )
     p.add_argument("--actor", default="examples.echo:Echo", help="replica actor spec")
     p.add_argument("--startup-timeout", type=float, default=60.0, help="seconds per process")
     args = p.parse_args(argv)
     if args.quick:
-        args.duration = 3
+        args.duration, args.rounds = 3, 1
     args.conn_list = [int(c) for c in str(args.connections).split(",") if c.strip()]
-    if not args.conn_list or min(args.conn_list) < 1:
-        p.error("--connections needs positive integers")
+    if not args.conn_list or min(args.conn_list) < 1 or args.rounds < 1:
+        p.error("--connections needs positive integers, --rounds at least 1")
+    if args.no_token:
+        args.token = None
+    elif args.token is None:
+        args.token = secrets.token_hex(16)
     if args.token is not None and not re.fullmatch(r"[A-Za-z0-9._~+/=:-]+", args.token):
         p.error("--token: use letters, digits and ._~+/=:- only")
+    if args.pin and (shutil.which("taskset") is None or (os.cpu_count() or 1) < 2):
+        p.error("--pin needs taskset and two cores")
     return args
+
+
+HAPROXY_CONF = """\
+global
+    maxconn 8192
+    nbthread 1
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend calls
+    bind 127.0.0.1:{port}
+    default_backend replicas
+backend replicas
+    balance leastconn
+{servers}
+"""
+
+
+def versions() -> dict[str, str | None]:
+    """What was measured: the peers' versions as they report them (pinned by the packages)."""
+
+    def first_line(argv: list[str]) -> str | None:
+        if shutil.which(argv[0]) is None:
+            return None
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        text = (done.stdout or done.stderr).strip()
+        return text.splitlines()[0] if text else None
+
+    try:
+        vllm = importlib.metadata.version("vllm-router")
+    except importlib.metadata.PackageNotFoundError:
+        vllm = None
+    return {
+        "wrk": first_line(["wrk", "-v"]),
+        "nginx": first_line(["nginx", "-v"]),
+        "haproxy": first_line(["haproxy", "-v"]),
+        "vllm-router": vllm,
+        "kubeforge": importlib.metadata.version("kubeforge"),
+        "python": sys.version.split()[0],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -436,21 +503,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     nginx_bin = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
     )
-
+    haproxy_bin = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None
+    )
     env = {k: v for k, v in os.environ.items() if k != "KUBEFORGE_TOKEN"}
     if args.token:
         env["KUBEFORGE_TOKEN"] = args.token
     auth = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     py = sys.executable
-    conn_list: list[int] = args.conn_list
-
-    # Turn SIGTERM into SystemExit so the finally-block below still cleans up.
+    proxy_core = ["taskset", "-c", "0"] if args.pin else []
+    other_core = ["taskset", "-c", "1"] if args.pin else []
+    WRK_PREFIX[:] = other_core
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    results: dict[str, dict[int, WrkResult]] = {}
+    samples: dict[str, dict[int, list[WrkResult]]] = {}
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}
-
     with tempfile.TemporaryDirectory(prefix="kf-router-bench-") as tmp_s:
         tmp = Path(tmp_s)
         script = tmp / "req.lua"
@@ -461,212 +529,247 @@ def main(argv: Sequence[str] | None = None) -> int:
             replica_names = [f"replica{i}" for i in range(N_REPLICAS)]
             for name in replica_names:
                 port = free_port()
-                procs.start(
-                    name,
-                    [
-                        py,
-                        "-m",
-                        "kubeforge.replica",
-                        "--actor",
-                        args.actor,
-                        "--port",
-                        str(port),
-                        "--host",
-                        "127.0.0.1",
-                    ],
-                )
+                argv_r = [py, "-m", "kubeforge.replica", "--actor", args.actor]
+                argv_r += ["--port", str(port), "--host", "127.0.0.1"]
+                procs.start(name, [*other_core, *argv_r])
                 replica_urls.append(f"http://127.0.0.1:{port}")
             for name, url in zip(replica_names, replica_urls, strict=True):
                 procs.wait_ready(name, url + "/readyz", args.startup_timeout, auth)
             print(f"replicas ready: {' '.join(replica_urls)}", flush=True)
+            # (name, URLs, pid whose CPU counts, wrk script); every proxy runs for the whole
+            # run, so that rounds can interleave them.
+            targets: list[tuple[str, list[str], int | None, Path]] = [
+                ("direct", replica_urls, None, script)
+            ]
 
-            def bench(
-                target: str, urls: Sequence[str], pid: int | None = None, lua: Path = script
-            ) -> None:
-                results[target] = {}
-                for c in conn_list:
-                    r = measure(urls, c, args.threads, args.duration, lua, pid)
-                    procs.check_alive(replica_names)
-                    results[target][c] = r
-                    print(
-                        f"  {target:<12} c={c:<4} {r.rps:>10.0f} req/s  p50 {r.p50_ms:.2f} ms"
-                        f"  p99 {r.p99_ms:.2f} ms  errors {r.errors}",
-                        flush=True,
-                    )
-
-            def proxied(
-                target: str, argv: list[str], ready_path: str, port: int, sessions: bool = False
-            ) -> None:
-                url = f"http://127.0.0.1:{port}"
+            def start(name: str, argv: list[str], ready: str) -> str | None:
+                port_of = argv[-1]
+                url = f"http://127.0.0.1:{port_of}"
                 try:
-                    proc = procs.start(target, argv)
-                    procs.wait_ready(target, url + ready_path, args.startup_timeout, auth)
-                    bench(target, [url], proc.pid)
-                    if sessions:  # the same router, every call in a session
-                        lua = tmp / "session.lua"
-                        write_session_lua(lua, args.token, start_sessions(url, 3, auth))
-                        bench(target + "/s", [url], proc.pid, lua)
+                    procs.start(name, [*proxy_core, *argv[:-1]])
+                    procs.wait_ready(name, url + ready, args.startup_timeout, auth)
+                    return url
                 except StartError as e:
-                    procs.check_alive(replica_names)  # a dead replica is fatal, not per-target
-                    failed[target] = str(e)
-                    print(f"{target}: FAILED: {e}", flush=True)
-                finally:
-                    procs.stop(target)
+                    procs.check_alive(replica_names)
+                    failed[name] = str(e)
+                    print(f"{name}: FAILED: {e}", flush=True)
+                    return None
 
-            # (a) direct
-            bench("direct", replica_urls)
-
-            # (b) nginx
-            if nginx_bin is None:
-                skipped["nginx"] = "nginx not installed"
-                print("nginx not installed (Debian: apt-get install -y nginx-light)")
+            servers = [u.removeprefix("http://") for u in replica_urls]
+            user = "user root;\n" if os.geteuid() == 0 else ""
+            sessions: list[str] = []
+            for name, balance in (("nginx", "least_conn;"), ("nginx/s", HASH_ON_SESSION)):
+                if nginx_bin is None:
+                    skipped[name] = "nginx not installed (Debian: apt-get install nginx-light)"
+                    continue
+                port = free_port()
+                prefix = tmp / name.replace("/", "-")
+                prefix.mkdir()
+                conf = prefix / "nginx.conf"
+                conf.write_text(
+                    NGINX_CONF.format(
+                        user=user,
+                        tmp=prefix,
+                        servers="\n".join(f"        server {s};" for s in servers),
+                        port=port,
+                    ).replace("least_conn;", balance)
+                )
+                argv_n = [nginx_bin, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"]
+                url = start(name, [*argv_n, str(port)], "/readyz")
+                if url:
+                    targets.append((name, [url], procs.procs[name].pid, script))
+            if haproxy_bin is None:
+                skipped["haproxy"] = "haproxy not installed (Debian: apt-get install haproxy)"
             else:
                 port = free_port()
-                servers = "\n".join(
-                    f"        server {u.removeprefix('http://')};" for u in replica_urls
+                conf = tmp / "haproxy.cfg"
+                conf.write_text(
+                    HAPROXY_CONF.format(
+                        port=port,
+                        servers="\n".join(f"    server r{i} {s}" for i, s in enumerate(servers)),
+                    )
                 )
-                user = "user root;\n" if os.geteuid() == 0 else ""
-                conf = tmp / "nginx.conf"
-                conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, servers=servers, port=port))
-                proxied(
-                    "nginx",
-                    [nginx_bin, "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"],
-                    "/readyz",
-                    port,
-                )
-
-            # (c) kubeforge router
+                url = start("haproxy", [haproxy_bin, "-db", "-f", str(conf), str(port)], "/readyz")
+                if url:
+                    targets.append(("haproxy", [url], procs.procs["haproxy"].pid, script))
             port = free_port()
-            kf_argv = [py, "-m", "kubeforge.router"]
+            kf_argv = [py, "-m", "kubeforge.router", "--port", str(port), "--host", "127.0.0.1"]
             for u in replica_urls:
                 kf_argv += ["--replica", u]
-            kf_argv += ["--port", str(port), "--host", "127.0.0.1"]
-            proxied("kf-router", kf_argv, "/readyz", port, sessions=True)
-
-            # (d) vllm-router
+            url = start("kf-router", [*kf_argv, str(port)], "/readyz")
+            if url:
+                pid = procs.procs["kf-router"].pid
+                targets.append(("kf-router", [url], pid, script))
+                sessions = start_sessions(url, 3, auth)
+                lua = tmp / "session.lua"
+                write_session_lua(lua, args.token, sessions)
+                targets.append(("kf-router/s", [url], pid, lua))
+                for name, urls, pid_n, _ in list(targets):
+                    if name == "nginx/s":  # the same session header, hashed by nginx
+                        targets.remove((name, urls, pid_n, script))
+                        targets.append((name, urls, pid_n, lua))
+                        # nginx cannot open a session on the replica it hashes to: every
+                        # replica learns the ids, so each call checks one as through the router.
+                        for replica_url in replica_urls:
+                            for sid in sessions:
+                                register_session(replica_url, sid, auth)
             if not vllm_router_available():
-                skipped["vllm-router"] = "vllm-router not installed"
-                print("vllm-router not installed (pip install vllm-router); skipping")
+                skipped["vllm-router"] = "vllm-router not installed (pip install vllm-router)"
             else:
                 port = free_port()
                 api_key = ["--api-key", args.token] if args.token else []
-                proxied(
-                    "vllm-router",
-                    [
-                        py,
-                        "-m",
-                        "vllm_router.launch_router",
-                        "--worker-urls",
-                        *replica_urls,
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        "--policy",
-                        "round_robin",
-                        "--worker-startup-check-interval",
-                        "1",
-                        "--prometheus-port",
-                        str(free_port()),
-                        "--log-level",
-                        "warning",
-                        *api_key,
-                    ],
-                    "/health",
-                    port,
-                )
+                argv_v = [py, "-m", "vllm_router.launch_router", "--worker-urls", *replica_urls]
+                argv_v += ["--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin"]
+                argv_v += ["--worker-startup-check-interval", "1"]
+                argv_v += ["--prometheus-port", str(free_port()), "--log-level", "warning"]
+                url = start("vllm-router", [*argv_v, *api_key, str(port)], "/health")
+                if url:
+                    targets.append(("vllm-router", [url], procs.procs["vllm-router"].pid, script))
+
+            for rnd in range(args.rounds):
+                order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
+                print(f"round {rnd + 1}/{args.rounds}: {' '.join(t[0] for t in order)}")
+                for c in args.conn_list:
+                    for name, urls, pid, lua in order:
+                        r = measure(urls, c, args.threads, args.duration, lua, pid)
+                        procs.check_alive(replica_names)
+                        samples.setdefault(name, {}).setdefault(c, []).append(r)
+                        print(
+                            f"  {name:<12} c={c:<4} {r.rps:>10.0f} req/s  p50 {r.p50_ms:.2f} ms"
+                            f"  errors {r.errors}",
+                            flush=True,
+                        )
         except StartError as e:
             print(f"FAILED: {e}", file=sys.stderr)
             return 1
         finally:
             procs.stop_all()
 
-    report(args, results, skipped, failed)
+    report(args, samples, skipped, failed, versions())
     # vllm-router is only a point of comparison: its failure alone doesn't fail the run.
     return 1 if set(failed) - {"vllm-router"} else 0
 
 
+@dataclass
+class Point:
+    """One target at one connection count over the rounds: medians, and the spread of req/s."""
+
+    rps: float
+    rps_min: float
+    rps_max: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float | None  # the proxy's CPU per call (user + system), median
+    errors: int
+
+    @property
+    def valid(self) -> bool:
+        return self.errors == 0
+
+    @classmethod
+    def of(cls, runs: list[WrkResult]) -> Point:
+        def median(values: list[float]) -> float:
+            return statistics.median(values) if values else float("nan")
+
+        cpu = [
+            r.proxy_user_us + r.proxy_sys_us
+            for r in runs
+            if r.proxy_user_us is not None and r.proxy_sys_us is not None
+        ]
+        return cls(
+            rps=median([r.rps for r in runs]),
+            rps_min=min(r.rps for r in runs),
+            rps_max=max(r.rps for r in runs),
+            p50_ms=median([r.p50_ms for r in runs]),
+            p99_ms=median([r.p99_ms for r in runs]),
+            cpu_us=median(cpu) if cpu else None,
+            errors=sum(r.errors for r in runs),
+        )
+
+
+def ratio_of(a: Point | None, b: Point | None) -> float | None:
+    """a/b in req/s; None when either is missing or had errors (an invalid point)."""
+    if a is None or b is None or not a.valid or not b.valid or not b.rps:
+        return None
+    return a.rps / b.rps
+
+
 def report(
     args: argparse.Namespace,
-    results: dict[str, dict[int, WrkResult]],
+    samples: dict[str, dict[int, list[WrkResult]]],
     skipped: dict[str, str],
     failed: dict[str, str],
+    seen_versions: dict[str, str | None],
 ) -> None:
-    conn_list: list[int] = args.conn_list
+    points = {t: {c: Point.of(runs) for c, runs in per.items()} for t, per in samples.items()}
     print()
     print(
         f"POST {CALL_PATH}, {N_REPLICAS} echo replicas, wrk {args.threads} thread(s), "
-        f"{args.duration}s per point (+{WARMUP_S}s warm-up), auth={'on' if args.token else 'off'}"
+        f"{args.rounds} interleaved round(s) of {args.duration}s (+{WARMUP_S}s warm-up), "
+        f"auth {'on' if args.token else 'OFF'}, health polling on"
+        + (", proxy pinned to core 0" if args.pin else "")
     )
-    print("direct: one wrk per replica, connections split, req/s summed, p50/p99 = worst replica")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in seen_versions.items() if v))
+    print("vllm-router is measured through its transparent-proxy fallback (it parses and")
+    print("re-serialises the JSON): a different path from the others, shown for reference only.")
     header = (
-        f"{'target':<12} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'requests':>9} {'non-2xx':>8} {'sock err':>8} {'cpu us/req (user+sys)':>22}"
+        f"{'target':<12} {'conns':>5} {'req/s median':>12} {'[min - max]':>17} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'cpu us/call':>11} {'errors':>6}"
     )
     print(header)
     print("-" * len(header))
-    for target, per_conn in results.items():
-        for c, r in per_conn.items():
-            flag = "  <-- ERRORS" if r.errors else ""
-            cpu = (
-                f"{r.proxy_user_us:.1f}+{r.proxy_sys_us:.1f}"
-                if r.proxy_user_us is not None and r.proxy_sys_us is not None
-                else "-"
-            )
+    for target, per in points.items():
+        for c, pt in per.items():
+            cpu = fmt(pt.cpu_us, ".1f")
+            flag = "  <-- INVALID (errors)" if not pt.valid else ""
+            spread = f"[{pt.rps_min:.0f} - {pt.rps_max:.0f}]"
             print(
-                f"{target:<12} {c:>5} {r.rps:>10.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-                f"{r.requests:>9} {r.non2xx:>8} {r.socket_errors:>8} {cpu:>22}{flag}"
+                f"{target:<12} {c:>5} {pt.rps:>12.0f} {spread:>17}"
+                f" {pt.p50_ms:>7.2f} {pt.p99_ms:>7.2f} {cpu:>11} {pt.errors:>6}{flag}"
             )
     for target, why in {**skipped, **failed}.items():
         print(f"{target:<12} {why.splitlines()[0]}")
 
-    def get(target: str, c: int) -> WrkResult | None:
-        return results.get(target, {}).get(c)
+    def get(target: str, c: int) -> Point | None:
+        return points.get(target, {}).get(c)
 
     ratios: dict[str, dict[str, float | None]] = {}
     print()
-    for c in conn_list:
+    for c in args.conn_list:
         router, direct = get("kf-router", c), get("direct", c)
-        in_sessions = get("kf-router/s", c)
-        vllm, nginx = get("vllm-router", c), get("nginx", c)
-        added = router.p50_ms - direct.p50_ms if router and direct else None
-        vllm_added = vllm.p50_ms - direct.p50_ms if vllm and direct else None
         ratios[str(c)] = {
-            "router_over_nginx_rps": ratio(router, nginx),
-            "router_in_sessions_over_nginx_rps": ratio(in_sessions, nginx),
-            "router_over_direct_rps": ratio(router, direct),
-            "vllm_router_over_nginx_rps": ratio(vllm, nginx),
-            "router_over_vllm_router_rps": ratio(router, vllm),
-            "router_added_p50_ms": added,
-            "vllm_router_added_p50_ms": vllm_added,
+            "router_over_nginx_rps": ratio_of(router, get("nginx", c)),
+            "router_over_haproxy_rps": ratio_of(router, get("haproxy", c)),
+            "router_over_direct_rps": ratio_of(router, direct),
+            "router_in_sessions_over_nginx_hash_rps": ratio_of(
+                get("kf-router/s", c), get("nginx/s", c)
+            ),
+            "vllm_router_fallback_over_nginx_rps": ratio_of(get("vllm-router", c), get("nginx", c)),
+            "router_added_p50_ms": (router.p50_ms - direct.p50_ms if router and direct else None),
         }
         r = ratios[str(c)]
         print(
             f"c={c:<4} router/nginx {fmt(r['router_over_nginx_rps'], '.2f')}  "
+            f"router/haproxy {fmt(r['router_over_haproxy_rps'], '.2f')}  "
             f"router/direct {fmt(r['router_over_direct_rps'], '.2f')}  "
-            f"vllm-router/nginx {fmt(r['vllm_router_over_nginx_rps'], '.2f')}  "
-            f"router added p50 vs direct {fmt(added, '+.2f')} ms  "
-            f"router in sessions/nginx {fmt(r['router_in_sessions_over_nginx_rps'], '.2f')}"
+            "sessions: router/nginx-hash "
+            f"{fmt(r['router_in_sessions_over_nginx_hash_rps'], '.2f')}  "
+            f"added p50 {fmt(r['router_added_p50_ms'], '+.2f')} ms"
         )
-    if 16 in conn_list:
-        print(
-            "router added p50 vs direct @16 connections: "
-            f"{fmt(ratios['16']['router_added_p50_ms'], '+.2f')} ms"
-        )
-    bad = [t for t, per in results.items() for r in per.values() if r.errors]
-    if bad:
-        print(f"WARNING: errors seen for {', '.join(sorted(set(bad)))}: figures are suspect")
-
+    print("(n/a: a peer is missing, or a point had errors and does not count)")
     out: dict[str, Any] = {
         "request": f"POST {CALL_PATH}",
         "replicas": N_REPLICAS,
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "wrk_threads": args.threads,
         "auth": bool(args.token),
-        "connections": conn_list,
+        "pinned": args.pin,
+        "connections": args.conn_list,
+        "versions": seen_versions,
         "targets": {
-            t: {str(c): {**asdict(r), "errors": r.errors} for c, r in per.items()}
-            for t, per in results.items()
+            t: {str(c): {**asdict(pt), "valid": pt.valid} for c, pt in per.items()}
+            for t, per in points.items()
         },
         "ratios": ratios,
         "skipped": skipped,
