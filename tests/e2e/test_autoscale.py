@@ -107,22 +107,30 @@ async def test_the_count_follows_the_load_without_a_failed_call(
             ),
         )
         await heavy.stop()
+        stopped = time.monotonic()
         # Without load, sessions spread over the 3 replicas (ties go to the fewest sessions);
-        # the scale-down will take two of them away.
+        # the scale-down will take two of them away. The router must first see the load gone:
+        # replicas report theirs on its health polls, a moment after the last call ends.
+        deadline = time.monotonic() + 10
+        while any(r["in_flight"] or r["queue_depth"] for r in await client.replicas()):
+            assert time.monotonic() < deadline, await client.replicas()
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # two more polls: the replicas' own reports say idle too
         sids = [await client.start_session() for _ in range(6)]
         holders = {sid: (await client.whoami(sid))["replica"] for sid in sids}
         assert len(set(holders.values())) == 3, holders
         light = Load(client, 1, pause=0.5)  # calls without a session, through the scale-down
-        scaled_down = await _until(
+        await _until(
             lambda: (
                 count("replicas") == 1
                 and count("replicas") == count("readyReplicas")
                 and len([p for p in replicas_of(cluster, namespace, "auto")]) == 1
             ),
-            down_delay + 10,
+            down_delay + 10 - (time.monotonic() - stopped),  # counted from the load's end
             "did not return to 1 replica within scaleDownDelay + 10 s",
             lambda: fsvc(cluster, namespace, "auto").get("status"),
         )
+        scaled_down = time.monotonic() - stopped
         await light.stop()
         failed = heavy.errors + light.errors
         assert failed == [], failed[:3]
