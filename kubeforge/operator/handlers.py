@@ -311,15 +311,14 @@ async def _autoscale(
         _world.loads.pop(key, None)
         return None
     policy = spec.autoscaling.policy()
-    samples = _world.loads.setdefault(key, Load()).observe(
-        metrics.get("inFlight"), time.monotonic(), policy
-    )
+    clock = time.monotonic()  # one moment for the sample and the decision
+    samples = _world.loads.setdefault(key, Load()).observe(metrics.get("inFlight"), clock, policy)
     waiting = [v for v in views if v.unschedulable and not v.deleting]
     decision = decide(
         policy,
         spec.replicas,
         samples,
-        time.monotonic(),
+        clock,
         unschedulable=len(waiting),
         scheduler_says=waiting[0].unschedulable if waiting else "",
     )
