@@ -6,6 +6,7 @@ It starts exactly the processes a cluster would run (`python -m kubeforge.replic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,9 +27,17 @@ from kubeforge.settings import DEFAULTS
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports: all are held open together, so the kernel cannot hand
+    out one twice (ports taken one at a time may repeat before any child binds them)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def is_ready(url: str) -> bool:
@@ -146,8 +155,10 @@ class ReplicaSet:
     def start(self, deadline: float, progress: Callable[[str], None] = print) -> list[str]:
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        per_replica = 3 if self.ranks > 1 else 1  # HTTP, and for ranks master and gang
+        ports = iter(free_ports(self.replicas * per_replica, self.host))
         for i in range(self.replicas):
-            port = free_port(self.host)
+            port = next(ports)
             self.urls.append(f"http://{self.host}:{port}")
             env = {
                 **self.env,
@@ -172,8 +183,7 @@ class ReplicaSet:
                 *self.flags,
             ]
             if self.ranks > 1:  # one rendezvous per replica, on ports of its own
-                argv += ["--master-port", str(free_port(self.host))]
-                argv += ["--gang-port", str(free_port(self.host))]
+                argv += ["--master-port", str(next(ports)), "--gang-port", str(next(ports))]
             self.procs.spawn(argv, f"replica-{i}", env)
         self.procs.wait_ready(self.urls, deadline, "replica", progress)
         return self.urls

@@ -14,6 +14,7 @@ import pytest
 
 from examples.spmd import RankCounter
 from kubeforge import RemoteError, Service, ServiceConfig
+from kubeforge.local import free_ports
 from kubeforge.replica import gang as gang_frames
 from kubeforge.settings import DEFAULTS
 from tests.integration.conftest import call
@@ -228,13 +229,13 @@ async def test_kubeforge_run_serves_procs_and_refuses_hosts(tmp_path: Path) -> N
 async def test_rank_0_admits_only_its_own_ranks(procs: Procs) -> None:
     """The gang port takes ranks that hold the replica's token and run its actor in its world;
     anyone else is refused with the reason, and the replica keeps serving."""
-    gang = free_port()
+    gang, master = free_ports(2)
     replica = procs.replica(
         ACTOR,
         "--procs",
         "2",
         "--master-port",
-        str(free_port()),
+        str(master),
         "--gang-port",
         str(gang),
         env={"KUBEFORGE_TOKEN": "s3cret"},
