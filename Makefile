@@ -87,13 +87,18 @@ bench-tools: venv bench-deps
 bench-smoke: venv k8s-bin bench-deps
 	$(PYTEST) tests/bench
 
-bench: bench-tools
-	$(PY) bench/router_overhead.py
-	$(PY) bench/service_calls.py
-	$(PY) bench/operator_memory.py
-	$(PY) bench/operator_scale.py
-	$(PY) bench/scale.py
-	$(PY) bench/spmd_calls.py
+# The full run (about 45 min): figures under bench/results/ (JSON), then the plots and the
+# headline table (bench/plots.py) that README shows.
+RESULTS := bench/results
+bench: bench-tools k8s-bin
+	$(PY) bench/router_overhead.py --connections 4,16,64 --json $(RESULTS)/router_overhead.json
+	$(PY) bench/router_overhead.py --pin --rounds 3 --json $(RESULTS)/router_overhead_pinned.json
+	$(PY) bench/service_calls.py --json $(RESULTS)/service_calls.json
+	$(PY) bench/scale.py --json $(RESULTS)/scale.json
+	$(PY) bench/spmd_calls.py --json $(RESULTS)/spmd_calls.json
+	$(PY) bench/operator_memory.py --json $(RESULTS)/operator_memory.json
+	$(PY) bench/operator_scale.py --json $(RESULTS)/operator_scale.json
+	$(PY) bench/plots.py --results $(RESULTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info relay/target kubeforge/_relay*.so

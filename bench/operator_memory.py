@@ -18,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from figures import add_json_arg, emit  # noqa: E402
+
 from devcluster.cluster import Cluster  # noqa: E402
 
 
@@ -55,7 +57,9 @@ def wait_ready(cluster: Cluster, names: list[str], timeout: float = 300) -> floa
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--services", type=int, default=20, help="Services in the second point")
-    many = ap.parse_args().services
+    add_json_arg(ap)
+    args = ap.parse_args()
+    many = args.services
     cluster = Cluster(gpus=0)
     cluster.start(progress=lambda m: print(m, flush=True))
     op = None
@@ -88,14 +92,12 @@ def main() -> int:
             f"{many} Services {twenty:.1f} MiB"
         )
         print(f"apply -> Ready: 1 Service {first:.1f}s; {many - 1} more {twenty_ready:.1f}s")
-        print(
-            "RESULT "
-            + json.dumps(
-                {
-                    "rss_mib": {"idle": idle, "1": one, str(many): twenty},
-                    "ready_s": {"1": first, str(many): twenty_ready},
-                }
-            )
+        emit(
+            {
+                "rss_mib": {"idle": idle, "1": one, str(many): twenty},
+                "ready_s": {"1": first, str(many): twenty_ready},
+            },
+            args.json,
         )
     finally:
         if op is not None:

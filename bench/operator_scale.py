@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from figures import add_json_arg, emit  # noqa: E402
+
 from devcluster.cluster import Cluster  # noqa: E402
 
 # What the operator asks of the API server (reads and writes of Services, their pods and
@@ -140,6 +142,7 @@ def main() -> int:
         default=10.0,
         help="seconds to wait after Ready before measuring idle (routers' first status writes)",
     )
+    add_json_arg(ap)
     args = ap.parse_args()
     counts = [int(c) for c in args.services.split(",")]
     # 100 Services are 300 pods (2 replicas and a router each): more than a node's usual 110.
@@ -201,7 +204,7 @@ def main() -> int:
         print(
             f"deleted replica pod: replacement created after {created:.2f} s, Ready {ready:.2f} s"
         )
-        print("RESULT " + json.dumps(results))
+        emit(results, args.json)
     finally:
         if op is not None:
             op.terminate()

@@ -67,7 +67,6 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import re
 import secrets
@@ -81,9 +80,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from figures import CDF_PERCENTILES, add_json_arg, emit, median_curve
 
 from kubeforge.local import free_port
 
@@ -142,6 +143,7 @@ class WrkResult:
     socket_errors: int
     proxy_user_us: float | None = None  # CPU the proxy spent per request, user space
     proxy_sys_us: float | None = None  # ... and in the kernel (its syscalls)
+    cdf_ms: list[float] = field(default_factory=list)  # latency at figures.CDF_PERCENTILES
 
     @property
     def errors(self) -> int:
@@ -166,6 +168,7 @@ def parse_wrk(text: str) -> WrkResult:
     total = re.search(r"^\s+(\d+) requests in", text, re.M)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    cdf = [float(us) / 1e3 for us in re.findall(r"^CDF \S+ (\d+)$", text, re.M)]
     return WrkResult(
         rps=float(rps.group(1)),
         p50_ms=lat.get("50", float("nan")),
@@ -173,6 +176,7 @@ def parse_wrk(text: str) -> WrkResult:
         requests=int(total.group(1)) if total else 0,
         non2xx=int(non2xx.group(1)) if non2xx else 0,
         socket_errors=sum(int(g) for g in sock.groups()) if sock else 0,
+        cdf_ms=cdf if len(cdf) == len(CDF_PERCENTILES) else [],
     )
 
 
@@ -264,6 +268,16 @@ class Procs:
                 )
 
 
+# wrk's done() hook prints the latency (µs) at every percentile the CDF plots are drawn from.
+DONE_LUA = (
+    "done = function(summary, latency, requests)\n"
+    f"  for _, p in ipairs({{{', '.join(f'{p:g}' for p in CDF_PERCENTILES)}}}) do\n"
+    '    io.write(string.format("CDF %g %d\\n", p, latency:percentile(p)))\n'
+    "  end\n"
+    "end\n"
+)
+
+
 def write_lua(path: Path, token: str | None) -> None:
     lines = [
         'wrk.method = "POST"',
@@ -272,7 +286,7 @@ def write_lua(path: Path, token: str | None) -> None:
     ]
     if token:
         lines.append(f'wrk.headers["Authorization"] = "Bearer {token}"')
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + DONE_LUA)
 
 
 def write_session_lua(path: Path, token: str | None, sessions: Sequence[str]) -> None:
@@ -286,7 +300,7 @@ def write_session_lua(path: Path, token: str | None, sessions: Sequence[str]) ->
         "  i = i % #sessions + 1\n"
         f'  return wrk.format("POST", nil, {{{auth}["Content-Type"] = "application/json", '
         f'["X-Kubeforge-Session"] = sessions[i]}}, [[{CALL_BODY}]])\n'
-        "end\n"
+        "end\n" + DONE_LUA
     )
 
 
@@ -406,6 +420,10 @@ def measure(
         socket_errors=sum(r.socket_errors for r in results),
         proxy_user_us=cpu[0] if proxy_pid else None,
         proxy_sys_us=cpu[1] if proxy_pid else None,
+        # several wrks (direct): the worst of them at each percentile, as for p50 and p99
+        cdf_ms=[max(col) for col in zip(*(r.cdf_ms for r in results), strict=True)]
+        if all(r.cdf_ms for r in results)
+        else [],
     )
 
 
@@ -434,6 +452,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--actor", default="examples.echo:Echo", help="replica actor spec")
     p.add_argument("--startup-timeout", type=float, default=60.0, help="seconds per process")
+    add_json_arg(p)
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = 3, 1
@@ -661,6 +680,7 @@ class Point:
     p99_ms: float
     cpu_us: float | None  # the proxy's CPU per call (user + system), median
     errors: int
+    cdf_ms: list[float]  # latency at figures.CDF_PERCENTILES, the median over the rounds
 
     @property
     def valid(self) -> bool:
@@ -684,6 +704,7 @@ class Point:
             p99_ms=median([r.p99_ms for r in runs]),
             cpu_us=median(cpu) if cpu else None,
             errors=sum(r.errors for r in runs),
+            cdf_ms=median_curve([r.cdf_ms for r in runs]),
         )
 
 
@@ -775,18 +796,8 @@ def report(
         "skipped": skipped,
         "failed": {t: why.splitlines()[0] for t, why in failed.items()},
     }
-    print("RESULT " + json.dumps(_finite(out), sort_keys=True))
-
-
-def _finite(x: Any) -> Any:
-    """NaN/inf (e.g. no latency line) become null so the RESULT line is strict JSON."""
-    if isinstance(x, float):
-        return round(x, 4) if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
+    out["cdf_percentiles"] = list(CDF_PERCENTILES)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import aiohttp  # noqa: E402
 import router_overhead as ro  # noqa: E402
+from figures import add_json_arg, emit, percentiles  # noqa: E402
 
 from kubeforge.local import LocalDeployment, ReplicaSet, free_port  # noqa: E402
 
@@ -129,9 +130,17 @@ def bench_broadcast(replicas: int, calls: int) -> dict[str, Any]:
     with deployment(replicas) as dep:
         timed_calls(dep.url, "/v1/call/echo", 20)  # warm the connections
         timed_calls(dep.url, "/v1/call_all/echo", 20)
-        one = p50_ms(timed_calls(dep.url, "/v1/call/echo", calls))
-        fan = p50_ms(timed_calls(dep.url, "/v1/call_all/echo", calls))
-    out = {"replicas": replicas, "one_p50_ms": one, "call_all_p50_ms": fan, "ratio": fan / one}
+        one_s = sorted(timed_calls(dep.url, "/v1/call/echo", calls))
+        fan_s = sorted(timed_calls(dep.url, "/v1/call_all/echo", calls))
+    one, fan = p50_ms(one_s), p50_ms(fan_s)
+    out = {
+        "replicas": replicas,
+        "one_p50_ms": one,
+        "call_all_p50_ms": fan,
+        "ratio": fan / one,
+        "one_cdf_ms": percentiles([t * 1000 for t in one_s]),
+        "call_all_cdf_ms": percentiles([t * 1000 for t in fan_s]),
+    }
     print(f"\nbroadcast to {replicas} replicas ({calls} calls each, one at a time)")
     print(f"  one call p50 {one:.2f} ms, call_all p50 {fan:.2f} ms: {fan / one:.2f}x one call")
     return out
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke-test size: a few seconds")
     p.add_argument("--duration", type=int, default=5, help="seconds per wrk point")
-    p.add_argument("--json", type=Path, help="also write the figures here")
+    add_json_arg(p)
     ns = p.parse_args(argv)
     quick = ns.quick
     figures = {
@@ -249,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "sessions": bench_sessions(500 if quick else 100_000, 20 if quick else 500),
         "detection": bench_detection([0.2] if quick else [0.2, 1.0]),
     }
-    if ns.json:
-        ns.json.parent.mkdir(parents=True, exist_ok=True)
-        ns.json.write_text(json.dumps(figures, indent=2) + "\n")
-    print("RESULT " + json.dumps(figures))
+    emit(figures, ns.json)
     return 0
 
 

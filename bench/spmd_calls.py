@@ -5,14 +5,13 @@ collective: the cost measured is rank 0 handing the call to every rank, their an
 one order) for a fixed time with 1 and 8 concurrent callers, and `gather` calls (an all-gather
 through the ranks' own store) with 1. Ratios are against procs=1 measured in the same run.
 On a 2-core machine, 4 ranks share 2 cores with the caller.
-Usage: `.venv/bin/python bench/spmd_calls.py [--duration 3]`.
+Usage: `.venv/bin/python bench/spmd_calls.py [--duration 3] [--json PATH]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -21,6 +20,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from figures import add_json_arg, emit  # noqa: E402
 
 from examples.spmd import RankCounter  # noqa: E402
 from kubeforge import Service, ServiceConfig  # noqa: E402
@@ -83,6 +84,6 @@ async def main(duration: float) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per point")
+    add_json_arg(parser)
     ns = parser.parse_args()
-    figures = asyncio.run(main(ns.duration))
-    print("RESULT " + json.dumps(figures))
+    emit(asyncio.run(main(ns.duration)), ns.json)

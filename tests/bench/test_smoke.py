@@ -38,13 +38,22 @@ SCRIPTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the scripts write their figures (`--json`), as `make bench` does under bench/."""
+    return tmp_path_factory.mktemp("results")
+
+
 @pytest.mark.parametrize(("script", "args", "keys", "limit"), SCRIPTS, ids=[s[0] for s in SCRIPTS])
-def test_benchmark_script_runs(script: str, args: list[str], keys: list[str], limit: int) -> None:
-    for tool in ("wrk", "nginx"):
+def test_benchmark_script_runs(
+    script: str, args: list[str], keys: list[str], limit: int, results: Path
+) -> None:
+    for tool in ("wrk", "nginx", "haproxy"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: `make bench-deps` installs it")
+    out = results / script.replace(".py", ".json")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), *args],
+        [sys.executable, str(ROOT / "bench" / script), *args, "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -55,3 +64,26 @@ def test_benchmark_script_runs(script: str, args: list[str], keys: list[str], li
     assert len(lines) == 1, done.stdout[-3000:]
     figures = json.loads(lines[0].removeprefix("RESULT "))
     assert figures and all(k in figures for k in keys), figures
+    assert json.loads(out.read_text()) == figures, "--json wrote other figures than RESULT"
+
+
+def test_plots_draw_the_scripts_figures(results: Path) -> None:
+    """Runs after the scripts (file order): their JSON becomes the PNGs and the headline table."""
+    if not list(results.glob("*.json")):
+        pytest.fail("no figures: the script tests above did not run first")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "plots.py"), "--results", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for png in ("router_rps.png", "latency_cdf.png", "scale.png"):
+        assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    table = (results / "summary.md").read_text()
+    rows = ["router / nginx, 16 conns", "sessions: router / nginx hash", "call_all to 4 replicas"]
+    if "ray-serve" not in json.loads((results / "service_calls.json").read_text())["skipped"]:
+        rows.append("local Service / Ray Serve, 32 caller(s)")
+    for row in rows:
+        assert row in table, table
+    assert "not measured" not in table, table

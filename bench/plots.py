@@ -1,0 +1,264 @@
+"""Draw what `make bench` measured: PNG plots and the headline table, from bench/results/*.json.
+
+* router_rps.png   -- req/s against connections for every proxy (median, min-max bars), with
+                      free scheduling and with the proxy pinned to its own core;
+* latency_cdf.png  -- latency CDFs: the proxies at the most connections, the Python API against
+                      Ray Serve at 32 callers, and one call against `call_all` to 16 replicas;
+* scale.png        -- req/s, p50 and the router's CPU per call against the number of replicas;
+* summary.md       -- the headline table, each figure against its target (pasted into README).
+
+A results file that is missing is left out of the plots and the table, with a printed line.
+Usage: `.venv/bin/python bench/plots.py [--results bench/results]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+
+Results = dict[str, dict[str, Any]]
+PROXIES = ("direct", "kf-router", "kf-router/s", "nginx", "nginx/s", "haproxy", "vllm-router")
+
+
+def load(folder: Path) -> Results:
+    names = ["router_overhead", "router_overhead_pinned", "service_calls", "scale"]
+    names += ["spmd_calls", "operator_memory", "operator_scale"]
+    out: Results = {}
+    for name in names:
+        path = folder / f"{name}.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text())
+        else:
+            print(f"{path}: missing, left out")
+    return out
+
+
+def rps_panel(ax: Axes, run: dict[str, Any], title: str) -> None:
+    for target in PROXIES:
+        per = run["targets"].get(target)
+        if not per:
+            continue
+        conns = sorted(per, key=int)
+        med = [per[c]["rps"] for c in conns]
+        low = [per[c]["rps"] - per[c]["rps_min"] for c in conns]
+        high = [per[c]["rps_max"] - per[c]["rps"] for c in conns]
+        style = "-" if target.startswith("kf-") else "--"
+        ax.errorbar([int(c) for c in conns], med, yerr=[low, high], fmt=style + "o", label=target)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("connections")
+    ax.set_ylabel("req/s (median of rounds, min-max bars)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def cdf_panel(
+    ax: Axes, curves: dict[str, list[float]], percentiles: list[float], title: str
+) -> None:
+    for label, cdf in curves.items():
+        if cdf:
+            ax.plot(cdf, [p / 100 for p in percentiles], label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("fraction of calls")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_router(results: Results, out: Path) -> None:
+    runs = [
+        (results[k], t)
+        for k, t in (
+            ("router_overhead", "free scheduling"),
+            ("router_overhead_pinned", "proxy pinned to core 0 (taskset)"),
+        )
+        if k in results
+    ]
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), squeeze=False)
+    for ax, (run, title) in zip(axes[0], runs, strict=True):
+        rps_panel(ax, run, f"router vs proxies, token on: {title}")
+    fig.tight_layout()
+    fig.savefig(out / "router_rps.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(results: Results, out: Path) -> None:
+    panels: list[tuple[dict[str, list[float]], list[float], str]] = []
+    if "router_overhead" in results:
+        run = results["router_overhead"]
+        conns = str(max(run["connections"]))
+        curves = {t: run["targets"][t][conns]["cdf_ms"] for t in PROXIES if t in run["targets"]}
+        panels.append((curves, run["cdf_percentiles"], f"proxies at {conns} connections"))
+    if "service_calls" in results:
+        run = results["service_calls"]
+        curves = {t: per["32"]["cdf_ms"] for t, per in run["targets"].items()}
+        panels.append((curves, run["cdf_percentiles"], "Python API, 32 callers"))
+    if "scale" in results:
+        b = results["scale"]["broadcast"]
+        curves = {
+            "one call, one replica": b["one_cdf_ms"],
+            f"call_all, {b['replicas']} replicas": b["call_all_cdf_ms"],
+        }
+        percentiles = (results.get("router_overhead") or results.get("service_calls") or {}).get(
+            "cdf_percentiles"
+        )
+        if percentiles:
+            panels.append((curves, percentiles, "broadcast through the router"))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (curves, percentiles, title) in zip(axes[0], panels, strict=True):
+        cdf_panel(ax, curves, percentiles, title)
+    fig.tight_layout()
+    fig.savefig(out / "latency_cdf.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_scale(results: Results, out: Path) -> None:
+    if "scale" not in results:
+        return
+    rows = results["scale"]["replicas"]
+    counts = sorted(rows, key=int)
+    x = [int(n) for n in counts]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, label in zip(
+        axes,
+        ("rps", "p50_ms", "router_cpu_us"),
+        ("req/s", "p50 (ms)", "router CPU per call (µs)"),
+        strict=True,
+    ):
+        ax.plot(x, [rows[n][key] for n in counts], "o-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("replicas (no-op actor, 16 connections)")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("one router over 1..32 replicas on 2 cores")
+    fig.tight_layout()
+    fig.savefig(out / "scale.png", dpi=110)
+    plt.close(fig)
+
+
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def summary(results: Results) -> str:
+    """The headline table: each target of issue 15 beside what this run measured."""
+    rows: list[tuple[str, str, str]] = []
+
+    def add(figure: str, target: str, value: Callable[[], str]) -> None:
+        try:
+            rows.append((figure, target, value()))
+        except (KeyError, TypeError, ValueError):
+            rows.append((figure, target, "not measured"))
+
+    for key, how in (("router_overhead", ""), ("router_overhead_pinned", ", proxy pinned")):
+        if key not in results:
+            continue
+        run = results[key]
+        for c in map(str, run["connections"]):
+            r = run["ratios"][c]
+
+            def spread(t: str, c: str = c, run: dict[str, Any] = run) -> str:
+                p = run["targets"][t][c]
+                return f"{p['rps']:.0f} req/s [{p['rps_min']:.0f}-{p['rps_max']:.0f}]"
+
+            add(
+                f"router / nginx, {c} conns{how}",
+                "≥ 1.0x",
+                lambda r=r, c=c: (
+                    f"{_ratio(r['router_over_nginx_rps'])} "
+                    f"({spread('kf-router', c)} vs {spread('nginx', c)})"
+                ),
+            )
+            add(
+                f"router / HAProxy, {c} conns{how}",
+                "≥ 1.0x",
+                lambda r=r: _ratio(r["router_over_haproxy_rps"]),
+            )
+            add(
+                f"sessions: router / nginx hash, {c} conns{how}",
+                "≥ 0.9x",
+                lambda r=r: _ratio(r["router_in_sessions_over_nginx_hash_rps"]),
+            )
+    if "scale" in results:
+        s = results["scale"]
+        rows_r = s["replicas"]
+        last = max(rows_r, key=int)
+        add(
+            f"router CPU per call, 1 → {last} replicas",
+            "flat",
+            lambda: (
+                f"{rows_r['1']['router_cpu_us']:.1f} → {rows_r[last]['router_cpu_us']:.1f} "
+                f"µs ({rows_r[last]['cpu_vs_first']:.2f}x)"
+            ),
+        )
+        b = s["broadcast"]
+        add(
+            f"call_all to {b['replicas']} replicas / one call",
+            "≤ 2.5x",
+            lambda: f"{b['ratio']:.2f}x ({b['call_all_p50_ms']:.2f} vs {b['one_p50_ms']:.2f} ms)",
+        )
+        ss = s["sessions"]
+        add(
+            f"routing p50 with {ss['sessions']} sessions / none",
+            "≤ 1.10x",
+            lambda: (
+                f"{ss['p50_ratio']:.2f}x (router RSS +"
+                f"{ss['router_rss_mib'][1] - ss['router_rss_mib'][0]:.1f} MiB, "
+                f"{ss['create_per_s']:.0f} sessions/s)"
+            ),
+        )
+        for rate, d in s["detection"].items():
+            add(
+                f"failure detection, healthPollRate {rate} s",
+                f"≤ {d['target']:.1f} s",
+                lambda d=d: f"idle {d['idle']:.2f} s, under load {d['loaded']:.2f} s",
+            )
+    if "service_calls" in results:
+        sc = results["service_calls"]
+        for callers, r in sc["ratios"].items():
+            add(
+                f"local Service / Ray Serve, {callers} caller(s)",
+                "≥ 5x",
+                lambda r=r: _ratio(r.get("service_over_ray")),
+            )
+    lines = ["| figure | target | measured (median of rounds) |", "|---|---|---|"]
+    lines += [f"| {f} | {t} | {v} |" for f, t, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    ns = p.parse_args(argv)
+    results = load(ns.results)
+    if not results:
+        print(f"no results under {ns.results}: run `make bench` first", file=sys.stderr)
+        return 1
+    plot_router(results, ns.results)
+    plot_latency(results, ns.results)
+    plot_scale(results, ns.results)
+    table = summary(results)
+    (ns.results / "summary.md").write_text(table)
+    print(table)
+    print(f"plots and summary.md written to {ns.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
