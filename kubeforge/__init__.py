@@ -1,7 +1,9 @@
 """kubeforge: replicated Python actors as a Kubernetes-native Service.
 
-The public API keeps torchforge's names: `Actor`, `endpoint`, `Service`, `ServiceConfig`, and
-`ServiceClient` for the same calls against a router URL.
+The public API keeps torchforge's names: `Actor` (with `options()`, `as_service()`,
+`as_actor()`, `shutdown()`), `endpoint`, `Service`, `ServiceConfig`, and `shutdown()` for all
+of them; `ServiceClient`, `connect()` and `connect_actor()` for the same calls against a
+cluster's routers.
 """
 
 from kubeforge.actor import Actor, endpoint
@@ -17,10 +19,12 @@ from kubeforge.errors import (
     SessionMovedError,
     UnguardedMainError,
 )
+from kubeforge.lifecycle import shutdown
 from kubeforge.ranks import Rank, current_rank
 
 __all__ = [
     "Actor",
+    "ActorHandle",
     "BroadcastError",
     "KubeforgeError",
     "NestedSpawnError",
@@ -33,10 +37,14 @@ __all__ = [
     "Service",
     "ServiceClient",
     "ServiceConfig",
+    "ServiceHandle",
     "SessionMovedError",
     "UnguardedMainError",
+    "connect",
+    "connect_actor",
     "current_rank",
     "endpoint",
+    "shutdown",
 ]
 
 
@@ -50,4 +58,12 @@ def __getattr__(name: str) -> object:
         from kubeforge.client import ServiceClient
 
         return ServiceClient
+    if name in ("connect", "connect_actor"):
+        from kubeforge import remote
+
+        return getattr(remote, name)
+    if name in ("ServiceHandle", "ActorHandle"):
+        from kubeforge import handles
+
+        return getattr(handles, name)
     raise AttributeError(f"module 'kubeforge' has no attribute {name!r}")

@@ -15,12 +15,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from kubeforge import spawn_guard
 from kubeforge.ranks import current_rank
 
+if TYPE_CHECKING:
+    from kubeforge.handles import ActorHandle, ServiceHandle
+
 F = TypeVar("F", bound=Callable[..., Any])
+A = TypeVar("A", bound="Actor")
 
 _ENDPOINT_ATTR = "__kubeforge_endpoint__"
 
@@ -32,7 +36,15 @@ def endpoint(fn: F) -> F:
 
 
 class Actor:
-    """Base class of user actors. One instance lives in each replica process."""
+    """Base class of user actors. One instance lives in each replica process (each rank)."""
+
+    # torchforge's spawn options, as `options()` sets them on a subclass it returns.
+    procs: ClassVar[int] = 1
+    hosts: ClassVar[int | None] = None
+    with_gpus: ClassVar[bool] = False
+    num_replicas: ClassVar[int] = 1
+    mesh_name: ClassVar[str | None] = None
+    _service_options: ClassVar[dict[str, Any]] = {}  # every option given, for ServiceConfig
 
     async def setup(self) -> None:
         """Load models, warm caches. The replica reports ready only after this returns."""
@@ -51,11 +63,43 @@ class Actor:
         return current_rank().world_size
 
     @classmethod
-    def options(cls, **config: Any) -> Any:
-        """torchforge's `Actor.options(num_replicas=...).as_service(*args)`."""
-        from kubeforge.service import ServiceOptions  # service.py imports this module
+    def options(cls: type[A], **config: Any) -> type[A]:
+        """torchforge's `X.options(num_replicas=2, procs=2, ...)`: this class with the options
+        set (any ServiceConfig field; checked here, so a typo fails now), to `.as_service()` or
+        `.as_actor()`. Each call makes its own subclass: configurations never interfere."""
+        from kubeforge.service import service_config  # service.py imports this module
 
-        return ServiceOptions(cls, config)
+        merged = {**cls._service_options, **config}
+        cfg = service_config(merged)
+        attrs: dict[str, Any] = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "__kubeforge_actor__": actor_class(cls),  # what replicas import
+            "_service_options": merged,
+        }
+        for name in ("procs", "hosts", "with_gpus", "num_replicas", "mesh_name"):
+            attrs[name] = getattr(cfg, name)
+        return type(cls.__name__, (cls,), attrs)
+
+    @classmethod
+    async def as_service(cls, *args: Any, **kwargs: Any) -> ServiceHandle:
+        """Start `num_replicas` replicas of this actor (default 1) as a service."""
+        from kubeforge import service
+
+        return await service.as_service(cls, cls._service_options, args, kwargs)
+
+    @classmethod
+    async def as_actor(cls, *args: Any, **kwargs: Any) -> ActorHandle:
+        """Start one instance (of `procs` ranks) of this actor, with Monarch's verbs."""
+        from kubeforge import service
+
+        return await service.as_actor(cls, cls._service_options, args, kwargs)
+
+    @classmethod
+    async def shutdown(cls, handle: ActorHandle | ServiceHandle) -> None:
+        """torchforge's `await X.shutdown(actor)`: stop what `as_actor`/`as_service` started."""
+        await handle.shutdown()
 
 
 @dataclass(frozen=True)
@@ -144,8 +188,15 @@ def _load_script(path: str) -> ModuleType:
     return module
 
 
+def actor_class(cls: type) -> type:
+    """The class a replica loads: `X.options(...)` returns a subclass made at run time, which
+    no replica could import; it stands for X."""
+    return cls.__dict__.get("__kubeforge_actor__", cls)
+
+
 def import_path_of(cls: type) -> str:
     """The actor path a replica process can load `cls` from."""
+    cls = actor_class(cls)
     if "<locals>" in cls.__qualname__:
         raise ValueError(
             f"{cls.__qualname__} is defined inside a function; define actor "

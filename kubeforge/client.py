@@ -74,6 +74,10 @@ class ServiceClient(ServiceAPI):
         """torchforge's `stop()`: here it only closes the client; the service keeps running."""
         await self.close()
 
+    def stop_at_exit(self) -> None:
+        """Nothing to stop at interpreter exit: the connections close with the process."""
+        self._http = None
+
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession(

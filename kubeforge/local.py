@@ -148,6 +148,7 @@ class ReplicaSet:
     flags: list[str] = field(default_factory=list)
     gpus: list[list[str]] | None = None  # per replica, from kubeforge.gpus.assign
     ranks: int = 1  # processes per replica (flags carry --procs); each replica gets its ports
+    name: str = "replica"  # the processes are `<name>-<i>` in logs and errors
     env: dict[str, str] = field(default_factory=dict)
     procs: Processes = field(default_factory=Processes)
     urls: list[str] = field(default_factory=list)
@@ -162,7 +163,7 @@ class ReplicaSet:
             self.urls.append(f"http://{self.host}:{port}")
             env = {
                 **self.env,
-                "KUBEFORGE_REPLICA_NAME": f"replica-{i}",
+                "KUBEFORGE_REPLICA_NAME": f"{self.name}-{i}",
                 "PYTHONPATH": _python_path(),
             }
             if self.gpus is not None:
@@ -184,7 +185,7 @@ class ReplicaSet:
             ]
             if self.ranks > 1:  # one rendezvous per replica, on ports of its own
                 argv += ["--master-port", str(next(ports)), "--gang-port", str(next(ports))]
-            self.procs.spawn(argv, f"replica-{i}", env)
+            self.procs.spawn(argv, f"{self.name}-{i}", env)
         self.procs.wait_ready(self.urls, deadline, "replica", progress)
         return self.urls
 

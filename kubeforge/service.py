@@ -11,11 +11,12 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
-from kubeforge import gpus, spawn_guard, wire
+from kubeforge import gpus, lifecycle, spawn_guard, wire
 from kubeforge.actor import endpoints_of, import_path_of
+from kubeforge.handles import ActorHandle, ServiceHandle
 from kubeforge.local import ReplicaSet
 from kubeforge.router import report
 from kubeforge.router.discovery import StaticDiscovery
@@ -44,6 +45,7 @@ class ServiceConfig:
     stop_grace: float = DEFAULTS.stop_grace
     raise_on_session_moved: bool = False
     at_most_once: bool = False  # never re-send a sessionless call lost with its replica
+    mesh_name: str | None = None  # torchforge's: names the replica processes (`<name>-<i>`)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_replicas, int) or self.num_replicas < 1:
@@ -59,6 +61,19 @@ class ServiceConfig:
             raise ValueError(f"health_poll_rate must be > 0, got {self.health_poll_rate}")
         if self.replica_max_concurrent_requests < 1:
             raise ValueError("replica_max_concurrent_requests must be at least 1")
+
+
+def service_config(options: dict[str, Any]) -> ServiceConfig:
+    """A ServiceConfig from `Actor.options(**options)`, one replica unless they say otherwise;
+    an option ServiceConfig does not have is refused with the ones it has."""
+    known = {f.name for f in fields(ServiceConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {', '.join(unknown)}; "
+            f"ServiceConfig takes: {', '.join(sorted(known))}"
+        )
+    return ServiceConfig(**{"num_replicas": 1, **options})
 
 
 class Service(ServiceAPI):
@@ -91,6 +106,7 @@ class Service(ServiceAPI):
             kwargs=dict(actor_kwargs),
             gpus=self._gpus,
             ranks=cfg.procs,
+            name=cfg.mesh_name or "replica",
             env={"KUBEFORGE_LOG_LEVEL": os.environ.get("KUBEFORGE_LOG_LEVEL", "WARNING")},
             flags=[
                 "--max-concurrent-requests",
@@ -140,16 +156,23 @@ class Service(ServiceAPI):
         )
         self._router = Router(config, StaticDiscovery(urls))
         await self._router.start()
+        lifecycle.started(self)
         return self
 
     async def stop(self) -> None:
         """Stop routing, drain and stop every replica process; none is left behind."""
+        lifecycle.stopped(self)
         router, self._router = self._router, None
         if router is not None:
             await router.stop()
         await asyncio.get_running_loop().run_in_executor(
             None, self._replicas.stop, self.cfg.stop_grace
         )
+
+    def stop_at_exit(self) -> None:
+        """The interpreter is exiting (no loop to drain through): stop the replica processes."""
+        self._router = None
+        self._replicas.stop(self.cfg.stop_grace)
 
     async def __aenter__(self) -> Service:
         return await self.start()
@@ -205,12 +228,19 @@ class Service(ServiceAPI):
         return ServiceMetrics.from_summary(report.summary(self.router, time.monotonic()))
 
 
-class ServiceOptions:
-    """`Actor.options(num_replicas=..., ...)`: a ServiceConfig waiting for its actor args."""
+async def as_service(
+    actor_def: type, options: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> ServiceHandle:
+    """`Actor.options(**options).as_service(*args, **kwargs)`, started."""
+    service = await Service(service_config(options), actor_def, *args, **kwargs).start()
+    return ServiceHandle(service, actor_def.__name__)
 
-    def __init__(self, actor_def: type, config: dict[str, Any]) -> None:
-        self.actor_def = actor_def
-        self.config = ServiceConfig(**config)
 
-    async def as_service(self, *actor_args: Any, **actor_kwargs: Any) -> Service:
-        return await Service(self.config, self.actor_def, *actor_args, **actor_kwargs).start()
+async def as_actor(
+    actor_def: type, options: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> ActorHandle:
+    """`Actor.options(**options).as_actor(*args, **kwargs)`: one replica (num_replicas is a
+    service's option, as in torchforge), of procs x hosts ranks, started."""
+    cfg = service_config({**options, "num_replicas": 1})
+    service = await Service(cfg, actor_def, *args, **kwargs).start()
+    return ActorHandle(service, actor_def.__name__, cfg.procs * (cfg.hosts or 1))

@@ -32,12 +32,37 @@ class Reply:
     headers: dict[bytes, bytes] = field(default_factory=dict)
 
 
+class Session(str):
+    """A session id that is also what torchforge's `async with svc.session() as s:` yields:
+    `s.session_id` is the id, and `s` itself is the id, as kubeforge's `Service` yields it."""
+
+    __slots__ = ()
+
+    @property
+    def session_id(self) -> str:
+        return str(self)
+
+
+# Monarch's actor verbs: on a service they are a mistake, and the error says what to use.
+ACTOR_VERBS = ("call_one", "call", "choose", "broadcast", "generate", "stream")
+
+
 class EndpointHandle:
     """`svc.ep(session_id_or_None, *args)`, `svc.ep.route(*args, sess_id=...)`, `.fanout()`."""
 
     def __init__(self, api: ServiceAPI, name: str) -> None:
         self._api = api
         self.name = name
+
+    def __getattr__(self, verb: str) -> Any:
+        if verb in ACTOR_VERBS:
+            raise NotImplementedError(
+                f"You tried to use {verb}() on a service, not an actor. Services only support "
+                f"route() and fanout(): `await svc.{self.name}.route(...)` calls one replica, "
+                f"`await svc.{self.name}.fanout(...)` calls every replica. For an actor's "
+                f"verbs, start it with `.as_actor()`."
+            )
+        raise AttributeError(f"{type(self).__name__} {self.name!r} has no attribute {verb!r}")
 
     async def __call__(self, sess_id: str | None, *args: Any, **kwargs: Any) -> Any:
         return await self._api._call(self.name, sess_id, args, kwargs)
@@ -99,8 +124,15 @@ class ServiceAPI(ABC):
         return EndpointHandle(self, name)
 
     async def _call(
-        self, endpoint: str, sess_id: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        endpoint: str,
+        sess_id: str | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        all_ranks: bool | None = None,
     ) -> Any:
+        """One call to one replica. `all_ranks` overrides `return_first_rank_result` for this
+        call (an actor's `call()` wants every rank, its `choose()` rank 0)."""
         sid = sess_id if sess_id is not None else _current_session.get()
         headers: dict[bytes, bytes] = {wire.H_CONTENT_TYPE: wire.JSON}
         if sid is not None:
@@ -109,7 +141,7 @@ class ServiceAPI(ABC):
                 headers[wire.H_SESSION_MOVED] = b"error"
         elif self.at_most_once:
             headers[wire.H_DELIVERY] = wire.AT_MOST_ONCE
-        headers.update(self._ranks_header())
+        headers.update(self._ranks_header(all_ranks))
         reply = await self._send_call(endpoint, _encode_call(endpoint, args, kwargs), headers)
         if sid is not None and wire.H_SESSION_MOVED_FROM in reply.headers:
             new_id = reply.headers[wire.H_SESSION].decode()
@@ -148,13 +180,14 @@ class ServiceAPI(ABC):
             )
         return data["results"]
 
-    def _ranks_header(self) -> dict[bytes, bytes]:
+    def _ranks_header(self, all_ranks: bool | None = None) -> dict[bytes, bytes]:
         """Every rank's result, in rank order, instead of rank 0's (replicas with procs > 1)."""
-        return {} if self.return_first_rank_result else {wire.H_RANKS: wire.ALL_RANKS}
+        every = not self.return_first_rank_result if all_ranks is None else all_ranks
+        return {wire.H_RANKS: wire.ALL_RANKS} if every else {}
 
     async def start_session(self) -> str:
         """A new session on the least-loaded replica; calls that name it stick to it."""
-        return _decode(await self._send_start_session())["session_id"]
+        return Session(_decode(await self._send_start_session())["session_id"])
 
     async def terminate_session(self, sess_id: str) -> None:
         """End a session: its replica's actor gets `on_session_end(sess_id)`."""
@@ -162,7 +195,7 @@ class ServiceAPI(ABC):
         _decode(await self._send_end_session(current))
 
     @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[str]:
+    async def session(self) -> AsyncIterator[Session]:
         """Calls inside the block (that name no session) stick to one new session."""
         sid = await self.start_session()
         token = _current_session.set(sid)

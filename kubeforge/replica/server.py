@@ -277,6 +277,7 @@ class ReplicaServer:
         try:
             if self.gang is None:
                 result = await self._run(info.name, info.is_async, args, kwargs, timeout, started)
+                result = [result] if all_ranks else result  # every rank's: here, the one
             else:
                 result = await self._run_ranks(
                     info.name, req.body, use_msgpack, all_ranks, args, kwargs, timeout, started

@@ -47,6 +47,7 @@ class Replica:
     sessions_reported: int = 0
     sessions_added: int = 0  # sessions this router placed on it since its last report
     max_concurrent: int = 1
+    ranks: int = 1  # processes of an SPMD replica (procs x hosts), from its /healthz
     total_requests: int = 0
     successful_requests: int = 0
     failed_requests: int = 0
@@ -157,6 +158,7 @@ class RoutingTable:
         replica.sessions_reported = int(health.get("sessions", 0))
         replica.sessions_added = 0
         replica.max_concurrent = max(1, int(health.get("max_concurrent_requests", 1)))
+        replica.ranks = len(health.get("ranks") or ()) or 1
         if health.get("ready"):
             self.set_state(replica, ReplicaState.HEALTHY)
         elif health.get("draining"):

@@ -41,6 +41,7 @@ def replica_entry(r: Replica, now: float) -> dict[str, Any]:
         "queue_depth": r.queued,
         "assigned_sessions": r.sessions,
         "capacity_utilization": min(1.0, active / r.max_concurrent),
+        "ranks": r.ranks,
     }
 
 
