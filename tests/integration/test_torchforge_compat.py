@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 import kubeforge
-from kubeforge import Actor, RemoteError, ServiceConfig, endpoint, lifecycle
-from tests.integration.procs import REPO, pid_alive
+from kubeforge import (
+    Actor,
+    KubeforgeError,
+    NoHealthyReplicasError,
+    RemoteError,
+    ServiceConfig,
+    endpoint,
+    lifecycle,
+)
+from tests.integration.procs import REPO, free_port, pid_alive
+from tests.integration.test_cli import start_run
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -405,3 +416,60 @@ def test_a_program_that_forgets_shutdown_leaves_no_replica_behind(tmp_path: Path
     assert len(pids) == 3
     assert not any(pid_alive(p) for p in pids)
     assert "still running at exit" in done.stderr
+
+
+# the same handles against a router ----------------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """`kubeforge run` of one Counter replica of 2 ranks behind a router, token on."""
+    spec = tmp_path / "actor.yaml"
+    spec.write_text(
+        "apiVersion: kubeforge.dev/v1alpha1\nkind: Service\nmetadata: {name: counter}\n"
+        "spec:\n  replicas: 1\n  procs: 2\n"
+        "  actor: tests.integration.test_torchforge_compat:Counter\n  kwargs: {v: 5}\n"
+    )
+    port = free_port()
+    proc, out = start_run(str(spec), port, "--token", "s3cret")
+    try:
+        assert "is serving at" in out, out
+        yield f"http://127.0.0.1:{port}", "s3cret"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+
+
+async def test_connect_actor_and_connect_reach_a_router_with_the_same_verbs(
+    served: tuple[str, str],
+) -> None:
+    url, token = served
+    actor = await kubeforge.connect_actor(url, token=token, name="counter")
+    assert actor.world_size == 2  # the replica's ranks, as its router reports them
+    assert [r["rank"] for r in await actor.rank_and_value.call()] == [0, 1]
+    assert await actor.value.choose() == 5
+    with pytest.raises(ValueError, match="has 2"):
+        await actor.value.call_one()
+    service = await kubeforge.connect(url, token=token)
+    assert await service.add_to_value.route(1) == 6
+    assert await service.value.fanout() == [6]
+    assert total(await service.get_metrics_summary()) >= 4
+    with pytest.raises(NotImplementedError, match="route\\(\\)"):
+        await service.value.call_one()
+    assert len(lifecycle.live()) == 2
+    await kubeforge.shutdown()  # closes the connections; the router keeps serving
+    assert lifecycle.live() == []
+    again = await kubeforge.connect(url, token=token)
+    assert await again.value.route() == 6
+    await again.shutdown()
+
+
+async def test_connect_refuses_a_wrong_token_and_connect_actor_a_service(
+    served: tuple[str, str],
+) -> None:
+    url, token = served
+    with pytest.raises(KubeforgeError, match=r"(?i)token"):
+        await kubeforge.connect(url, token="guess")
+    with pytest.raises(NoHealthyReplicasError, match="cannot reach"):
+        await kubeforge.connect(f"http://127.0.0.1:{free_port()}", token=token)
+    assert lifecycle.live() == []
