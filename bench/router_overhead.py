@@ -9,7 +9,7 @@ user runs each (the token on, the router's health polling on):
 * nginx        -- nginx as a reverse proxy (least_conn, upstream keep-alive as its docs advise);
 * haproxy      -- HAProxy in HTTP mode (leastconn, keep-alive both ways, `http-reuse always`);
 * kf-router    -- ``python -m kubeforge.router`` over the same replicas;
-* kf-router/s  -- the same router with every call in a session (3 sessions, taken in turn);
+* kf-router/s  -- the same router with every call in a session (SESSIONS of them, in turn);
 * nginx/s      -- the same session calls through nginx, sticky by hashing the same header;
 * vllm-router  -- the Rust router from PyPI (``vllm-router``), if installed. It serves these
                   calls through its transparent-proxy fallback (it parses and re-serialises the
@@ -97,6 +97,10 @@ WRK_TIMEOUT = "10s"
 WRK_PREFIX: list[str] = []  # `taskset -c 1` when the proxy has core 0 to itself (--pin)
 # nginx's stickiness for calls in sessions: the same header the router reads, hashed.
 HASH_ON_SESSION = "hash $http_x_kubeforge_session consistent;"
+# Enough sessions that hashing spreads them over the 3 replicas as the router does (it places
+# each on the least-loaded): with 3, a hash may put two on one replica and leave one idle, and
+# on 2 cores fewer busy replicas is faster, which measured the hash's luck, not the proxy.
+SESSIONS = 30
 
 NGINX_CONF = """\
 {user}worker_processes 1;
@@ -619,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if url:
                 pid = procs.procs["kf-router"].pid
                 targets.append(("kf-router", [url], pid, script))
-                sessions = start_sessions(url, 3, auth)
+                sessions = start_sessions(url, SESSIONS, auth)
                 lua = tmp / "session.lua"
                 write_session_lua(lua, args.token, sessions)
                 targets.append(("kf-router/s", [url], pid, lua))
