@@ -15,7 +15,13 @@ import aiohttp
 from kubeforge import wire
 from kubeforge.errors import NoHealthyReplicasError
 from kubeforge.router.retry import Outcome, decide
-from kubeforge.service_api import Reply, ServiceAPI, ServiceMetrics, summary_with_int_keys
+from kubeforge.service_api import (
+    Reply,
+    ServiceAPI,
+    ServiceMetrics,
+    decode_reply,
+    summary_with_int_keys,
+)
 
 
 def _outcome(exc: aiohttp.ClientError) -> Outcome:
@@ -147,5 +153,6 @@ class ServiceClient(ServiceAPI):
         return ServiceMetrics.from_summary(await self.get_metrics_summary())
 
     async def replicas(self) -> list[dict[str, Any]]:
-        """Per-replica state and figures, as `kubeforge status` shows them."""
-        return wire.decode((await self._request("GET", "/v1/replicas")).body)
+        """Per-replica state and figures, as `kubeforge status` shows them; a refusal (a wrong
+        token, say) raises its typed error."""
+        return decode_reply(await self._request("GET", "/v1/replicas"))

@@ -12,24 +12,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kubeforge import lifecycle, wire
+from kubeforge import lifecycle
 from kubeforge.client import ServiceClient
-from kubeforge.errors import KubeforgeError, from_wire
+from kubeforge.errors import KubeforgeError
 from kubeforge.handles import ActorHandle, ServiceHandle
 
 
 async def _replicas(client: ServiceClient) -> list[dict[str, Any]]:
+    """The router's replicas: proof that the URL and the token are right, or the error."""
     try:
-        reply = await client._request("GET", "/v1/replicas")
+        return await client.replicas()
     except BaseException:
         await client.close()
         raise
-    if reply.status != 200:
-        await client.close()
-        body = wire.decode(reply.body) if reply.body else {}
-        error = body.get("error") if isinstance(body, dict) else None
-        raise from_wire(error or {"type": "HTTPError", "message": f"HTTP {reply.status}"})
-    return wire.decode(reply.body)
 
 
 async def connect(

@@ -153,7 +153,7 @@ class ServiceAPI(ABC):
                 sid,
                 new_id,
             )
-        data = _decode(reply)
+        data = decode_reply(reply)
         return data["result"]
 
     async def call_all(self, function: str, *args: Any, **kwargs: Any) -> list[Any]:
@@ -167,7 +167,7 @@ class ServiceAPI(ABC):
             _encode_call(function, args, kwargs),
             {wire.H_CONTENT_TYPE: wire.JSON, **self._ranks_header()},
         )
-        data = _decode(reply)
+        data = decode_reply(reply)
         errors = {name: from_wire(err) for name, err in data["errors"].items()}
         if errors:
             first = next(iter(errors.items()))
@@ -187,12 +187,12 @@ class ServiceAPI(ABC):
 
     async def start_session(self) -> str:
         """A new session on the least-loaded replica; calls that name it stick to it."""
-        return Session(_decode(await self._send_start_session())["session_id"])
+        return Session(decode_reply(await self._send_start_session())["session_id"])
 
     async def terminate_session(self, sess_id: str) -> None:
         """End a session: its replica's actor gets `on_session_end(sess_id)`."""
         current = self._moved.pop(sess_id, sess_id)
-        _decode(await self._send_end_session(current))
+        decode_reply(await self._send_end_session(current))
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[Session]:
@@ -214,7 +214,7 @@ def _encode_call(endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         raise TypeError(f"arguments to {endpoint!r} must be JSON-serializable: {exc}") from None
 
 
-def _decode(reply: Reply) -> Any:
+def decode_reply(reply: Reply) -> Any:
     data = wire.decode(reply.body, wire.is_msgpack(reply.headers.get(wire.H_CONTENT_TYPE)))
     if reply.status >= 300:
         error = data.get("error", {}) if isinstance(data, dict) else {}
