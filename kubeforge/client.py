@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from kubeforge import wire
+from kubeforge import lifecycle, wire
 from kubeforge.errors import NoHealthyReplicasError
 from kubeforge.router.retry import Outcome, decide
 from kubeforge.service_api import (
@@ -78,6 +78,7 @@ class ServiceClient(ServiceAPI):
 
     async def stop(self) -> None:
         """torchforge's `stop()`: here it only closes the client; the service keeps running."""
+        lifecycle.stopped(self)  # if connect() registered it for kubeforge.shutdown()
         await self.close()
 
     def stop_at_exit(self) -> None:

@@ -15,7 +15,6 @@ import logging
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from kubeforge import lifecycle
 from kubeforge.service_api import ServiceAPI, Session
 
 log = logging.getLogger("kubeforge")
@@ -39,7 +38,7 @@ class ServiceHandle:
         return getattr(self._service, name)  # endpoints, call_all, sessions_moved, ...
 
     async def start_session(self) -> Session:
-        return Session(await self._service.start_session())
+        return await self._service.start_session()
 
     async def terminate_session(self, sess_id: str) -> None:
         await self._service.terminate_session(sess_id)
@@ -58,7 +57,6 @@ class ServiceHandle:
         """Stop the service (a local one's replicas). For a cluster's Service: close this
         connection; the Service keeps running, as kubectl owns it."""
         await self._service.stop()  # type: ignore[attr-defined]
-        lifecycle.stopped(self._service)  # type: ignore[arg-type]
 
     stop = shutdown
 
@@ -159,7 +157,6 @@ class ActorHandle:
         """Stop the actor (its replica's ranks) once the broadcasts sent to it have run."""
         await self._wait_behind()
         await self._service.stop()  # type: ignore[attr-defined]
-        lifecycle.stopped(self._service)  # type: ignore[arg-type]
 
     stop = shutdown
 

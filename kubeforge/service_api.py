@@ -185,7 +185,7 @@ class ServiceAPI(ABC):
         every = not self.return_first_rank_result if all_ranks is None else all_ranks
         return {wire.H_RANKS: wire.ALL_RANKS} if every else {}
 
-    async def start_session(self) -> str:
+    async def start_session(self) -> Session:
         """A new session on the least-loaded replica; calls that name it stick to it."""
         return Session(decode_reply(await self._send_start_session())["session_id"])
 
