@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kubeforge._runtime import duration, format_duration
 from kubeforge.contract import API_VERSION, KIND
 from kubeforge.operator.autoscale import Policy
-from kubeforge.settings import DEFAULTS, router_request_timeout
+from kubeforge.settings import DEFAULTS, MAX_BODY, MIN_BODY, router_request_timeout
 
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?)(ms|s|m|h)$"
 ACTOR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_.]*$"
@@ -168,6 +168,14 @@ class ServiceSpec(_Model):
         pattern=DURATION_PATTERN,
         description="Longest a call may take, queue wait included.",
     )
+    max_body_size: int = Field(
+        DEFAULTS.max_body,
+        alias="maxBodySize",
+        ge=MIN_BODY,
+        le=MAX_BODY,
+        description="Largest call body in bytes (a state dict for a weight update, say): "
+        "larger ones are refused with 413 before they are read.",
+    )
     drain_grace: str = Field(
         format_duration(DEFAULTS.drain_grace),
         alias="drainGrace",
@@ -235,6 +243,8 @@ class ServiceSpec(_Model):
             self.request_timeout,
             "--drain-grace",
             self.drain_grace,
+            "--max-body",
+            str(self.max_body_size),
         ]
         if self.world_size > 1:
             flags += ["--procs", str(self.procs), "--hosts", str(self.hosts)]
@@ -250,6 +260,8 @@ class ServiceSpec(_Model):
             self.health_poll_rate,
             "--request-timeout",
             format_duration(router_request_timeout(self.request_timeout_seconds)),
+            "--max-body",
+            str(self.max_body_size),
         ]
 
 

@@ -7,13 +7,14 @@ The same calls as the local `Service`, over HTTP to `kubeforge run` or an in-clu
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
 
-from kubeforge import lifecycle, wire
+from kubeforge import lifecycle, values, wire
 from kubeforge.errors import NoHealthyReplicasError
+from kubeforge.http.server import ONE_BUFFER, BodyBuffer
 from kubeforge.router.retry import Outcome, decide
 from kubeforge.service_api import (
     Reply,
@@ -29,6 +30,26 @@ def _outcome(exc: aiohttp.ClientError) -> Outcome:
     return Outcome.CONNECT if isinstance(exc, aiohttp.ClientConnectorError) else Outcome.LOST
 
 
+async def _parts(body: values.Encoded) -> AsyncIterator[Any]:
+    """A message's parts as aiohttp writes them: in order, never joined."""
+    for part in body.parts:
+        yield part
+
+
+async def _read(response: aiohttp.ClientResponse) -> bytes | bytearray:
+    """The body; a large one into one writable buffer, which decoded arrays then view."""
+    length = response.content_length
+    if length is None or length <= ONE_BUFFER:
+        return await response.read()
+    buf = BodyBuffer(length)
+    async for chunk in response.content.iter_any():
+        if not buf.add(chunk):
+            raise aiohttp.ClientPayloadError("response body is longer than its content-length")
+    if buf.filled != length:
+        raise aiohttp.ClientPayloadError(f"response body ended at {buf.filled} of {length} bytes")
+    return buf.buf
+
+
 class ServiceClient(ServiceAPI):
     def __init__(
         self,
@@ -39,6 +60,8 @@ class ServiceClient(ServiceAPI):
         connections: int = 100,
         at_most_once: bool = False,
         return_first_rank_result: bool = True,
+        actor: type | None = None,
+        body_format: str = wire.FMT_BINARY,
     ) -> None:
         """`url` is the router's, or several routers' of one Service (pods of a router
         Deployment): a request that cannot reach one goes to the next, as the retry rule allows
@@ -50,8 +73,16 @@ class ServiceClient(ServiceAPI):
         short by its replica's death (by default such a call runs again on another replica).
         `return_first_rank_result=False` returns every rank's result of replicas with several
         ranks (procs/hosts), in rank order, as torchforge's ServiceConfig option does.
+
+        `actor` is the actor class the Service runs, when the caller has it: the dataclasses,
+        pydantic models, enums and NamedTuples its endpoints name in their type hints come back
+        as those classes (others need `kubeforge.register_type`). `body_format` is "binary"
+        (kubeforge's format: arrays and tensors keep dtype and shape), "json" or "msgpack".
         """
-        super().__init__()
+        super().__init__(actor)
+        if body_format not in (wire.FMT_BINARY, wire.FMT_JSON, wire.FMT_MSGPACK):
+            raise ValueError(f"body_format must be binary, json or msgpack, not {body_format!r}")
+        self.body_format = body_format
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("ServiceClient needs at least one router URL")
@@ -100,18 +131,20 @@ class ServiceClient(ServiceAPI):
         return self.urls[0]
 
     async def _request(
-        self, method: str, path: str, body: bytes = b"", headers: dict[bytes, bytes] | None = None
+        self, method: str, path: str, body: Any = b"", headers: dict[bytes, bytes] | None = None
     ) -> Reply:
         headers = headers or {}
         h = {k.decode(): v.decode() for k, v in headers.items()}
+        if isinstance(body, values.Encoded):
+            h["Content-Length"] = str(body.nbytes)
         tried: list[str] = []
         while True:
             url = next(u for u in self.urls if u not in tried)
+            data = _parts(body) if isinstance(body, values.Encoded) else body
             try:
-                async with self._session().request(method, url + path, data=body, headers=h) as r:
-                    data = await r.read()
+                async with self._session().request(method, url + path, data=data, headers=h) as r:
                     out = {k.lower().encode(): v.encode() for k, v in r.headers.items()}
-                    reply = Reply(r.status, data, out)
+                    reply = Reply(r.status, await _read(r), out)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 tried.append(url)
                 # A router that failed goes last, so that the next request (and its pooled

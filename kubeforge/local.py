@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeforge import spawn_guard
+from kubeforge import spawn_guard, values
 from kubeforge.contract import READYZ
 from kubeforge.errors import UnguardedMainError
 from kubeforge.settings import DEFAULTS
@@ -152,10 +154,28 @@ class ReplicaSet:
     env: dict[str, str] = field(default_factory=dict)
     procs: Processes = field(default_factory=Processes)
     urls: list[str] = field(default_factory=list)
+    _init_dir: str | None = None
+
+    def _init_flags(self) -> list[str]:
+        """Constructor arguments as flags: JSON when JSON carries them exactly, else kubeforge's
+        binary format (tensors, tuples, dataclasses, functions by import path) in a file only
+        this user can read, removed by `stop`."""
+        exact = False
+        with contextlib.suppress(TypeError, ValueError):
+            exact = json.loads(json.dumps([self.args, self.kwargs])) == [self.args, self.kwargs]
+        if exact:
+            return ["--args", json.dumps(self.args), "--kwargs", json.dumps(self.kwargs)]
+        encoded = values.encode({"args": list(self.args), "kwargs": self.kwargs}, trusted=True)
+        self._init_dir = tempfile.mkdtemp(prefix="kubeforge-init-")
+        path = os.path.join(self._init_dir, "init.kfb")
+        with open(path, "wb") as f:
+            f.writelines(encoded.parts)
+        return ["--init-file", path]
 
     def start(self, deadline: float, progress: Callable[[str], None] = print) -> list[str]:
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        init = self._init_flags()
         per_replica = 3 if self.ranks > 1 else 1  # HTTP, and for ranks master and gang
         ports = iter(free_ports(self.replicas * per_replica, self.host))
         for i in range(self.replicas):
@@ -173,10 +193,7 @@ class ReplicaSet:
                 "kubeforge.replica",
                 "--actor",
                 self.actor,
-                "--args",
-                json.dumps(self.args),
-                "--kwargs",
-                json.dumps(self.kwargs),
+                *init,
                 "--host",
                 self.host,
                 "--port",
@@ -191,6 +208,9 @@ class ReplicaSet:
 
     def stop(self, grace: float) -> None:
         self.procs.stop(grace)
+        if self._init_dir is not None:
+            shutil.rmtree(self._init_dir, ignore_errors=True)
+            self._init_dir = None
 
 
 @dataclass

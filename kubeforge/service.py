@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kubeforge import gpus, lifecycle, spawn_guard, wire
+from kubeforge import gpus, lifecycle, spawn_guard, values, wire
 from kubeforge.actor import endpoints_of, import_path_of
 from kubeforge.handles import ActorHandle, ServiceHandle
 from kubeforge.local import ReplicaSet
@@ -22,7 +22,7 @@ from kubeforge.router import report
 from kubeforge.router.discovery import StaticDiscovery
 from kubeforge.router.engine import Router, RouterConfig
 from kubeforge.service_api import Reply, ServiceAPI, ServiceMetrics, summary_with_int_keys
-from kubeforge.settings import DEFAULTS, router_request_timeout
+from kubeforge.settings import DEFAULTS, MAX_BODY, MIN_BODY, router_request_timeout
 
 log = logging.getLogger("kubeforge.service")
 
@@ -46,6 +46,7 @@ class ServiceConfig:
     raise_on_session_moved: bool = False
     at_most_once: bool = False  # never re-send a sessionless call lost with its replica
     mesh_name: str | None = None  # torchforge's: names the replica processes (`<name>-<i>`)
+    max_body_size: int = DEFAULTS.max_body  # bytes of one call body (spec.maxBodySize)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_replicas, int) or self.num_replicas < 1:
@@ -61,6 +62,11 @@ class ServiceConfig:
             raise ValueError(f"health_poll_rate must be > 0, got {self.health_poll_rate}")
         if self.replica_max_concurrent_requests < 1:
             raise ValueError("replica_max_concurrent_requests must be at least 1")
+        if not MIN_BODY <= self.max_body_size <= MAX_BODY:
+            raise ValueError(
+                f"max_body_size must be between {MIN_BODY} and {MAX_BODY} bytes, "
+                f"got {self.max_body_size}"
+            )
 
 
 def service_config(options: dict[str, Any]) -> ServiceConfig:
@@ -82,13 +88,15 @@ class Service(ServiceAPI):
     def __init__(
         self, cfg: ServiceConfig, actor_def: type, *actor_args: Any, **actor_kwargs: Any
     ) -> None:
-        super().__init__()
+        super().__init__(actor_def)
         self.cfg = cfg
         self.actor_def = actor_def
         self.endpoints = endpoints_of(actor_def)
         if not self.endpoints:
             raise ValueError(f"{actor_def.__qualname__} has no @endpoint methods")
         self.actor_path = import_path_of(actor_def)
+        # Refused here, before anything starts: a lambda or closure cannot reach a replica.
+        values.encode({"args": list(actor_args), "kwargs": actor_kwargs}, trusted=True)
         self.raise_on_session_moved = cfg.raise_on_session_moved
         self.at_most_once = cfg.at_most_once
         self.return_first_rank_result = cfg.return_first_rank_result
@@ -117,6 +125,8 @@ class Service(ServiceAPI):
                 str(cfg.request_timeout),
                 "--session-ttl",
                 str(cfg.session_ttl),
+                "--max-body",
+                str(cfg.max_body_size),
                 *(
                     ["--procs", str(cfg.procs), "--gpus-per-rank", str(int(cfg.with_gpus))]
                     if cfg.procs > 1

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeforge import wire
+from kubeforge import values, wire
 from kubeforge.errors import BroadcastError, KubeforgeError, from_wire
 
 log = logging.getLogger("kubeforge.service")
@@ -28,7 +28,7 @@ _current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 @dataclass
 class Reply:
     status: int
-    body: bytes
+    body: Any
     headers: dict[bytes, bytes] = field(default_factory=dict)
 
 
@@ -89,10 +89,16 @@ class ServiceAPI(ABC):
     at_most_once: bool = False
     # torchforge's return_first_rank_result: False asks SPMD replicas for every rank's result.
     return_first_rank_result: bool = True
+    # How calls are encoded: kubeforge's binary format (arrays, tensors, tuples and classes
+    # keep their types), or "json" / "msgpack" (what other languages speak).
+    body_format: str = wire.FMT_BINARY
 
-    def __init__(self) -> None:
+    def __init__(self, actor: type | None = None) -> None:
         self._moved: dict[str, str] = {}  # session id the caller holds -> where it lives now
         self.sessions_moved = 0
+        # Classes a reply may rebuild: those the actor's endpoints name in their hints (and
+        # any registered with kubeforge.register_type).
+        self.allowed = allowed_by(actor)
 
     # transport --------------------------------------------------------------------------
 
@@ -134,7 +140,7 @@ class ServiceAPI(ABC):
         """One call to one replica. `all_ranks` overrides `return_first_rank_result` for this
         call (an actor's `call()` wants every rank, its `choose()` rank 0)."""
         sid = sess_id if sess_id is not None else _current_session.get()
-        headers: dict[bytes, bytes] = {wire.H_CONTENT_TYPE: wire.JSON}
+        headers: dict[bytes, bytes] = {wire.H_CONTENT_TYPE: wire.content_type(self.body_format)}
         if sid is not None:
             headers[wire.H_SESSION] = self._moved.get(sid, sid).encode()
             if self.raise_on_session_moved:
@@ -142,7 +148,8 @@ class ServiceAPI(ABC):
         elif self.at_most_once:
             headers[wire.H_DELIVERY] = wire.AT_MOST_ONCE
         headers.update(self._ranks_header(all_ranks))
-        reply = await self._send_call(endpoint, _encode_call(endpoint, args, kwargs), headers)
+        body = _encode_call(endpoint, args, kwargs, self.body_format)
+        reply = await self._send_call(endpoint, body, headers)
         if sid is not None and wire.H_SESSION_MOVED_FROM in reply.headers:
             new_id = reply.headers[wire.H_SESSION].decode()
             self._moved[sid] = new_id
@@ -153,7 +160,7 @@ class ServiceAPI(ABC):
                 sid,
                 new_id,
             )
-        data = decode_reply(reply)
+        data = decode_reply(reply, self.allowed)
         return data["result"]
 
     async def call_all(self, function: str, *args: Any, **kwargs: Any) -> list[Any]:
@@ -164,10 +171,13 @@ class ServiceAPI(ABC):
         """
         reply = await self._send_broadcast(
             function,
-            _encode_call(function, args, kwargs),
-            {wire.H_CONTENT_TYPE: wire.JSON, **self._ranks_header()},
+            _encode_call(function, args, kwargs, self.body_format),
+            {wire.H_CONTENT_TYPE: wire.content_type(self.body_format), **self._ranks_header()},
         )
-        data = decode_reply(reply)
+        data = decode_reply(reply, self.allowed)
+        if wire.body_format(reply.headers.get(wire.H_CONTENT_TYPE)) == wire.FMT_BINARY:
+            # Each replica's own reply, nested undecoded by the router: {"result": ...}.
+            data["results"] = [None if r is None else r["result"] for r in data["results"]]
         errors = {name: from_wire(err) for name, err in data["errors"].items()}
         if errors:
             first = next(iter(errors.items()))
@@ -207,15 +217,31 @@ class ServiceAPI(ABC):
                 await self.terminate_session(sid)
 
 
-def _encode_call(endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+def allowed_by(actor: type | None) -> values.Allowed:
+    """The classes that the endpoints of `actor` name in their type hints."""
+    if actor is None:
+        return values.Allowed()
+    from kubeforge.actor import actor_class, endpoints_of
+
+    cls = actor_class(actor)
+    return values.Allowed.from_hints(*(getattr(cls, name) for name in endpoints_of(cls)))
+
+
+def _encode_call(
+    endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any], fmt: str
+) -> bytes | values.Encoded:
     try:
-        return wire.call_body(args, kwargs)
-    except TypeError as exc:
-        raise TypeError(f"arguments to {endpoint!r} must be JSON-serializable: {exc}") from None
+        return wire.call_body(args, kwargs, fmt)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"arguments to {endpoint!r} cannot be sent as {fmt}: {exc}") from None
 
 
-def decode_reply(reply: Reply) -> Any:
-    data = wire.decode(reply.body, wire.is_msgpack(reply.headers.get(wire.H_CONTENT_TYPE)))
+def decode_reply(reply: Reply, allowed: values.Allowed | None = None) -> Any:
+    """A reply's content, or the typed error it carries. A binary reply holding a class the
+    caller does not allow raises BadRequestError naming it."""
+    data = wire.decode_as(
+        reply.body, wire.body_format(reply.headers.get(wire.H_CONTENT_TYPE)), allowed
+    )
     if reply.status >= 300:
         error = data.get("error", {}) if isinstance(data, dict) else {}
         raise from_wire(error or {"type": "HTTPError", "message": f"HTTP {reply.status}"})

@@ -21,6 +21,9 @@ REPLICA_IMAGE = f"kubeforge-replica:{VERSION}"  # base of actor images (replica_
 # The router waits this much longer than the replicas' own limit on a call, so the replica's
 # RequestTimeoutError (which says where the time went: queue or actor) reaches the caller.
 ROUTER_TIMEOUT_SLACK = 5.0
+# Bounds of a Service's maxBodySize: 1 KiB to 8 GiB.
+MIN_BODY = 1 << 10
+MAX_BODY = 8 << 30
 # A replica pod's kubelet grace beyond the replica's drain grace: interpreter exit, last writes.
 TERMINATION_SLACK = 5.0
 
@@ -37,7 +40,7 @@ class Defaults:
     node_loss_grace: float = 30.0  # a replica pod outlives its node's silence this long
     retries: int = 3  # re-sends of a call that failed without an answer
     retry_backoff: float = 0.01  # first pause before re-sending after a refused connect
-    max_body: int = 64 * 1024 * 1024  # bytes of one request body
+    max_body: int = 1 << 30  # bytes of one call body (1 GiB: a state dict fits)
     metrics_window: float = 60.0  # seconds of the sliding window rates and latencies use
     startup_timeout: float = 120.0  # a local Service's replicas must be ready within this
     stop_grace: float = 10.0  # a local Service's replicas drain this long on stop

@@ -1,7 +1,9 @@
 """The wire protocol shared by router and replica (DESIGN §4): paths, headers, codecs.
 
-JSON is the default body format; msgpack is used when the request says so in Content-Type
-(and the reply follows the request's format). Pickle is never used.
+Three body formats, chosen by the request's Content-Type; the reply follows the request's:
+kubeforge's binary format (`kubeforge.values`, what Python callers send: arrays, tensors,
+tuples and allowed classes keep their types), JSON (other languages, curl; arrays become nested
+lists) and msgpack. Errors are always JSON. Pickle is never used.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import msgpack
 
+from kubeforge import values
 from kubeforge.contract import (  # noqa: F401  (re-exported: the wire protocol's names)
     CALL_ALL_PREFIX,
     CALL_PREFIX,
@@ -56,13 +59,32 @@ H_CONTENT_TYPE = b"content-type"
 
 JSON = b"application/json"
 MSGPACK = b"application/msgpack"
+BINARY = values.CONTENT_TYPE
+
+# Body formats, by name.
+FMT_JSON, FMT_MSGPACK, FMT_BINARY = "json", "msgpack", "binary"
+_CONTENT_TYPES = {FMT_JSON: JSON, FMT_MSGPACK: MSGPACK, FMT_BINARY: BINARY}
+FORMAT_NAMES = {FMT_JSON: "JSON", FMT_MSGPACK: "msgpack", FMT_BINARY: "kubeforge's binary format"}
+
+
+def body_format(content_type: bytes | None) -> str:
+    """The format a Content-Type names; JSON when it names none kubeforge knows."""
+    if not content_type:
+        return FMT_JSON
+    media = content_type.split(b";")[0].strip().lower()
+    if media in (MSGPACK, b"application/x-msgpack"):
+        return FMT_MSGPACK
+    if media == BINARY:
+        return FMT_BINARY
+    return FMT_JSON
+
+
+def content_type(fmt: str) -> bytes:
+    return _CONTENT_TYPES[fmt]
 
 
 def is_msgpack(content_type: bytes | None) -> bool:
-    return bool(content_type) and content_type.split(b";")[0].strip().lower() in (
-        MSGPACK,
-        b"application/x-msgpack",
-    )
+    return body_format(content_type) == FMT_MSGPACK
 
 
 def encode(obj: Any, msgpack_format: bool = False) -> bytes:
@@ -81,6 +103,25 @@ def decode(body: bytes, msgpack_format: bool = False) -> Any:
         raise BadRequestError(f"malformed {fmt} body: {exc}") from None
 
 
+def encode_as(obj: Any, fmt: str) -> bytes | values.Encoded:
+    """`obj` in body format `fmt`; the binary format as parts to write, not one copy."""
+    if fmt == FMT_BINARY:
+        return values.encode(obj)
+    return encode(obj, fmt == FMT_MSGPACK)
+
+
+def decode_as(body: Any, fmt: str, allowed: values.Allowed | None = None) -> Any:
+    """A body in format `fmt`; malformed or refused content is a BadRequestError (400)."""
+    if fmt == FMT_BINARY:
+        if isinstance(body, values.Encoded):  # made in this process (a local broadcast)
+            body = bytearray(body.tobytes())
+        try:
+            return values.decode(body, allowed)
+        except values.ValueFormatError as exc:
+            raise BadRequestError(f"malformed {values.CONTENT_TYPE.decode()} body: {exc}") from None
+    return decode(body, fmt == FMT_MSGPACK)
+
+
 def _json_default(obj: Any) -> Any:
     """Values JSON lacks but users return all the time (tuples work already)."""
     if isinstance(obj, set | frozenset):
@@ -92,11 +133,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"result of type {type(obj).__name__} is not JSON serializable")
 
 
-def parse_call_body(body: bytes, msgpack_format: bool = False) -> tuple[list[Any], dict[str, Any]]:
-    """`{"args": [...], "kwargs": {...}}` with both keys optional; anything else is a 400."""
+def parse_call_body(
+    body: Any, fmt: str = FMT_JSON, allowed: values.Allowed | None = None
+) -> tuple[list[Any], dict[str, Any]]:
+    """`{"args": [...], "kwargs": {...}}` with both keys optional; anything else is a 400.
+    `allowed` are the classes a binary body may hold (the endpoint's type hints)."""
     if not body:
         return [], {}
-    data = decode(body, msgpack_format)
+    data = decode_as(body, fmt, allowed)
     if not isinstance(data, dict):
         raise BadRequestError('call body must be an object {"args": [...], "kwargs": {...}}')
     unknown = set(data) - {"args", "kwargs"}
@@ -111,8 +155,10 @@ def parse_call_body(body: bytes, msgpack_format: bool = False) -> tuple[list[Any
     return args, kwargs
 
 
-def call_body(args: Any = (), kwargs: dict[str, Any] | None = None) -> bytes:
-    return encode({"args": list(args), "kwargs": kwargs or {}})
+def call_body(
+    args: Any = (), kwargs: dict[str, Any] | None = None, fmt: str = FMT_JSON
+) -> bytes | values.Encoded:
+    return encode_as({"args": list(args), "kwargs": kwargs or {}}, fmt)
 
 
 def error_body(err: KubeforgeError, msgpack_format: bool = False) -> bytes:
@@ -120,7 +166,8 @@ def error_body(err: KubeforgeError, msgpack_format: bool = False) -> bytes:
 
 
 def error_response(err: KubeforgeError, request_content_type: bytes | None = None) -> Response:
-    """The HTTP answer for an error, in the request's body format."""
+    """The HTTP answer for an error: msgpack for a msgpack request, else JSON (a binary-format
+    caller reads JSON errors too; a broadcast can then name every replica's error)."""
     use_msgpack = is_msgpack(request_content_type)
     return Response(
         err.status,

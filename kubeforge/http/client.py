@@ -10,8 +10,11 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import httptools
+
+from kubeforge.http.server import ONE_BUFFER, BodyBuffer, body_length, body_parts
 
 
 class UpstreamError(Exception):
@@ -30,24 +33,44 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
+def _parse_headers(raw: bytes) -> dict[bytes, bytes]:
+    head = raw[: raw.find(b"\r\n\r\n")].split(b"\r\n")[1:]
+    pairs = (line.split(b":", 1) for line in head if b":" in line)
+    return {name.strip().lower(): value.strip() for name, value in pairs}
+
+
+def _announced_length(first: bytes) -> int:
+    """The content-length in the head that starts `first` (0 when it says none)."""
+    at = first.find(b"content-length:")
+    if at < 0:
+        at = first.find(b"Content-Length:")
+        if at < 0:
+            return 0
+    end = first.find(b"\r\n", at)
+    value = first[at + 15 : end if end >= 0 else None].strip()
+    return int(value) if value.isdigit() else 0
+
+
 class ClientResponse:
     """A complete response. Headers are parsed from `raw` only when asked for: the relay path
-    forwards `raw` untouched and never needs them."""
+    forwards `raw` untouched and never needs them. A large response keeps no `raw` (None): its
+    body is received into one buffer, and relaying it means writing head and body again."""
 
-    __slots__ = ("_headers", "body", "raw", "status")
+    __slots__ = ("_headers", "body", "head", "raw", "status")
 
-    def __init__(self, status: int, body: bytes, raw: bytes) -> None:
+    def __init__(
+        self, status: int, body: bytes | bytearray, raw: bytes | None, head: bytes = b""
+    ) -> None:
         self.status = status
         self.body = body
         self.raw = raw  # the response exactly as received, for relaying it unchanged
+        self.head = head if raw is None else raw
         self._headers: dict[bytes, bytes] | None = None
 
     @property
     def headers(self) -> dict[bytes, bytes]:
         if self._headers is None:
-            head = self.raw[: self.raw.find(b"\r\n\r\n")].split(b"\r\n")[1:]
-            pairs = (line.split(b":", 1) for line in head if b":" in line)
-            self._headers = {name.strip().lower(): value.strip() for name, value in pairs}
+            self._headers = _parse_headers(self.head)
         return self._headers
 
 
@@ -64,6 +87,12 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self._raw: list[bytes] = []
         self._body: list[bytes] = []
+        self._big: BodyBuffer | None = None
+
+    def reset(self) -> None:
+        self._raw = []
+        self._body = []
+        self._big = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -77,7 +106,8 @@ class _Connection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
-        self._raw.append(data)
+        if self._big is None:  # a large body is not kept twice: only its head stays
+            self._raw.append(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -86,12 +116,29 @@ class _Connection(asyncio.Protocol):
 
     # Only two parser callbacks: each costs a call from C into Python on every response.
     def on_body(self, body: bytes) -> None:
+        if self._big is not None:
+            if not self._big.add(body):
+                self.fail(ConnectionLost("response body is longer than its content-length"))
+                self.abort()
+            return
+        if not self._body:  # the first chunk: is the body large?
+            length = _announced_length(self._raw[0])
+            if length > ONE_BUFFER:
+                self._big = BodyBuffer(length)
+                self._big.add(body)
+                return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        raw = self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)
-        resp = ClientResponse(self.parser.get_status_code(), body, raw)
+        raw: bytes | None = self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)
+        if self._big is not None:
+            body: bytes | bytearray = self._big.buf
+            head, raw = raw or b"", None
+        else:
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            head = b""
+        self.reset()
+        resp = ClientResponse(self.parser.get_status_code(), body, raw, head)
         callback, self.callback = self.callback, None
         self.pool.busy.discard(self)
         if not self.parser.should_keep_alive():
@@ -154,39 +201,40 @@ class Upstream:
         method: bytes,
         path: bytes,
         headers: bytes,
-        body: bytes,
+        body: Any,
         timeout: float,
         callback: Callback,
     ) -> None:
         conn.callback = callback
         conn.deadline = time.monotonic() + timeout
-        conn._raw = []
-        conn._body = []
+        conn.reset()
         self.busy.add(conn)
-        conn.transport.write(  # type: ignore[union-attr]
-            b"".join(
-                (
-                    method,
-                    b" ",
-                    path,
-                    b" HTTP/1.1\r\nhost: ",
-                    self.host_header,
-                    b"\r\ncontent-length: ",
-                    str(len(body)).encode(),
-                    b"\r\n",
-                    headers,
-                    b"\r\n",
-                    body,
-                )
-            )
+        head = (
+            method,
+            b" ",
+            path,
+            b" HTTP/1.1\r\nhost: ",
+            self.host_header,
+            b"\r\ncontent-length: ",
+            str(body_length(body)).encode(),
+            b"\r\n",
+            headers,
+            b"\r\n",
         )
+        transport = conn.transport
+        assert transport is not None
+        parts = body_parts(body)
+        if len(parts) == 1 and len(parts[0]) < ONE_BUFFER:
+            transport.write(b"".join((*head, parts[0])))
+        else:  # the body's own buffers follow the head: a large body is never joined here
+            transport.writelines([b"".join(head), *parts])
 
     def send(
         self,
         method: bytes,
         path: bytes,
         headers: bytes,
-        body: bytes,
+        body: Any,
         timeout: float,
         callback: Callback,
     ) -> bool:
@@ -206,7 +254,7 @@ class Upstream:
         method: bytes,
         path: bytes,
         headers: bytes,
-        body: bytes,
+        body: Any,
         timeout: float,
         connect_timeout: float | None = None,
     ) -> ClientResponse:

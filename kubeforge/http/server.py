@@ -7,6 +7,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import unquote
 
 import httptools
@@ -15,6 +16,41 @@ log = logging.getLogger("kubeforge.http")
 
 JSON_TYPE = b"application/json"
 MAX_HEAD = 64 * 1024  # bytes of one request head (request line and headers); more gets 431
+# A body larger than this is received into one buffer of its announced length, which decoded
+# arrays then view (writable); smaller ones are joined from their chunks.
+ONE_BUFFER = 64 * 1024
+
+
+def body_length(body: Any) -> int:
+    """Bytes of a body: bytes-like, or a message as parts (`kubeforge.values.Encoded`)."""
+    parts = getattr(body, "parts", None)
+    return body.nbytes if parts is not None else len(body)
+
+
+def body_parts(body: Any) -> list[Any]:
+    """What to write for a body, in order, without joining it first."""
+    parts = getattr(body, "parts", None)
+    return parts if parts is not None else [body]
+
+
+class BodyBuffer:
+    """A body of known length received into one `bytearray`."""
+
+    __slots__ = ("buf", "filled", "view")
+
+    def __init__(self, length: int) -> None:
+        self.buf = bytearray(length)
+        self.view = memoryview(self.buf)
+        self.filled = 0
+
+    def add(self, chunk: bytes) -> bool:
+        """Copy in a chunk; False when it would overflow the announced length."""
+        end = self.filled + len(chunk)
+        if end > len(self.buf):
+            return False
+        self.view[self.filled : end] = chunk
+        self.filled = end
+        return True
 
 
 class Request:
@@ -26,7 +62,7 @@ class Request:
         path: str,
         query: str,
         headers: dict[bytes, bytes],
-        body: bytes,
+        body: bytes | bytearray,
         keep_alive: bool,
     ) -> None:
         self.method = method
@@ -43,7 +79,7 @@ class Response:
     def __init__(
         self,
         status: int = 200,
-        body: bytes = b"",
+        body: Any = b"",  # bytes-like, or a message as parts (kubeforge.values.Encoded)
         content_type: bytes = JSON_TYPE,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
@@ -68,12 +104,18 @@ def status_line(status: int) -> bytes:
 
 
 def render(resp: Response, keep_alive: bool) -> bytes:
+    """The whole answer as one string (bodies of parts: `render_parts`)."""
+    return b"".join(render_parts(resp, keep_alive))
+
+
+def render_parts(resp: Response, keep_alive: bool) -> list[Any]:
+    """The answer as the pieces to write: its head joined, then the body's own buffers."""
     head = [
         status_line(resp.status),
         b"content-type: ",
         resp.content_type,
         b"\r\ncontent-length: ",
-        str(len(resp.body)).encode(),
+        str(body_length(resp.body)).encode(),
         b"\r\n",
     ]
     if resp.headers:
@@ -82,8 +124,11 @@ def render(resp: Response, keep_alive: bool) -> bytes:
     if not keep_alive:
         head.append(b"connection: close\r\n")
     head.append(b"\r\n")
-    head.append(resp.body)
-    return b"".join(head)
+    parts = body_parts(resp.body)
+    if len(parts) == 1 and len(parts[0]) < ONE_BUFFER:
+        head.append(parts[0])
+        return [b"".join(head)]
+    return [b"".join(head), *parts]
 
 
 def default_error(status: int, message: str) -> Response:
@@ -123,6 +168,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
+        self._big: BodyBuffer | None = None  # a large body of announced length
         self._body_len = 0
         self._too_large = False
         # Head size: chunks that arrive wholly inside one head are counted (llhttp itself keeps
@@ -173,6 +219,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers = {}
         self._body = []
+        self._big = None
         self._body_len = 0
         self._in_head = False
         self._head_bytes = 0
@@ -209,11 +256,18 @@ class HttpProtocol(asyncio.Protocol):
         self._in_head = False
         if self._too_large:
             return
+        if not self._body_len:
+            announced = self._headers.get(b"content-length", b"")
+            if announced.isdigit() and int(announced) > ONE_BUFFER:
+                self._big = BodyBuffer(int(announced))
         self._body_len += len(body)
         if self._body_len > self.max_body:
             self._too_large_reply()
             return
-        self._body.append(body)
+        if self._big is None:
+            self._body.append(body)
+        elif not self._big.add(body):
+            self._fail(400, "request body is longer than its content-length")
 
     def on_message_complete(self) -> None:
         if self._too_large or self.closing or self._last is not None:
@@ -230,7 +284,11 @@ class HttpProtocol(asyncio.Protocol):
             unquote(path.decode("latin-1")) if b"%" in path else path.decode("latin-1"),
             query.decode("latin-1"),
             self._headers,
-            b"".join(self._body) if len(self._body) != 1 else self._body[0],
+            self._big.buf
+            if self._big is not None
+            else b"".join(self._body)
+            if len(self._body) != 1
+            else self._body[0],
             self.parser.should_keep_alive(),
         )
         self._reset()
@@ -272,7 +330,14 @@ class HttpProtocol(asyncio.Protocol):
         """Write the answer to `req` (a Response, or a complete raw HTTP response to relay)."""
         if self.closing or self.transport is None or req is not self.current:
             return
-        self.transport.write(resp if isinstance(resp, bytes) else render(resp, req.keep_alive))
+        if isinstance(resp, bytes):
+            self.transport.write(resp)
+        else:
+            parts = render_parts(resp, req.keep_alive)
+            if len(parts) == 1:
+                self.transport.write(parts[0])
+            else:
+                self.transport.writelines(parts)
         if not req.keep_alive:
             self.close()
             return

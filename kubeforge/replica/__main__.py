@@ -8,8 +8,9 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
-from kubeforge import _runtime, ranks, spawn_guard
+from kubeforge import _runtime, ranks, spawn_guard, values
 from kubeforge.actor import load_actor_class
 from kubeforge.errors import UnguardedMainError
 from kubeforge.replica.gang import EXIT_SETUP_FAILED, FRAME_SLACK, RankConfig, serve_rank
@@ -28,6 +29,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--kwargs", type=_runtime.json_arg(dict), default={}, help="JSON object of kwargs"
+    )
+    p.add_argument(
+        "--init-file",
+        default=None,
+        help="init args and kwargs in kubeforge's binary format (instead of --args/--kwargs)",
     )
     p.add_argument(
         "--host", default=None, help="bind address (default $KUBEFORGE_BIND_HOST or 0.0.0.0)"
@@ -127,6 +133,17 @@ def _serve_rank(ns: argparse.Namespace, actor_cls: type) -> None:
     sys.exit(asyncio.run(serve_rank(config, actor_cls)))
 
 
+def _read_init(path: str) -> tuple[list[Any], dict[str, Any]]:
+    """Constructor arguments from whoever started this replica: trusted, so functions and
+    classes in them are imported by name (calls never get that)."""
+    try:
+        with open(path, "rb") as f:
+            init = values.decode(bytearray(f.read()), trusted=True)
+    except (OSError, values.ValueFormatError) as exc:
+        sys.exit(f"kubeforge.replica: --init-file {path}: {exc}")
+    return list(init["args"]), dict(init["kwargs"])
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ns = parser().parse_args(argv)
@@ -150,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(spawn_guard.EXIT_UNGUARDED_MAIN)
     except ValueError as exc:
         sys.exit(f"kubeforge.replica: {exc}")
+    if ns.init_file:
+        ns.args, ns.kwargs = _read_init(ns.init_file)
     if me.rank > 0:
         _serve_rank(ns, actor_cls)
     if ns.max_concurrent_requests < 1 or ns.max_queued_requests < 0:

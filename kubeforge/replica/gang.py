@@ -7,7 +7,7 @@ inside endpoints therefore meet in the same order on every rank and cannot deadl
 max_concurrent_requests says (it bounds the calls admitted into the order, as Monarch's actors
 take one message at a time).
 
-Frames are a 4-byte length and a msgpack map; the actor's arguments travel as the call's own
+Frames are an 8-byte length and a msgpack map; the actor's arguments travel as the call's own
 body bytes, so nothing is decoded twice on rank 0 and nothing is ever unpickled. A rank
 connection that closes means a lost rank: rank 0 then exits so that its launcher restarts the
 whole replica (collectives cannot recover from a missing peer).
@@ -30,13 +30,13 @@ from typing import Any
 
 import msgpack
 
-from kubeforge import wire
+from kubeforge import values, wire
 from kubeforge.actor import endpoints_of
 from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica.gang")
 
-_LENGTH = struct.Struct(">I")
+_LENGTH = struct.Struct(">Q")  # a frame may carry a call body of up to 8 GiB
 BEAT_EVERY = 0.5  # seconds between a rank's heartbeats
 FRAME_SLACK = 65536  # a frame may exceed the call body limit by this much (its other fields)
 # Exit statuses of rank processes that the launcher reads (away from 1, 2 and 128+N).
@@ -44,6 +44,10 @@ EXIT_SETUP_FAILED = 85  # the actor's constructor or setup() raised
 EXIT_RANK_LOST = 86  # a peer rank went away: the replica must restart as a unit
 
 Outcome = tuple[bool, Any]  # (True, value) or (False, exception on rank 0 / error dict)
+
+
+class EncodedValue(bytes):
+    """A rank's result in the binary format, which rank 0 decodes with the endpoint's classes."""
 
 
 class GangError(RuntimeError):
@@ -200,7 +204,10 @@ class Gang:
                     fut = self._waiting.get(message["seq"], {}).get(link.rank)
                     if fut is not None and not fut.done():
                         ok = bool(message.get("ok"))
-                        fut.set_result((ok, message.get("value" if ok else "error")))
+                        value = message.get("value" if ok else "error")
+                        if ok and message.get("encoded"):
+                            value = EncodedValue(value)
+                        fut.set_result((ok, value))
                 elif kind == "ready":
                     link.ready = True
                     log.info("rank %d (pid %d on %s) is ready", link.rank, link.pid, link.host)
@@ -341,12 +348,18 @@ async def _run_one(actor: Any, endpoints: dict, message: dict[str, Any]) -> dict
             value = None
         else:
             info = endpoints[message["endpoint"]]
-            args, kwargs = wire.parse_call_body(message["body"], bool(message.get("msgpack")))
+            fmt = message.get("format", wire.FMT_JSON)
+            allowed = values.Allowed.from_hints(getattr(type(actor), info.name))
+            args, kwargs = wire.parse_call_body(message["body"], fmt, allowed)
             fn = getattr(actor, info.name)
             value = await invoke(fn, info.is_async, args, kwargs)
         if message.get("all"):
-            msgpack.packb(value, use_bin_type=True)  # fails here, as an error of this rank
-            reply["value"] = value
+            if message.get("format") == wire.FMT_BINARY:
+                reply["value"] = values.encode(value).tobytes()
+                reply["encoded"] = True
+            else:
+                msgpack.packb(value, use_bin_type=True)  # fails here, as an error of this rank
+                reply["value"] = value
         reply["ok"] = True
     except Exception as exc:
         reply["ok"] = False

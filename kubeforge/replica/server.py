@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeforge import openapi, prom, wire
+from kubeforge import argcheck, openapi, prom, values, wire
 from kubeforge.actor import endpoints_of
 from kubeforge.contract import HEALTHZ, READYZ
 from kubeforge.errors import (
@@ -33,7 +33,14 @@ from kubeforge.errors import (
 from kubeforge.http.server import HttpServer, Request, Response
 from kubeforge.metrics import Histogram
 from kubeforge.replica.admission import Admission
-from kubeforge.replica.gang import EXIT_RANK_LOST, FRAME_SLACK, Gang, Outcome, invoke
+from kubeforge.replica.gang import (
+    EXIT_RANK_LOST,
+    FRAME_SLACK,
+    EncodedValue,
+    Gang,
+    Outcome,
+    invoke,
+)
 from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica")
@@ -99,6 +106,13 @@ class ReplicaServer:
         self.config = config
         self.actor_cls = actor_cls
         self.endpoints = endpoints_of(actor_cls)
+        # Per endpoint: the classes its calls may carry (its type hints name them), and the
+        # check of a call's arguments against those hints.
+        self.allowed = {n: values.Allowed.from_hints(getattr(actor_cls, n)) for n in self.endpoints}
+        self.checks = {
+            n: argcheck.checker(n, getattr(actor_cls, n), e.signature)
+            for n, e in self.endpoints.items()
+        }
         self.actor: Any = None
         self.instance = secrets.token_hex(4)
         self.name = config.name or f"{config.host}:{config.port}"
@@ -254,8 +268,9 @@ class ReplicaServer:
             )
         if not self.ready:
             raise DrainingError("replica is still starting (setup() has not finished)")
-        use_msgpack = wire.is_msgpack(req.headers.get(wire.H_CONTENT_TYPE))
-        args, kwargs = wire.parse_call_body(req.body, use_msgpack)
+        fmt = wire.body_format(req.headers.get(wire.H_CONTENT_TYPE))
+        args, kwargs = wire.parse_call_body(req.body, fmt, self.allowed[name])
+        self.checks[name](args, kwargs)
         timeout = self.config.request_timeout
         asked = req.headers.get(wire.H_TIMEOUT)
         if asked:
@@ -280,19 +295,24 @@ class ReplicaServer:
                 result = [result] if all_ranks else result  # every rank's: here, the one
             else:
                 result = await self._run_ranks(
-                    info.name, req.body, use_msgpack, all_ranks, args, kwargs, timeout, started
+                    info.name, req.body, fmt, all_ranks, args, kwargs, timeout, started
                 )
             try:
-                body = wire.encode({"result": result}, use_msgpack)
+                body = wire.encode_as({"result": result}, fmt)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise RemoteError(
                     "TypeError",
                     f"{name} returned a value that cannot be sent as "
-                    f"{'msgpack' if use_msgpack else 'JSON'}: {exc}"
-                    + ("" if use_msgpack else " (bytes need Content-Type: application/msgpack)"),
+                    f"{wire.FORMAT_NAMES[fmt]}: {exc}"
+                    + (
+                        ""
+                        if fmt != wire.FMT_JSON
+                        else " (send Content-Type: "
+                        f"{wire.BINARY.decode()} for bytes, arrays and tensors)"
+                    ),
                 ) from None
             ok = True
-            return Response(200, body, wire.MSGPACK if use_msgpack else wire.JSON)
+            return Response(200, body, wire.content_type(fmt))
         finally:
             now = time.monotonic()
             self.durations.observe(now - started)
@@ -316,12 +336,6 @@ class ReplicaServer:
         started: float,
     ) -> Any:
         fn = getattr(self.actor, name)
-        if not is_async:
-            signature = self.endpoints[name].signature
-            try:
-                signature.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise InvalidArgumentsError(f"TypeError: {name}{signature}: {exc}") from None
         await self.admission.acquire(timeout)
         if is_async:
             try:
@@ -360,8 +374,8 @@ class ReplicaServer:
     async def _run_ranks(
         self,
         name: str,
-        body: bytes,
-        use_msgpack: bool,
+        body: Any,
+        fmt: str,
         all_ranks: bool,
         args: list[Any],
         kwargs: dict[str, Any],
@@ -370,16 +384,12 @@ class ReplicaServer:
     ) -> Any:
         """An SPMD replica's call: admitted here, then run on every rank in one order."""
         assert self.gang is not None
-        info = self.endpoints[name]
-        try:  # checked before the call takes a place in the order that every rank must run
-            info.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise InvalidArgumentsError(f"TypeError: {name}{info.signature}: {exc}") from None
-        await self.admission.acquire(timeout)
+        info = self.endpoints[name]  # its arguments were checked before it takes a place in
+        await self.admission.acquire(timeout)  # the order that every rank must run
         fn = getattr(self.actor, name)
         work = self.gang.submit(
             "call",
-            {"endpoint": name, "body": body, "msgpack": use_msgpack, "all": all_ranks},
+            {"endpoint": name, "body": body, "format": fmt, "all": all_ranks},
             lambda: invoke(fn, info.is_async, args, kwargs),
         )
         # The slot stays taken until every rank is done, as for a thread that outlives its caller.
@@ -394,7 +404,7 @@ class ReplicaServer:
                 f"{timeout:g}s",
                 timeout=timeout,
             ) from None
-        return _rank_results(outcomes, all_ranks)
+        return _rank_results(outcomes, all_ranks, self.allowed[name])
 
     def _taking_calls(self) -> bool:
         """Ready, not draining, and (SPMD) every rank heard from lately: a rank that stops
@@ -467,12 +477,18 @@ def _rank_lost(why: str) -> None:
     os._exit(EXIT_RANK_LOST)
 
 
-def _rank_results(outcomes: list[Outcome], all_ranks: bool) -> Any:
-    """Rank 0's value, or every rank's in rank order; an error on any rank raises, naming it."""
+def _rank_results(
+    outcomes: list[Outcome], all_ranks: bool, allowed: values.Allowed | None = None
+) -> Any:
+    """Rank 0's value, or every rank's in rank order; an error on any rank raises, naming it.
+    Other ranks' values in the binary format are decoded here, with the endpoint's classes."""
     failed = [r for r, (ok, _) in enumerate(outcomes) if not ok]
     if not failed:
-        values = [value for _, value in outcomes]
-        return values if all_ranks else values[0]
+        results = [
+            values.decode(bytearray(v), allowed) if isinstance(v, EncodedValue) else v
+            for _, v in outcomes
+        ]
+        return results if all_ranks else results[0]
     first = outcomes[failed[0]][1]
     if isinstance(first, BaseException):
         err = _remote(first)

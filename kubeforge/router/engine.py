@@ -4,7 +4,8 @@ The HTTP router server and the in-process `Service` both drive this one class, s
 sessions, retries and metrics have one implementation. Calls are relayed as bytes: the engine
 reads the endpoint from the path and the session from a header, never decodes a call's body, and
 forwards it over pooled keep-alive connections. Only broadcast, which must assemble one answer
-from many, decodes replies.
+from many, looks inside replies: JSON and msgpack ones it decodes, binary ones (arrays, tensors)
+it nests whole in its answer without decoding them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kubeforge import contract, wire
+from kubeforge import contract, values, wire
 from kubeforge.errors import (
     KubeforgeError,
     NoHealthyReplicasError,
@@ -451,7 +452,7 @@ class Router:
                     conn.answer(
                         req,
                         resp.raw
-                        if req.keep_alive
+                        if req.keep_alive and resp.raw is not None
                         else Response(
                             resp.status, resp.body, resp.headers.get(wire.H_CONTENT_TYPE, wire.JSON)
                         ),
@@ -587,7 +588,7 @@ class Router:
         replicas = list(self.table.healthy)
         if not replicas:
             raise NoHealthyReplicasError(self.table._no_healthy_message())
-        use_msgpack = wire.is_msgpack(asked.get(wire.H_CONTENT_TYPE))
+        fmt = wire.body_format(asked.get(wire.H_CONTENT_TYPE))
         headers = self._forwarded(asked)
         path = (wire.CALL_PREFIX + endpoint).encode()
         outcomes = await asyncio.gather(
@@ -596,6 +597,7 @@ class Router:
         results: list[Any] = []
         errors: dict[str, Any] = {}
         statuses: set[int] = set()
+        replies: list[Any] = []  # binary format: each replica's reply, relayed undecoded
         for replica, outcome in zip(replicas, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if isinstance(outcome, UpstreamError):
@@ -610,30 +612,35 @@ class Router:
                 statuses.add(err.status)
                 results.append(None)
                 continue
+            reply_fmt = wire.body_format(outcome.headers.get(wire.H_CONTENT_TYPE))
+            if outcome.status < 300 and reply_fmt == wire.FMT_BINARY:
+                # {"result": ...} as the replica encoded it: the caller decodes it.
+                results.append(values.Message(len(replies)))
+                replies.append(outcome.body)
+                continue
             try:
-                body = wire.decode(
-                    outcome.body, wire.is_msgpack(outcome.headers.get(wire.H_CONTENT_TYPE))
-                )
+                answer = wire.decode_as(outcome.body, reply_fmt)
             except KubeforgeError:
-                body = {
+                answer = {
                     "error": {
                         "type": "ReplicaLostError",
                         "message": f"unreadable reply ({outcome.status})",
                     }
                 }
             if outcome.status < 300:
-                results.append(body.get("result"))
+                results.append(answer.get("result"))
             else:
-                errors[replica.name] = body.get("error", body)
+                errors[replica.name] = answer.get("error", answer)
                 statuses.add(outcome.status)
                 results.append(None)
         names = [r.name for r in replicas]
         if len(errors) == len(replicas) and len(statuses) == 1 and 400 <= min(statuses) < 500:
             # Every replica rejected the call the same way: the caller's mistake, say it once.
             return Response(
-                statuses.pop(), wire.encode({"error": next(iter(errors.values()))}, use_msgpack)
+                statuses.pop(),
+                wire.encode({"error": next(iter(errors.values()))}, fmt == wire.FMT_MSGPACK),
             )
-        body = {"results": results, "replicas": names, "errors": errors}
-        return Response(
-            200, wire.encode(body, use_msgpack), wire.MSGPACK if use_msgpack else wire.JSON
-        )
+        envelope = {"results": results, "replicas": names, "errors": errors}
+        if fmt == wire.FMT_BINARY:
+            return Response(200, values.encode(envelope, messages=replies), wire.BINARY)
+        return Response(200, wire.encode_as(envelope, fmt), wire.content_type(fmt))
