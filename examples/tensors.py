@@ -109,6 +109,11 @@ class Tensors(Actor):
         return version
 
     @endpoint
+    async def nbytes(self, value: Any) -> int:
+        """Bytes of an array or tensor: a broadcast's upload without sending it back."""
+        return int(value.nbytes)
+
+    @endpoint
     async def checksum(self, state_dict: dict[str, torch.Tensor]) -> float:
         return float(sum(t.double().sum() for t in state_dict.values()))
 

@@ -56,3 +56,5 @@ CALL_ALL_PREFIX: str = _DATA["paths"]["call_all"]
 SESSIONS_PATH: str = _DATA["paths"]["sessions"]
 HEALTHZ: str = _DATA["paths"]["healthz"]
 READYZ: str = _DATA["paths"]["readyz"]
+
+STREAM_BODY: int = _DATA["limits"]["stream_body"]

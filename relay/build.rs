@@ -1,11 +1,11 @@
-//! Compiles kubeforge/contract.toml's `[headers]` and `[paths]` into `names.rs`, so the relay
-//! uses the very names the Python parts read from the same file.
+//! Compiles kubeforge/contract.toml's `[headers]`, `[paths]` and `[limits]` into `names.rs`, so
+//! the relay uses the very names and sizes the Python parts read from the same file.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 const CONTRACT: &str = "../kubeforge/contract.toml";
-const SECTIONS: [&str; 2] = ["headers", "paths"];
+const SECTIONS: [&str; 3] = ["headers", "paths", "limits"];
 
 fn main() {
     println!("cargo:rerun-if-changed={CONTRACT}");
@@ -21,12 +21,19 @@ fn main() {
             if !SECTIONS.contains(&section.as_str()) {
                 continue;
             }
-            let value = value.trim();
+            let value = value.split('#').next().unwrap_or("").trim();
+            let name = format!("{}_{}", section, key.trim()).to_uppercase();
+            if section == "limits" {
+                let number: usize = value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{section}.{key}: expected a number of bytes"));
+                writeln!(out, "pub const {name}: usize = {number};").unwrap();
+                continue;
+            }
             let value = value
                 .strip_prefix('"')
                 .and_then(|v| v.strip_suffix('"'))
                 .unwrap_or_else(|| panic!("{section}.{key}: expected a quoted string"));
-            let name = format!("{}_{}", section, key.trim()).to_uppercase();
             writeln!(out, "pub const {name}: &str = {value:?};").unwrap();
         }
     }

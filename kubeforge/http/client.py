@@ -15,6 +15,7 @@ from typing import Any
 import httptools
 
 from kubeforge.http.server import ONE_BUFFER, BodyBuffer, body_length, body_parts
+from kubeforge.http.stream import BodyStream, StreamError
 
 
 class UpstreamError(Exception):
@@ -59,7 +60,11 @@ class ClientResponse:
     __slots__ = ("_headers", "body", "head", "raw", "status")
 
     def __init__(
-        self, status: int, body: bytes | bytearray, raw: bytes | None, head: bytes = b""
+        self,
+        status: int,
+        body: bytes | bytearray | BodyStream,
+        raw: bytes | None,
+        head: bytes = b"",
     ) -> None:
         self.status = status
         self.body = body
@@ -88,25 +93,54 @@ class _Connection(asyncio.Protocol):
         self._raw: list[bytes] = []
         self._body: list[bytes] = []
         self._big: BodyBuffer | None = None
+        # Streaming (the router): a request body pumped from the caller's connection, and a
+        # reply larger than `stream_above` handed on while it arrives.
+        self.stream_above: int | None = None
+        self._reply: BodyStream | None = None
+        self.pumping: asyncio.Task[None] | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
 
     def reset(self) -> None:
         self._raw = []
         self._body = []
         self._big = None
+        self._reply = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._can_write.set()
         self.fail(ConnectionLost(str(exc or "connection closed by peer")))
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    async def pump(self, body: BodyStream) -> None:
+        """Write a streamed request body at the pace the replica reads it."""
+        try:
+            async for chunk in body.chunks():
+                if self.closed or self.transport is None:
+                    body.cancel("the replica's connection closed")
+                    return
+                self.transport.write(chunk)
+                if not self._can_write.is_set():
+                    await self._can_write.wait()
+        except (StreamError, ConnectionError) as exc:
+            self.fail(ConnectionLost(f"the caller's body did not arrive whole: {exc}"))
+            self.abort()
 
     def eof_received(self) -> bool:
         self.closed = True
         return False
 
     def data_received(self, data: bytes) -> None:
-        if self._big is None:  # a large body is not kept twice: only its head stays
+        if self._big is None and self._reply is None:  # a large body's bytes are not kept
             self._raw.append(data)
         try:
             self.parser.feed_data(data)
@@ -116,6 +150,9 @@ class _Connection(asyncio.Protocol):
 
     # Only two parser callbacks: each costs a call from C into Python on every response.
     def on_body(self, body: bytes) -> None:
+        if self._reply is not None:
+            self._reply.feed(body)
+            return
         if self._big is not None:
             if not self._big.add(body):
                 self.fail(ConnectionLost("response body is longer than its content-length"))
@@ -123,13 +160,35 @@ class _Connection(asyncio.Protocol):
             return
         if not self._body:  # the first chunk: is the body large?
             length = _announced_length(self._raw[0])
+            if self.stream_above is not None and length > self.stream_above:
+                self._stream_reply(length, body)
+                return
             if length > ONE_BUFFER:
                 self._big = BodyBuffer(length)
                 self._big.add(body)
                 return
         self._body.append(body)
 
+    def _stream_reply(self, length: int, first: bytes) -> None:
+        """Hand the reply on now, its body following as it arrives (read at the caller's pace)."""
+        transport = self.transport
+        assert transport is not None
+        self._reply = BodyStream(
+            length, transport.pause_reading, transport.resume_reading, self.abort
+        )
+        head = b"".join(self._raw)
+        self._raw = []
+        self._reply.feed(first)
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback(ClientResponse(self.parser.get_status_code(), self._reply, None, head), None)
+
     def on_message_complete(self) -> None:
+        if self._reply is not None:  # answered already; the stream ends, the connection is free
+            self._reply.end()
+            self.reset()
+            self._release()
+            return
         raw: bytes | None = self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)
         if self._big is not None:
             body: bytes | bytearray = self._big.buf
@@ -140,6 +199,12 @@ class _Connection(asyncio.Protocol):
         self.reset()
         resp = ClientResponse(self.parser.get_status_code(), body, raw, head)
         callback, self.callback = self.callback, None
+        self._release()
+        if callback is not None:
+            callback(resp, None)
+
+    def _release(self) -> None:
+        """Back to the pool, or closed when the replica said so (or the pool is full)."""
         self.pool.busy.discard(self)
         if not self.parser.should_keep_alive():
             self.abort()
@@ -147,12 +212,13 @@ class _Connection(asyncio.Protocol):
             self.pool.idle.append(self)
         else:
             self.abort()
-        if callback is not None:
-            callback(resp, None)
 
     def fail(self, error: UpstreamError) -> None:
         callback, self.callback = self.callback, None
         self.pool.busy.discard(self)
+        if self._reply is not None:
+            self._reply.fail(StreamError(str(error)))
+            self._reply = None
         if callback is not None:
             callback(None, error)
 
@@ -204,6 +270,7 @@ class Upstream:
         body: Any,
         timeout: float,
         callback: Callback,
+        stream_above: int | None = None,
     ) -> None:
         conn.callback = callback
         conn.deadline = time.monotonic() + timeout
@@ -223,6 +290,11 @@ class Upstream:
         )
         transport = conn.transport
         assert transport is not None
+        conn.stream_above = stream_above
+        if isinstance(body, BodyStream):
+            transport.write(b"".join(head))
+            conn.pumping = asyncio.get_running_loop().create_task(conn.pump(body))
+            return
         parts = body_parts(body)
         if len(parts) == 1 and len(parts[0]) < ONE_BUFFER:
             transport.write(b"".join((*head, parts[0])))
@@ -237,16 +309,18 @@ class Upstream:
         body: Any,
         timeout: float,
         callback: Callback,
+        stream_above: int | None = None,
     ) -> bool:
         """Send on a pooled connection and return True, or return False when none is idle.
 
         `headers` are pre-rendered `name: value\\r\\n` lines; `callback(response, error)`
-        runs when the answer is complete or the request failed.
+        runs when the answer is complete or the request failed; a reply larger than
+        `stream_above` bytes is handed over at once, its body a BodyStream.
         """
         conn = self._take_idle()
         if conn is None:
             return False
-        self._dispatch(conn, method, path, headers, body, timeout, callback)
+        self._dispatch(conn, method, path, headers, body, timeout, callback, stream_above)
         return True
 
     async def request(
@@ -257,6 +331,7 @@ class Upstream:
         body: Any,
         timeout: float,
         connect_timeout: float | None = None,
+        stream_above: int | None = None,
     ) -> ClientResponse:
         """Send one request, opening a connection when none is idle (within `connect_timeout`,
         else `timeout`)."""
@@ -270,7 +345,7 @@ class Upstream:
                 else:
                     fut.set_result(resp)  # type: ignore[arg-type]
 
-        self._dispatch(conn, method, path, headers, body, timeout, done)
+        self._dispatch(conn, method, path, headers, body, timeout, done, stream_above)
         try:
             return await fut
         except asyncio.CancelledError:

@@ -12,6 +12,8 @@ from urllib.parse import unquote
 
 import httptools
 
+from kubeforge.http.stream import BodyStream, StreamError
+
 log = logging.getLogger("kubeforge.http")
 
 JSON_TYPE = b"application/json"
@@ -62,7 +64,7 @@ class Request:
         path: str,
         query: str,
         headers: dict[bytes, bytes],
-        body: bytes | bytearray,
+        body: bytes | bytearray | BodyStream,  # a stream only where the server streams
         keep_alive: bool,
     ) -> None:
         self.method = method
@@ -131,6 +133,14 @@ def render_parts(resp: Response, keep_alive: bool) -> list[Any]:
     return [b"".join(head), *parts]
 
 
+def _with_length(head: bytes, length: int, keep_alive: bool) -> bytes:
+    """A head rendered for an empty body, with the streamed body's length instead."""
+    head = head.replace(b"content-length: 0\r\n", b"content-length: %d\r\n" % length, 1)
+    if not keep_alive:
+        head = head[:-2] + b"connection: close\r\n\r\n"
+    return head
+
+
 def default_error(status: int, message: str) -> Response:
     import json
 
@@ -148,9 +158,13 @@ class HttpProtocol(asyncio.Protocol):
         max_body: int,
         on_error: ErrorRenderer = default_error,
         fast: FastPath | None = None,
+        stream_above: int | None = None,
     ) -> None:
         self.handler = handler
         self.fast = fast
+        # Bodies larger than this are handed to the handler as a BodyStream while they arrive
+        # (the router); None receives every body whole first (the replica).
+        self.stream_above = stream_above
         self.connections = connections
         self.max_body = max_body
         self.on_error = on_error
@@ -169,6 +183,10 @@ class HttpProtocol(asyncio.Protocol):
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
         self._big: BodyBuffer | None = None  # a large body of announced length
+        self._stream: BodyStream | None = None  # a body streaming on while it arrives
+        self._reading_paused = False  # by a stream whose reader is behind
+        self._can_write = asyncio.Event()
+        self._can_write.set()
         self._body_len = 0
         self._too_large = False
         # Head size: chunks that arrive wholly inside one head are counted (llhttp itself keeps
@@ -188,6 +206,15 @@ class HttpProtocol(asyncio.Protocol):
         self.connections.discard(self)
         self.closing = True
         self.pending.clear()
+        self._can_write.set()  # a streaming answer stops waiting and sees `closing`
+        if self._stream is not None:
+            self._stream.fail(StreamError("the caller's connection closed during its body"))
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
 
     def data_received(self, data: bytes) -> None:
         if self._too_large or self._finishing:
@@ -220,6 +247,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._big = None
+        self._stream = None
         self._body_len = 0
         self._in_head = False
         self._head_bytes = 0
@@ -258,18 +286,29 @@ class HttpProtocol(asyncio.Protocol):
             return
         if not self._body_len:
             announced = self._headers.get(b"content-length", b"")
-            if announced.isdigit() and int(announced) > ONE_BUFFER:
-                self._big = BodyBuffer(int(announced))
+            length = int(announced) if announced.isdigit() else 0
+            if self.stream_above is not None and length > self.stream_above:
+                self._start_stream(length)
+            elif length > ONE_BUFFER:
+                self._big = BodyBuffer(length)
         self._body_len += len(body)
         if self._body_len > self.max_body:
             self._too_large_reply()
             return
-        if self._big is None:
+        if self._stream is not None:
+            self._stream.feed(body)
+        elif self._big is None:
             self._body.append(body)
         elif not self._big.add(body):
             self._fail(400, "request body is longer than its content-length")
 
     def on_message_complete(self) -> None:
+        if self._stream is not None:  # its request is being answered already
+            self._stream.end()
+            if not self.parser.should_keep_alive():
+                self._finishing = True
+            self._reset()
+            return
         if self._too_large or self.closing or self._last is not None:
             return
         if self.parser.should_upgrade():
@@ -277,21 +316,23 @@ class HttpProtocol(asyncio.Protocol):
             return
         if not self.parser.should_keep_alive():
             self._finishing = True  # its answer closes the connection: nothing after it counts
-        url = self._url
-        path, _, query = url.partition(b"?")
-        req = Request(
+        body = self._big.buf if self._big is not None else b"".join(self._body)
+        req = self._request(body if len(self._body) != 1 else self._body[0])
+        self._reset()
+        self._deliver(req)
+
+    def _request(self, body: bytes | bytearray | BodyStream) -> Request:
+        path, _, query = self._url.partition(b"?")
+        return Request(
             self.parser.get_method().decode("latin-1"),
             unquote(path.decode("latin-1")) if b"%" in path else path.decode("latin-1"),
             query.decode("latin-1"),
             self._headers,
-            self._big.buf
-            if self._big is not None
-            else b"".join(self._body)
-            if len(self._body) != 1
-            else self._body[0],
+            body,
             self.parser.should_keep_alive(),
         )
-        self._reset()
+
+    def _deliver(self, req: Request) -> None:
         if self.current is not None:
             self.pending.append(req)
             if len(self.pending) > 32 and not self.paused and self.transport:
@@ -299,6 +340,23 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.pause_reading()
         else:
             self._start(req)
+
+    def _start_stream(self, length: int) -> None:
+        """A large body: its request goes to the handler now, its body follows as it comes."""
+        self._stream = BodyStream(length, self._pause_body, self._resume_body, self.close)
+        self._deliver(self._request(self._stream))
+
+    def _pause_body(self) -> None:
+        if self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            if not self.paused:
+                self.transport.pause_reading()
+
+    def _resume_body(self) -> None:
+        if self.transport is not None and self._reading_paused:
+            self._reading_paused = False
+            if not self.paused and not self.closing:
+                self.transport.resume_reading()
 
     # answering -----------------------------------------------------------------------------
 
@@ -329,15 +387,45 @@ class HttpProtocol(asyncio.Protocol):
     def answer(self, req: Request, resp: Response | bytes) -> None:
         """Write the answer to `req` (a Response, or a complete raw HTTP response to relay)."""
         if self.closing or self.transport is None or req is not self.current:
+            if isinstance(resp, Response) and isinstance(resp.body, BodyStream):
+                resp.body.cancel("the caller is gone")
             return
         if isinstance(resp, bytes):
             self.transport.write(resp)
+        elif isinstance(resp.body, BodyStream):
+            head = render_parts(Response(resp.status, b"", resp.content_type, resp.headers), True)
+            self.transport.write(_with_length(head[0], len(resp.body), req.keep_alive))
+            asyncio.get_running_loop().create_task(self._stream_answer(req, resp.body))
+            return
         else:
             parts = render_parts(resp, req.keep_alive)
             if len(parts) == 1:
                 self.transport.write(parts[0])
             else:
                 self.transport.writelines(parts)
+        self._answered(req)
+
+    async def _stream_answer(self, req: Request, body: BodyStream) -> None:
+        """A large answer, written as it arrives, at the pace the caller reads it."""
+        try:
+            async for chunk in body.chunks():
+                if self.closing or self.transport is None:
+                    body.cancel("the caller is gone")
+                    return
+                self.transport.write(chunk)
+                if not self._can_write.is_set():
+                    await self._can_write.wait()
+        except (StreamError, ConnectionError) as exc:
+            # The head promised a length it cannot keep: the caller sees a short body.
+            log.warning("answer to %s %s cut short: %s", req.method, req.path, exc)
+            self.close()
+            return
+        if not self.closing:
+            self._answered(req)
+
+    def _answered(self, req: Request) -> None:
+        """`req` is answered: close, or start the next request read meanwhile."""
+        assert self.transport is not None
         if not req.keep_alive:
             self.close()
             return
@@ -345,7 +433,8 @@ class HttpProtocol(asyncio.Protocol):
         if self.pending:
             if self.paused and len(self.pending) < 8 and not self._finishing:
                 self.paused = False
-                self.transport.resume_reading()
+                if not self._reading_paused:
+                    self.transport.resume_reading()
             self._start(self.pending.popleft())
         elif self._finishing:
             self._close_now()
@@ -401,16 +490,25 @@ class HttpServer:
         max_body: int,
         on_error: ErrorRenderer = default_error,
         fast: FastPath | None = None,
+        stream_above: int | None = None,
     ) -> None:
         self.handler = handler
         self.fast = fast
+        self.stream_above = stream_above
         self.max_body = max_body
         self.on_error = on_error
         self.connections: set[HttpProtocol] = set()
         self.server: asyncio.AbstractServer | None = None
 
     def _protocol(self) -> HttpProtocol:
-        return HttpProtocol(self.handler, self.connections, self.max_body, self.on_error, self.fast)
+        return HttpProtocol(
+            self.handler,
+            self.connections,
+            self.max_body,
+            self.on_error,
+            self.fast,
+            self.stream_above,
+        )
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()

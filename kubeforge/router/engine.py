@@ -34,6 +34,7 @@ from kubeforge.http.client import (
     UpstreamTimeout,
 )
 from kubeforge.http.server import HttpProtocol, Request, Response
+from kubeforge.http.stream import BodyStream
 from kubeforge.metrics import SlidingWindow
 from kubeforge.router import retry
 from kubeforge.router.core import Placement, Replica, ReplicaState, RoutingTable
@@ -105,6 +106,9 @@ class RouterConfig:
     max_body: int = DEFAULTS.max_body
     token: str | None = None
     metrics_window: float = DEFAULTS.metrics_window
+    # Replies larger than this stream through (the router server: contract.STREAM_BODY); None
+    # receives them whole (the local Service, whose caller decodes them in place).
+    stream_above: int | None = None
 
 
 class Router:
@@ -231,7 +235,7 @@ class Router:
     async def call(
         self,
         path: str,
-        body: bytes,
+        body: Any,
         headers: dict[bytes, bytes],
         failed: Failed | None = None,
         first: Replica | None = None,
@@ -263,7 +267,8 @@ class Router:
                 left = deadline - now
                 if asked is not None:
                     left = min(left, asked - (now - started))
-                decision = self._judge(failed, attempt, tried, headers, left)
+                replayable = not (isinstance(body, BodyStream) and body.started)
+                decision = self._judge(failed, attempt, tried, headers, left, replayable)
                 if not decision.resend:
                     return self._give_up(failed, decision)
                 attempt += 1
@@ -319,6 +324,7 @@ class Router:
         tried: set[int],
         headers: dict[bytes, bytes],
         time_left: float,
+        replayable: bool = True,
     ) -> retry.Decision:
         """Take what a failed attempt says about its replica's health, then ask the one rule."""
         replica = self.table.replicas.get(failed.index)
@@ -334,6 +340,7 @@ class Router:
             others=sum(r.index not in tried for r in self.table.healthy),
             time_left=time_left,
             backoff_base=self.config.retry_backoff,
+            replayable=replayable,
         )
 
     def _give_up(self, failed: Failed, decision: retry.Decision) -> Response:
@@ -388,10 +395,12 @@ class Router:
         replica: Replica,
         path: bytes,
         headers: bytes,
-        body: bytes,
+        body: Any,
         deadline: float | None = None,
+        broadcast: bool = False,
     ) -> ClientResponse:
-        """One relayed request, with the bookkeeping the routing core and metrics need."""
+        """One relayed request, with the bookkeeping the routing core and metrics need; a
+        broadcast's replies are read whole (one answer is assembled from them)."""
         upstream = self.upstreams[replica.index]
         started = time.monotonic()
         timeout = self.config.request_timeout if deadline is None else deadline - started
@@ -399,7 +408,13 @@ class Router:
         ok = False
         try:
             resp = await upstream.request(
-                b"POST", path, headers, body, timeout, min(timeout, self.config.health_timeout)
+                b"POST",
+                path,
+                headers,
+                body,
+                timeout,
+                min(timeout, self.config.health_timeout),
+                None if broadcast else self.config.stream_above,
             )
             ok = resp.status < 400
             return resp
@@ -420,6 +435,8 @@ class Router:
         """
         if req.method != "POST" or not req.path.startswith(wire.CALL_PREFIX):
             return False
+        if isinstance(req.body, BodyStream):
+            return False  # `call` streams it on
         if not wire.is_endpoint_name(req.path[len(wire.CALL_PREFIX) :]):
             return False  # `handle` refuses it: the path goes into our request line
         headers = req.headers
@@ -462,7 +479,13 @@ class Router:
             asyncio.get_running_loop().create_task(self._go_on(req, conn, failed, started=started))
 
         sent = self.upstreams[replica.index].send(
-            b"POST", req.path.encode(), extra, req.body, self.config.request_timeout, done
+            b"POST",
+            req.path.encode(),
+            extra,
+            req.body,
+            self.config.request_timeout,
+            done,
+            self.config.stream_above,
         )
         if not sent:
             replica.in_flight -= 1
@@ -494,7 +517,7 @@ class Router:
     async def resume(
         self,
         path: str,
-        body: bytes,
+        body: Any,
         headers: dict[bytes, bytes],
         index: int,
         took: float,
@@ -583,7 +606,7 @@ class Router:
                 replica.sessions_reported -= 1
         return Response(resp.status, resp.body)
 
-    async def broadcast(self, endpoint: str, body: bytes, asked: dict[bytes, bytes]) -> Response:
+    async def broadcast(self, endpoint: str, body: Any, asked: dict[bytes, bytes]) -> Response:
         """`asked` is the call's wire headers; what a call carries on, a broadcast does too."""
         replicas = list(self.table.healthy)
         if not replicas:
@@ -591,9 +614,13 @@ class Router:
         fmt = wire.body_format(asked.get(wire.H_CONTENT_TYPE))
         headers = self._forwarded(asked)
         path = (wire.CALL_PREFIX + endpoint).encode()
-        outcomes = await asyncio.gather(
-            *(self._send(r, path, headers, body) for r in replicas), return_exceptions=True
-        )
+        # A streamed body is read from the caller once and written to every replica at once.
+        bodies = body.tee(len(replicas)) if isinstance(body, BodyStream) else [body] * len(replicas)
+        sends = [
+            self._send(r, path, headers, b, broadcast=True)
+            for r, b in zip(replicas, bodies, strict=True)
+        ]
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
         results: list[Any] = []
         errors: dict[str, Any] = {}
         statuses: set[int] = set()

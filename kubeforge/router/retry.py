@@ -77,6 +77,7 @@ def decide(
     others: int,
     time_left: float = float("inf"),
     backoff_base: float = 0.01,
+    replayable: bool = True,
 ) -> Decision:
     """May the call be sent again, to another healthy replica not tried yet?
 
@@ -90,7 +91,11 @@ def decide(
       with the replica, so the caller must know) and unless the caller asked for at-most-once.
     - Overload keeps a session on its replica: only calls without one go elsewhere.
     - A refused connect or a draining replica never reached the actor: any call may go on.
+    - A body that streamed on to the replica (`replayable=False`: larger than the router
+      holds) is gone once sent: only a refused connect, before any of it left, may go on.
     """
+    if not replayable and outcome is not Outcome.CONNECT:
+        return Decision(False, "its body was streamed to the replica and is not kept")
     if outcome is Outcome.TIMEOUT:
         return Decision(False, "the call may still be running")
     if outcome is Outcome.LOST and in_session:

@@ -28,11 +28,14 @@ class RouterServer:
         self.config = config
         self.router = Router(config, discovery)
         self.native = native.wanted()
+        # Bodies and replies beyond STREAM_BODY stream through, never held whole.
+        config.stream_above = contract.STREAM_BODY
         self.http = HttpServer(
             self.handle,
             config.max_body,
             on_error=wire.http_error,
             fast=None if self.native else self.router.relay,
+            stream_above=contract.STREAM_BODY,
         )
         self._auth = wire.bearer(config.token)
         self._secret = secrets.token_hex(16).encode()

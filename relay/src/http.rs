@@ -132,6 +132,10 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Request {
             return Request::HandOver;
         }
     }
+    if head.content_length > names::LIMITS_STREAM_BODY {
+        // Too large to hold: the Python call path streams it (and the rest of the connection).
+        return Request::HandOver;
+    }
     Request::Head(head)
 }
 

@@ -24,12 +24,15 @@ from typing import Any
 from urllib.parse import quote_from_bytes
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kubeforge import values
 from kubeforge.router.sessions import SessionCodec
 from tests.integration.procs import Proc, Procs
+from tests.unit.test_values import BAD_BODIES, array_ext, message
 
 TOKEN = "diff-token"
 MAX_BODY = 2048
@@ -91,6 +94,8 @@ def _decode(head: dict[bytes, bytes], body: bytes) -> tuple[str, Any]:
             return "json", json.loads(body)
         if ctype in (b"application/msgpack", b"application/x-msgpack"):
             return "msgpack", msgpack.unpackb(body, raw=False)
+        if ctype == values.CONTENT_TYPE:
+            return "binary", values.decode(bytearray(body))
     except (ValueError, msgpack.UnpackException, msgpack.ExtraData):
         return "unparsable", None
     return "text", None
@@ -624,6 +629,44 @@ CASES: list[Case] = [
         "pipelined: metrics then call",
         req(method=b"GET", path=b"/v1/metrics", body=b"") + req(),
         responses=2,
+    ),
+]
+
+
+# kubeforge's binary format (issue 21): valid calls, and every malformed body of the unit
+# corpus, sent as a call: both paths relay the bytes and the replica answers 400 with the reason.
+BINARY = values.CONTENT_TYPE
+
+
+def binary_call(value: Any) -> bytes:
+    return values.encode({"args": [value], "kwargs": {}}).tobytes()
+
+
+CASES += [
+    Case(
+        "binary call, float16 array",
+        req(
+            ctype=BINARY,
+            body=binary_call(np.arange(8, dtype="float16").reshape(2, 4)),
+        ),
+    ),
+    Case("binary call, tuple and bytes", req(ctype=BINARY, body=binary_call((1, b"\x00" * 300)))),
+    Case(
+        "binary call_all",
+        req(path=b"/v1/call_all/echo", ctype=BINARY, body=binary_call([1.5, None])),
+    ),
+    Case(
+        "binary body past maxBodySize", req(ctype=BINARY, body=binary_call(b"x" * 3000)), status=413
+    ),
+    Case(
+        "binary body as its call",
+        req(ctype=BINARY, body=message({"args": [array_ext("float32", [3, 3], b"\0" * 8)]})),
+        status=400,
+    ),
+    *(
+        Case(f"binary body: {name}", req(ctype=BINARY, body=body), status=400)
+        for name, body in sorted(BAD_BODIES.items())
+        if len(body) <= MAX_BODY
     ),
 ]
 

@@ -121,6 +121,7 @@ async def test_options_accepts_every_service_config_field_and_refuses_others() -
         "raise_on_session_moved": False,
         "at_most_once": False,
         "mesh_name": "counters",
+        "max_body_size": 1 << 20,
         "num_replicas": 2,
     }
     assert set(every) == {f.name for f in fields(ServiceConfig)}

@@ -80,3 +80,17 @@ def test_no_re_send_past_the_deadline() -> None:
     assert decide(C, 0, 3, time_left=0.5, **args).resend
     late = decide(C, 0, 3, time_left=0.0, **args)
     assert not late.resend and "deadline" in late.why
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_a_streamed_body_goes_on_only_after_a_refused_connect(outcome: Outcome) -> None:
+    """A body larger than the router holds streams to its replica and is gone once it flowed:
+    only a connect that never happened (nothing sent) may be tried elsewhere."""
+    kept = decide(outcome, 0, 3, at_most_once=False, in_session=False, others=2)
+    streamed = decide(
+        outcome, 0, 3, at_most_once=False, in_session=False, others=2, replayable=False
+    )
+    if outcome is Outcome.CONNECT:
+        assert streamed == kept and streamed.resend
+    else:
+        assert not streamed.resend and "streamed" in streamed.why
