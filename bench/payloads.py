@@ -31,6 +31,7 @@ import os
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -93,13 +94,14 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
         view = view[n:]
 
 
-def _serve_echo(listener: socket.socket, reply: bool) -> None:
-    """Read a length-prefixed message into one buffer, then send it back (or a 1-byte ack)."""
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
+def serve_raw(reply: bool) -> None:
+    """The raw peer, a process of its own as a replica is: read a length-prefixed message into
+    a new buffer (as any receiver that hands the data on must), send it back or a 1-byte ack."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(listener.getsockname()[1], flush=True)
+
+    def one(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
             head = bytearray(_LEN.size)
             try:
@@ -107,31 +109,44 @@ def _serve_echo(listener: socket.socket, reply: bool) -> None:
                     _recv_exactly(conn, memoryview(head))
                     buf = bytearray(_LEN.unpack(head)[0])
                     _recv_exactly(conn, memoryview(buf))
-                    conn.sendall(_LEN.pack(len(buf)) + (bytes(buf) if reply else b""))
+                    conn.sendall(_LEN.pack(len(buf) if reply else 0))
+                    if reply:
+                        conn.sendall(buf)
             except (ConnectionError, OSError):
                 pass
 
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=one, args=(conn,), daemon=True).start()
+
 
 class RawPeer:
-    """An echo (or sink) server in a thread of its own: the socket work is the kernel's."""
+    """A raw echo (or sink) process and one kept-open connection to it."""
 
     def __init__(self, reply: bool = True) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=_serve_echo, args=(self.listener, reply), daemon=True).start()
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--raw-peer", "echo" if reply else "sink"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        port = int(self.proc.stdout.readline())
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def round_trip(self, arr: np.ndarray) -> None:
+        self.sock.sendall(_LEN.pack(arr.nbytes))
+        self.sock.sendall(memoryview(arr).cast("B"))
+        head = bytearray(_LEN.size)
+        _recv_exactly(self.sock, memoryview(head))
+        size = _LEN.unpack(head)[0]
+        if size:
+            _recv_exactly(self.sock, memoryview(bytearray(size)))
 
     def close(self) -> None:
-        self.listener.close()
-
-
-def raw_round_trip(port: int, arr: np.ndarray, reply: bool = True) -> None:
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(_LEN.pack(arr.nbytes))
-        s.sendall(memoryview(arr).cast("B"))
-        head = bytearray(_LEN.size)
-        _recv_exactly(s, memoryview(head))
-        if reply:
-            _recv_exactly(s, memoryview(bytearray(_LEN.unpack(head)[0])))
+        self.sock.close()
+        self.proc.kill()
+        self.proc.wait()
 
 
 # targets --------------------------------------------------------------------------------------
@@ -141,7 +156,7 @@ def raw_round_trip(port: int, arr: np.ndarray, reply: bool = True) -> None:
 async def raw_socket() -> AsyncIterator[Echo]:
     peer = RawPeer()
     try:
-        yield lambda arr: asyncio.to_thread(raw_round_trip, peer.port, arr)
+        yield lambda arr: asyncio.to_thread(peer.round_trip, arr)
     finally:
         peer.close()
 
@@ -253,9 +268,7 @@ async def broadcast(arr: np.ndarray, rounds: int) -> dict[str, Any]:
                 kf.append(time.perf_counter() - started)
                 assert sizes == [arr.nbytes] * 4, sizes
                 started = time.perf_counter()
-                await asyncio.gather(
-                    *(asyncio.to_thread(raw_round_trip, p.port, arr, False) for p in peers)
-                )
+                await asyncio.gather(*(asyncio.to_thread(p.round_trip, arr) for p in peers))
                 raw.append(time.perf_counter() - started)
     finally:
         for p in peers:
@@ -303,9 +316,11 @@ async def main_async(args: argparse.Namespace) -> int:
         }
         client, _dep = await stack.enter_async_context(routed(1))
         echoes["router"] = lambda arr: client.echo(None, arr)
-        if importlib.util.find_spec("ray") is None:
-            skipped["ray"] = "Ray not installed (pip install -e '.[bench]')"
-            print("ray-actor, ray-serve: not installed", flush=True)
+        if args.no_ray or importlib.util.find_spec("ray") is None:
+            skipped["ray"] = (
+                "--no-ray" if args.no_ray else "not installed (pip install -e '.[bench]')"
+            )
+            print(f"ray-actor, ray-serve: skipped ({skipped['ray']})", flush=True)
         else:
             ray = await stack.enter_async_context(ray_started())
             echoes["ray-actor"] = await stack.enter_async_context(ray_actor(ray))
@@ -388,8 +403,12 @@ def main() -> int:
     p.add_argument("--sizes", default="4K,1M,16M,256M,1G", help="payload sizes, comma separated")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (order rotates)")
     p.add_argument("--quick", action="store_true", help="4 KB and 1 MB, one round")
+    p.add_argument("--no-ray", action="store_true", help="leave out the Ray peers")
+    p.add_argument("--raw-peer", choices=["echo", "sink"], help=argparse.SUPPRESS)
     add_json_arg(p)
     args = p.parse_args()
+    if args.raw_peer:
+        serve_raw(args.raw_peer == "echo")
     if args.quick:
         args.sizes, args.rounds = "4K,1M", 1
     return asyncio.run(main_async(args))

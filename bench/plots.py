@@ -5,6 +5,7 @@
 * latency_cdf.png  -- latency CDFs: the proxies at the most connections, the Python API against
                       Ray Serve at 32 callers, and one call against `call_all` to 16 replicas;
 * scale.png        -- req/s, p50 and the router's CPU per call against the number of replicas;
+* payloads.png     -- round-trip throughput against payload size (log-log), one line per path;
 * summary.md       -- the headline table, each figure against its target (pasted into README).
 
 A results file that is missing is left out of the plots and the table, with a printed line.
@@ -32,7 +33,7 @@ PROXIES = ("direct", "kf-router", "kf-router/s", "nginx", "nginx/s", "haproxy", 
 
 def load(folder: Path) -> Results:
     names = ["router_overhead", "router_overhead_pinned", "service_calls", "scale"]
-    names += ["spmd_calls", "operator_memory", "operator_scale"]
+    names += ["spmd_calls", "operator_memory", "operator_scale", "payloads"]
     out: Results = {}
     for name in names:
         path = folder / f"{name}.json"
@@ -159,8 +160,48 @@ def plot_scale(results: Results, out: Path) -> None:
     plt.close(fig)
 
 
+PAYLOAD_PATHS = ("raw-socket", "service", "router", "ray-actor", "ray-serve")
+
+
+def plot_payloads(results: Results, out: Path) -> None:
+    if "payloads" not in results:
+        return
+    run = results["payloads"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name in PAYLOAD_PATHS:
+        per = run["targets"].get(name)
+        if not per:
+            continue
+        sizes = sorted(per, key=int)
+        x = [int(n) for n in sizes]
+        med = [per[n]["mbps"] for n in sizes]
+        err = [
+            [per[n]["mbps"] - per[n]["min"] for n in sizes],
+            [per[n]["max"] - per[n]["mbps"] for n in sizes],
+        ]
+        ax.errorbar(x, med, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("payload (float32 array), bytes each way")
+    ax.set_ylabel("round trip, MB/s of payload each way")
+    ax.set_title("Payload round trips on 2 cores (median, min-max)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "payloads.png", dpi=110)
+    plt.close(fig)
+
+
 def _ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
+
+
+def _size(n: str | int) -> str:
+    n = int(n)
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:g} {unit}"
+    return f"{n} B"
 
 
 def summary(results: Results) -> str:
@@ -244,6 +285,32 @@ def summary(results: Results) -> str:
                 "≥ 5x",
                 lambda r=r: _ratio(r.get("service_over_ray")),
             )
+    if "payloads" in results:
+        pl = results["payloads"]
+        ratios = pl["ratios"]
+        for n, v in ratios.get("service_over_ray_actor", {}).items():
+            if int(n) >= 1_000_000:
+                add(f"local Service / Ray actor, {_size(n)}", "≥ 1.0x", lambda v=v: _ratio(v))
+        for n, v in ratios.get("router_over_raw_socket", {}).items():
+            if int(n) >= 16_000_000:
+                add(f"router / raw socket, {_size(n)}", "≥ 0.5x", lambda v=v: _ratio(v))
+        b = pl["broadcast"]
+        add(
+            f"broadcast {_size(b['bytes'])} to {b['replicas']} / parallel raw sends",
+            "≥ 0.7x",
+            lambda: _ratio(b["ratio"]),
+        )
+        m = pl["memory"]
+        add(
+            f"router RSS growth, {_size(m['router_call_bytes'])} call",
+            "≤ 64 MiB",
+            lambda: f"{m['router_rss_growth_mib']:.1f} MiB",
+        )
+        add(
+            "replica memory per payload byte",
+            "≤ 1.2",
+            lambda: f"{m['replica_bytes_per_payload_byte']:.2f}",
+        )
     lines = ["| figure | target | measured (median of rounds) |", "|---|---|---|"]
     lines += [f"| {f} | {t} | {v} |" for f, t, v in rows]
     return "\n".join(lines) + "\n"
@@ -260,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_router(results, ns.results)
     plot_latency(results, ns.results)
     plot_scale(results, ns.results)
+    plot_payloads(results, ns.results)
     table = summary(results)
     (ns.results / "summary.md").write_text(table)
     print(table)

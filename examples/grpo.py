@@ -3,7 +3,10 @@
 The task is adding two numbers. The policy answers with an error that shrinks as its `skill`
 grows; the reward scores each answer; advantages are normalised within the group; the trainer
 (two ranks) raises the skill from the batch's advantages and pushes it to every policy replica.
-No torch: the point is the program's shape and the calls it makes, which are torchforge's:
+Episodes and completions are dataclasses, as torchforge's are, and cross between actors as
+those classes (kubeforge's binary format; the endpoints' type hints allow them). No torch yet
+(the kind lane's images carry none): the point is the program's shape and the calls it makes,
+which are torchforge's:
 
 * actors (`X.options(**cfg).as_actor(...)`): dataset, trainer (`procs: 2`), replay buffer,
   advantages; called with `.call_one()`, or `.call()` on every rank (the trainer's steps);
@@ -51,14 +54,39 @@ ACTORS = tuple(CONFIG["actors"])
 SERVICES = tuple(CONFIG["services"])
 
 
+@dataclass
+class Sample:
+    prompt: str
+    target: int
+
+
+@dataclass
+class Completion:
+    """One response of the policy, and the policy version that wrote it."""
+
+    text: str
+    version: int
+
+
+@dataclass
+class Episode:
+    completion: Completion
+    reward: float
+    advantage: float
+
+    @property
+    def version(self) -> int:
+        return self.completion.version
+
+
 class DatasetActor(Actor):
     def __init__(self, seed: int = 0) -> None:
         self.rng = random.Random(seed)
 
     @endpoint
-    async def sample(self) -> dict[str, Any]:
+    async def sample(self) -> Sample:
         a, b = self.rng.randint(0, 50), self.rng.randint(0, 50)
-        return {"prompt": f"{a}+{b}", "target": a + b}
+        return Sample(f"{a}+{b}", a + b)
 
     @endpoint
     async def pad_token(self) -> int:
@@ -75,11 +103,11 @@ class Policy(Actor):
         self.skill = 0.0
 
     @endpoint
-    async def generate(self, prompt: str) -> list[dict[str, Any]]:
+    async def generate(self, prompt: str) -> list[Completion]:
         a, b = (int(x) for x in prompt.split("+"))
         spread = 4.0 / (1.0 + self.skill)
         return [
-            {"text": str(a + b + round(self.rng.gauss(0.0, spread))), "version": self.version}
+            Completion(str(a + b + round(self.rng.gauss(0.0, spread))), self.version)
             for _ in range(self.group_size)
         ]
 
@@ -112,17 +140,17 @@ class ReplayBuffer(Actor):
     def __init__(self, batch_size: int = 8, max_policy_age: int = 1) -> None:
         self.batch_size = batch_size
         self.max_policy_age = max_policy_age
-        self.episodes: list[dict[str, Any]] = []
+        self.episodes: list[Episode] = []
 
     @endpoint
-    async def add(self, episode: dict[str, Any]) -> None:
+    async def add(self, episode: Episode) -> None:
         self.episodes.append(episode)
 
     @endpoint
-    async def sample(self, curr_policy_version: int) -> list[dict[str, Any]] | None:
+    async def sample(self, curr_policy_version: int) -> list[Episode] | None:
         """A batch of episodes from recent policies, or None until there are enough."""
         oldest = curr_policy_version - self.max_policy_age
-        self.episodes = [e for e in self.episodes if e["version"] >= oldest]
+        self.episodes = [e for e in self.episodes if e.version >= oldest]
         if len(self.episodes) < self.batch_size:
             return None
         batch, self.episodes = self.episodes[: self.batch_size], self.episodes[self.batch_size :]
@@ -140,16 +168,26 @@ class Trainer(Actor):
         self.steps = 0
 
     @endpoint
-    async def train_step(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+    async def train_step(self, batch: list[Episode]) -> dict[str, Any]:
         shard = batch[self.rank :: self.world_size]
-        loss = statistics.fmean(1.0 - e["reward"] for e in shard) if shard else 0.0
-        self.skill += self.lr * statistics.fmean(max(0.0, e["advantage"]) for e in batch)
+        loss = statistics.fmean(1.0 - e.reward for e in shard) if shard else 0.0
+        self.skill += self.lr * statistics.fmean(max(0.0, e.advantage) for e in batch)
         self.steps += 1
         return {"rank": self.rank, "loss": loss, "episodes": len(shard)}
 
     @endpoint
     async def push_weights(self, version: int) -> dict[str, Any]:
         return {"rank": self.rank, "version": version, "skill": self.skill}
+
+
+ROLES: dict[str, type] = {
+    "dataset": DatasetActor,
+    "policy": Policy,
+    "trainer": Trainer,
+    "replay_buffer": ReplayBuffer,
+    "compute_advantages": ComputeAdvantages,
+    "reward_actor": RewardActor,
+}
 
 
 @dataclass
@@ -182,7 +220,9 @@ async def connect_cluster(routers: dict[str, dict[str, str]]) -> Handles:
 
     async def one(role: str) -> Any:
         how = kubeforge.connect if role in SERVICES else kubeforge.connect_actor
-        return await how(routers[role]["url"], token=routers[role].get("token"), name=role)
+        url, token = routers[role]["url"], routers[role].get("token")
+        # The actor class lets replies rebuild the dataclasses its endpoints name.
+        return await how(url, token=token, name=role, actor=ROLES[role])
 
     roles = ("dataset", "policy", "trainer", "replay_buffer", "compute_advantages", "reward_actor")
     return Handles(*await asyncio.gather(*(one(r) for r in roles)))
@@ -197,19 +237,16 @@ async def train(h: Handles, steps: int, rollout_tasks: int = 2) -> dict[str, Any
     async def continuous_rollouts() -> None:
         while not stop.is_set():
             sample = await h.dataloader.sample.call_one()
-            responses = await h.policy.generate.route(sample["prompt"])
+            responses = await h.policy.generate.route(sample.prompt)
             rewards = await asyncio.gather(
                 *(
-                    h.reward_actor.evaluate_response.route(
-                        sample["prompt"], r["text"], sample["target"]
-                    )
+                    h.reward_actor.evaluate_response.route(sample.prompt, r.text, sample.target)
                     for r in responses
                 )
             )
             advantages = await h.compute_advantages.compute.call_one(rewards)
             for response, reward, advantage in zip(responses, rewards, advantages, strict=True):
-                episode = {**response, "reward": reward, "advantage": advantage}
-                await h.replay_buffer.add.call_one(episode)
+                await h.replay_buffer.add.call_one(Episode(response, reward, advantage))
 
     async def continuous_training() -> None:
         version = 0
@@ -218,7 +255,7 @@ async def train(h: Handles, steps: int, rollout_tasks: int = 2) -> dict[str, Any
             if batch is None:
                 await asyncio.sleep(0.01)
                 continue
-            batch_rewards.append(statistics.fmean(e["reward"] for e in batch))
+            batch_rewards.append(statistics.fmean(e.reward for e in batch))
             per_rank = await h.trainer.train_step.call(batch)
             losses.append([r["loss"] for r in per_rank])
             weights = await h.trainer.push_weights.call(version + 1)

@@ -97,7 +97,7 @@ def decode(body: bytes, msgpack_format: bool = False) -> Any:
     try:
         if msgpack_format:
             return msgpack.unpackb(body, raw=False)
-        return json.loads(body)
+        return json.loads(body if not isinstance(body, memoryview) else bytes(body))
     except (ValueError, msgpack.UnpackException, msgpack.ExtraData) as exc:
         fmt = "msgpack" if msgpack_format else "JSON"
         raise BadRequestError(f"malformed {fmt} body: {exc}") from None

@@ -15,7 +15,7 @@ from typing import Any
 import httptools
 
 from kubeforge.http.server import ONE_BUFFER, BodyBuffer, body_length, body_parts
-from kubeforge.http.stream import BodyStream, StreamError
+from kubeforge.http.stream import BodyStream, StreamError, write_paced
 
 
 class UpstreamError(Exception):
@@ -97,7 +97,7 @@ class _Connection(asyncio.Protocol):
         # reply larger than `stream_above` handed on while it arrives.
         self.stream_above: int | None = None
         self._reply: BodyStream | None = None
-        self.pumping: asyncio.Task[None] | None = None
+        self.pumping: asyncio.Task[Any] | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
 
@@ -299,7 +299,10 @@ class Upstream:
         if len(parts) == 1 and len(parts[0]) < ONE_BUFFER:
             transport.write(b"".join((*head, parts[0])))
         else:  # the body's own buffers follow the head: a large body is never joined here
-            transport.writelines([b"".join(head), *parts])
+            transport.write(b"".join(head))
+            conn.pumping = asyncio.get_running_loop().create_task(
+                write_paced(transport, parts, conn._can_write)
+            )
 
     def send(
         self,

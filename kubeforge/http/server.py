@@ -12,7 +12,8 @@ from urllib.parse import unquote
 
 import httptools
 
-from kubeforge.http.stream import BodyStream, StreamError
+from kubeforge.http.buffers import POOL
+from kubeforge.http.stream import BodyStream, StreamError, write_paced
 
 log = logging.getLogger("kubeforge.http")
 
@@ -36,12 +37,13 @@ def body_parts(body: Any) -> list[Any]:
 
 
 class BodyBuffer:
-    """A body of known length received into one `bytearray`."""
+    """A body of known length received into one writable buffer (a large one from the pool,
+    where it is used again once nothing views it)."""
 
     __slots__ = ("buf", "filled", "view")
 
     def __init__(self, length: int) -> None:
-        self.buf = bytearray(length)
+        self.buf = POOL.take(length)
         self.view = memoryview(self.buf)
         self.filled = 0
 
@@ -64,7 +66,7 @@ class Request:
         path: str,
         query: str,
         headers: dict[bytes, bytes],
-        body: bytes | bytearray | BodyStream,  # a stream only where the server streams
+        body: bytes | bytearray | memoryview | BodyStream,  # a stream where the server streams
         keep_alive: bool,
     ) -> None:
         self.method = method
@@ -399,11 +401,17 @@ class HttpProtocol(asyncio.Protocol):
             return
         else:
             parts = render_parts(resp, req.keep_alive)
-            if len(parts) == 1:
+            if len(parts) > 1:  # a large body: written as the caller takes it
                 self.transport.write(parts[0])
-            else:
-                self.transport.writelines(parts)
+                asyncio.get_running_loop().create_task(self._write_answer(req, parts[1:]))
+                return
+            self.transport.write(parts[0])
         self._answered(req)
+
+    async def _write_answer(self, req: Request, parts: list[Any]) -> None:
+        assert self.transport is not None
+        if await write_paced(self.transport, parts, self._can_write) and not self.closing:
+            self._answered(req)
 
     async def _stream_answer(self, req: Request, body: BodyStream) -> None:
         """A large answer, written as it arrives, at the pace the caller reads it."""

@@ -12,9 +12,31 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 HIGH = 4 << 20  # bytes waiting in one stream before its producer pauses
 LOW = 1 << 20  # and below which it resumes
+WRITE_CHUNK = 1 << 20  # a large body is handed to its transport this much at a time
+
+
+async def write_paced(
+    transport: asyncio.Transport, parts: list[Any], can_write: asyncio.Event
+) -> bool:
+    """Write a large body's parts in chunks, each once the transport has room for it.
+
+    One `write` of a large buffer makes asyncio's transport copy what the socket did not take
+    at once, and (before Python 3.12) shift its buffer after every send: time quadratic in the
+    size. Paced, the transport never holds more than a chunk. False if the connection closed.
+    """
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for offset in range(0, view.nbytes, WRITE_CHUNK):
+            if transport.is_closing():
+                return False
+            transport.write(view[offset : offset + WRITE_CHUNK])
+            if not can_write.is_set():
+                await can_write.wait()
+    return not transport.is_closing()
 
 
 class StreamError(ConnectionError):

@@ -27,6 +27,12 @@ SCRIPTS = [
     ),
     ("service_calls.py", ["--quick", "--duration", "1"], [], 240),
     ("spmd_calls.py", ["--duration", "0.5"], ["incr x1", "gather x1"], 240),
+    (
+        "payloads.py",
+        ["--quick", "--no-ray"],
+        ["targets", "broadcast", "memory", "ratios"],
+        300,
+    ),
     ("scale.py", ["--quick"], ["replicas", "broadcast", "sessions", "detection"], 300),
     ("operator_memory.py", ["--services", "2"], ["rss_mib", "ready_s"], 300),
     (
@@ -78,7 +84,7 @@ def test_plots_draw_the_scripts_figures(results: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for png in ("router_rps.png", "latency_cdf.png", "scale.png"):
+    for png in ("router_rps.png", "latency_cdf.png", "scale.png", "payloads.png"):
         assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     table = (results / "summary.md").read_text()
     rows = ["router / nginx, 16 conns", "sessions: router / nginx hash", "call_all to 4 replicas"]
