@@ -296,8 +296,8 @@ class Upstream:
             conn.pumping = asyncio.get_running_loop().create_task(conn.pump(body))
             return
         parts = body_parts(body)
-        if len(parts) == 1 and len(parts[0]) < ONE_BUFFER:
-            transport.write(b"".join((*head, parts[0])))
+        if body_length(body) < ONE_BUFFER:  # small: one write, one segment
+            transport.write(b"".join((*head, *parts)))
         else:  # the body's own buffers follow the head: a large body is never joined here
             transport.write(b"".join(head))
             conn.pumping = asyncio.get_running_loop().create_task(

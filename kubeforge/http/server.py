@@ -129,9 +129,8 @@ def render_parts(resp: Response, keep_alive: bool) -> list[Any]:
         head.append(b"connection: close\r\n")
     head.append(b"\r\n")
     parts = body_parts(resp.body)
-    if len(parts) == 1 and len(parts[0]) < ONE_BUFFER:
-        head.append(parts[0])
-        return [b"".join(head)]
+    if body_length(resp.body) < ONE_BUFFER:  # small: one write, one segment
+        return [b"".join((*head, *parts))]
     return [b"".join(head), *parts]
 
 
