@@ -117,6 +117,12 @@ class Tensors(Actor):
     async def checksum(self, state_dict: dict[str, torch.Tensor]) -> float:
         return float(sum(t.double().sum() for t in state_dict.values()))
 
+    @endpoint(device="meta")  # "cuda" on a GPU machine; meta shows the move without one
+    async def where(self, t: torch.Tensor, episode: Episode) -> list[str]:
+        """Where the tensors of the call arrived (the endpoint asked for a device)."""
+        assert episode.completion is not None
+        return [str(t.device), str(episode.completion.logprobs.device)]
+
     @endpoint
     async def typed(self, n: int, x: float, t: torch.Tensor, name: str = "") -> str:
         """Type hints the replica checks before the call runs."""

@@ -27,12 +27,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 A = TypeVar("A", bound="Actor")
 
 _ENDPOINT_ATTR = "__kubeforge_endpoint__"
+_DEVICE_ATTR = "__kubeforge_device__"
 
 
-def endpoint(fn: F) -> F:
-    """Mark an actor method (sync or async) as callable through a replica."""
-    setattr(fn, _ENDPOINT_ATTR, True)
-    return fn
+def endpoint(fn: F | None = None, *, device: str | None = None) -> Any:
+    """Mark an actor method (sync or async) as callable through a replica.
+
+    Tensors arrive on the CPU (a CUDA tensor travels as its bytes); `@endpoint(device="cuda")`
+    moves the tensors among its arguments (in lists, tuples, dicts and dataclasses) to that
+    device before the call, each rank to its own GPU."""
+
+    def mark(f: F) -> F:
+        setattr(f, _ENDPOINT_ATTR, True)
+        setattr(f, _DEVICE_ATTR, device)
+        return f
+
+    return mark(fn) if fn is not None else mark
 
 
 class Actor:
@@ -107,9 +117,11 @@ class EndpointInfo:
     name: str
     is_async: bool
     signature: inspect.Signature
+    device: str | None = None  # where its tensor arguments go before the call
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "async": self.is_async, "signature": str(self.signature)}
+        out = {"name": self.name, "async": self.is_async, "signature": str(self.signature)}
+        return {**out, "device": self.device} if self.device else out
 
 
 def endpoints_of(cls: type) -> dict[str, EndpointInfo]:
@@ -131,7 +143,8 @@ def endpoints_of(cls: type) -> dict[str, EndpointInfo]:
             and not isinstance(inspect.getattr_static(cls, name), staticmethod | classmethod)
         ):
             sig = sig.replace(parameters=params[1:])
-        found[name] = EndpointInfo(name, inspect.iscoroutinefunction(fn), sig)
+        device = getattr(fn, _DEVICE_ATTR, None)
+        found[name] = EndpointInfo(name, inspect.iscoroutinefunction(fn), sig, device)
     return found
 
 

@@ -715,6 +715,39 @@ def _import(path: str) -> Any:
     return obj
 
 
+def to_device(value: Any, device: str) -> Any:
+    """`value` with every torch tensor in it (through lists, tuples, dicts and dataclasses)
+    moved to `device`: what `@endpoint(device=...)` does to a call's arguments."""
+    if _is_tensor(value):
+        return value.to(device)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if type(value) is tuple:
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            object.__setattr__(value, f.name, to_device(getattr(value, f.name), device))
+    return value
+
+
+def resolve_imports(value: Any) -> Any:
+    """JSON constructor arguments (a manifest's `args`/`kwargs`) with every `{"$import":
+    "module:name"}` replaced by what it names: how a manifest passes a function or a class."""
+    if isinstance(value, list):
+        return [resolve_imports(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"$import"}:
+            path = value["$import"]
+            obj = _import(path) if isinstance(path, str) else None
+            if obj is None:
+                raise ValueError(f"cannot import {path!r} (named by $import)")
+            return obj
+        return {k: resolve_imports(v) for k, v in value.items()}
+    return value
+
+
 def describe_types() -> types.MappingProxyType[str, tuple[int, str | None]]:
     """The dtypes that cross, with their sizes (docs and tests read it)."""
     return types.MappingProxyType(_DTYPES)

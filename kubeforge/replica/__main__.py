@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"kubeforge.replica: {exc}")
     if ns.init_file:
         ns.args, ns.kwargs = _read_init(ns.init_file)
+    else:
+        try:  # a manifest names functions and classes as {"$import": "module:name"}
+            ns.args, ns.kwargs = values.resolve_imports([ns.args, ns.kwargs])
+        except ValueError as exc:
+            sys.exit(f"kubeforge.replica: --args/--kwargs: {exc}")
     if me.rank > 0:
         _serve_rank(ns, actor_cls)
     if ns.max_concurrent_requests < 1 or ns.max_queued_requests < 0:

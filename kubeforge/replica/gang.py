@@ -351,6 +351,8 @@ async def _run_one(actor: Any, endpoints: dict, message: dict[str, Any]) -> dict
             fmt = message.get("format", wire.FMT_JSON)
             allowed = values.Allowed.from_hints(getattr(type(actor), info.name))
             args, kwargs = wire.parse_call_body(message["body"], fmt, allowed)
+            if info.device is not None:
+                args, kwargs = values.to_device([args, kwargs], info.device)
             fn = getattr(actor, info.name)
             value = await invoke(fn, info.is_async, args, kwargs)
         if message.get("all"):

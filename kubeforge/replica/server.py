@@ -271,6 +271,8 @@ class ReplicaServer:
         fmt = wire.body_format(req.headers.get(wire.H_CONTENT_TYPE))
         args, kwargs = wire.parse_call_body(req.body, fmt, self.allowed[name])
         self.checks[name](args, kwargs)
+        if info.device is not None:
+            args, kwargs = values.to_device([args, kwargs], info.device)
         timeout = self.config.request_timeout
         asked = req.headers.get(wire.H_TIMEOUT)
         if asked:

@@ -22,9 +22,11 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def deployment() -> Any:
-    """`kubeforge run` of the Tensors actor: 2 replicas behind a router process."""
+    """`kubeforge run` of the Tensors actor: 2 replicas behind a router process, with JSON
+    constructor arguments as a manifest gives them (a function named by `$import`)."""
+    kwargs = {"scale": 2.0, "transform": {"$import": "examples.tensors:double"}}
     dep = LocalDeployment(
-        ReplicaSet(actor="examples.tensors:Tensors", replicas=2, kwargs={"scale": 2.0}),
+        ReplicaSet(actor="examples.tensors:Tensors", replicas=2, kwargs=kwargs),
         port=free_port(),
     )
     dep.start(progress=lambda _m: None)
@@ -202,3 +204,16 @@ async def test_an_endpoint_exception_still_arrives_typed(api: Any) -> None:
 async def test_results_that_cannot_be_sent_say_why(api: Any) -> None:
     with pytest.raises(TypeError, match="cannot be sent"):
         await api.echo(None, object())
+
+
+async def test_an_endpoint_that_asks_for_a_device_gets_its_tensors_there(api: Any) -> None:
+    """Tensors arrive on the CPU unless the endpoint names a device (`meta` here, `cuda` on a
+    GPU machine): then every tensor among its arguments is moved there first."""
+    assert await api.where(None, torch.ones(3), episode()) == ["meta", "meta"]
+    seen = await api.describe(None, torch.ones(3))
+    assert seen["device"] == "cpu"
+
+
+async def test_a_manifest_names_a_function_with_import(deployment: Any) -> None:
+    async with ServiceClient(deployment.url, actor=Tensors) as client:
+        assert torch.equal(await client.apply(None, torch.ones(2)), torch.full((2,), 2.0))

@@ -394,3 +394,18 @@ def test_an_enum_value_the_class_does_not_have_is_refused() -> None:
     raw = message(msgpack.ExtType(values.EXT_ENUM, msgpack.packb([values.class_key(Colour), 7])))
     with pytest.raises(ValueFormatError):
         values.decode(bytearray(raw), Allowed([Colour]))
+
+
+def test_a_manifest_names_functions_and_classes_with_import() -> None:
+    args = [{"$import": "examples.tensors:double"}, {"cls": {"$import": "examples.tensors:Role"}}]
+    out = values.resolve_imports(args)
+    assert out[0] is double and out[1]["cls"] is Role
+    assert values.resolve_imports({"$import": 1, "x": 2}) == {"$import": 1, "x": 2}
+    with pytest.raises(ValueError, match="cannot import"):
+        values.resolve_imports({"$import": "examples.tensors:nope"})
+
+
+def test_to_device_moves_every_tensor_in_containers_and_dataclasses() -> None:
+    ep = Episode("e", Completion(torch.ones(2), torch.ones(2), torch.ones(2)))
+    out = values.to_device([torch.ones(1), (torch.ones(1),), {"a": ep}], "meta")
+    assert out[0].is_meta and out[1][0].is_meta and out[2]["a"].completion.logprobs.is_meta
