@@ -488,10 +488,8 @@ class _Unpacker:
             return msgpack.unpackb(
                 data, ext_hook=self.ext, raw=False, strict_map_key=False, use_list=True
             )
-        except ValueFormatError:
-            raise
-        except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:
-            raise ValueFormatError(f"malformed message: {exc}") from None
+        except _MSGPACK_ERRORS as exc:
+            raise _malformed(exc, "message") from None
         finally:
             self.depth -= 1
 
@@ -593,10 +591,8 @@ class _Unpacker:
             kind, key = reader.unpack(), reader.unpack()
             cls = self.cls(key, "object")
             state = reader.unpack()
-        except ValueFormatError:
-            raise
-        except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData) as exc:
-            raise ValueFormatError(f"malformed object: {exc!r}") from None
+        except _MSGPACK_ERRORS as exc:
+            raise _malformed(exc, "object") from None
         finally:
             self.depth -= 1
         expected = {
@@ -674,6 +670,16 @@ class _Unpacker:
         if lib == LIB_NUMPY_SCALAR:
             return arr[()] if arr.ndim == 0 else arr.reshape(-1)[0]
         return arr if writable else arr.copy()
+
+
+_MSGPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData)
+
+
+def _malformed(exc: BaseException, what: str) -> ValueFormatError:
+    """A refusal raised deeper keeps its own message; msgpack's errors say what was malformed."""
+    if isinstance(exc, ValueFormatError):
+        return exc
+    return ValueFormatError(f"malformed {what}: {exc}")
 
 
 def _to_tensor(data: Any, dtype: str, shape: list[int], writable: bool) -> Any:

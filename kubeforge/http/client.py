@@ -15,7 +15,7 @@ from typing import Any
 import httptools
 
 from kubeforge.http.server import ONE_BUFFER, BodyBuffer, body_length, body_parts
-from kubeforge.http.stream import BodyStream, StreamError, write_paced
+from kubeforge.http.stream import BodyStream, StreamError, pipe, write_paced
 
 
 class UpstreamError(Exception):
@@ -123,14 +123,9 @@ class _Connection(asyncio.Protocol):
 
     async def pump(self, body: BodyStream) -> None:
         """Write a streamed request body at the pace the replica reads it."""
+        assert self.transport is not None
         try:
-            async for chunk in body.chunks():
-                if self.closed or self.transport is None:
-                    body.cancel("the replica's connection closed")
-                    return
-                self.transport.write(chunk)
-                if not self._can_write.is_set():
-                    await self._can_write.wait()
+            await pipe(body, self.transport, self._can_write)
         except (StreamError, ConnectionError) as exc:
             self.fail(ConnectionLost(f"the caller's body did not arrive whole: {exc}"))
             self.abort()

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 import httptools
 
 from kubeforge.http.buffers import POOL
-from kubeforge.http.stream import BodyStream, StreamError, write_paced
+from kubeforge.http.stream import BodyStream, StreamError, pipe, write_paced
 
 log = logging.getLogger("kubeforge.http")
 
@@ -414,14 +414,10 @@ class HttpProtocol(asyncio.Protocol):
 
     async def _stream_answer(self, req: Request, body: BodyStream) -> None:
         """A large answer, written as it arrives, at the pace the caller reads it."""
+        assert self.transport is not None
         try:
-            async for chunk in body.chunks():
-                if self.closing or self.transport is None:
-                    body.cancel("the caller is gone")
-                    return
-                self.transport.write(chunk)
-                if not self._can_write.is_set():
-                    await self._can_write.wait()
+            if not await pipe(body, self.transport, self._can_write):
+                return  # the caller is gone
         except (StreamError, ConnectionError) as exc:
             # The head promised a length it cannot keep: the caller sees a short body.
             log.warning("answer to %s %s cut short: %s", req.method, req.path, exc)

@@ -39,6 +39,20 @@ async def write_paced(
     return not transport.is_closing()
 
 
+async def pipe(body: BodyStream, transport: asyncio.Transport, can_write: asyncio.Event) -> bool:
+    """Write a streamed body on as it arrives, at the pace the transport's peer reads it.
+    False (and the body's producer stopped) when the transport closed first; raises
+    StreamError when the body's producer went away."""
+    async for chunk in body.chunks():
+        if transport.is_closing():
+            body.cancel("the connection it was written to closed")
+            return False
+        transport.write(chunk)
+        if not can_write.is_set():
+            await can_write.wait()
+    return True
+
+
 class StreamError(ConnectionError):
     """The body's producer went away (or a consumer gave up) before the body was complete."""
 
