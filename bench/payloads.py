@@ -2,7 +2,8 @@
 
 Each size (4 KB, 1 MB, 16 MB, 256 MB, 1 GB by default) is sent and sent back, in one run, by:
 
-* raw-socket   -- a loopback TCP echo (length-prefixed, `recv_into` a buffer): the limit here;
+* raw-socket   -- a loopback TCP echo to a process of its own (length-prefixed, `recv_into`
+                  buffers reused warm on both sides): the limit here;
 * service      -- `kubeforge.Service`, 1 local replica of examples.tensors:Tensors (`echo`);
 * router       -- `ServiceClient` -> router process (native relay) -> 1 replica;
 * ray-actor    -- a Ray actor's method (`ray.get(actor.echo.remote(arr))`), Ray pinned by the
@@ -95,8 +96,9 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
 
 
 def serve_raw(reply: bool) -> None:
-    """The raw peer, a process of its own as a replica is: read a length-prefixed message into
-    a new buffer (as any receiver that hands the data on must), send it back or a 1-byte ack."""
+    """The raw peer, a process of its own as a replica is: read a length-prefixed message, send
+    it back (or an 8-byte ack). Its buffer is reused from call to call, warm: no receiver can do
+    better, which makes it the limit."""
     listener = socket.create_server(("127.0.0.1", 0))
     print(listener.getsockname()[1], flush=True)
 
@@ -104,14 +106,18 @@ def serve_raw(reply: bool) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
             head = bytearray(_LEN.size)
+            buf = bytearray()
             try:
                 while True:
                     _recv_exactly(conn, memoryview(head))
-                    buf = bytearray(_LEN.unpack(head)[0])
-                    _recv_exactly(conn, memoryview(buf))
-                    conn.sendall(_LEN.pack(len(buf) if reply else 0))
+                    size = _LEN.unpack(head)[0]
+                    if len(buf) < size:
+                        buf = bytearray(size)
+                    view = memoryview(buf)[:size]
+                    _recv_exactly(conn, view)
+                    conn.sendall(_LEN.pack(size if reply else 0))
                     if reply:
-                        conn.sendall(buf)
+                        conn.sendall(view)
             except (ConnectionError, OSError):
                 pass
 
@@ -133,6 +139,7 @@ class RawPeer:
         port = int(self.proc.stdout.readline())
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()  # the reply's buffer, reused (warm) as the peer's is
 
     def round_trip(self, arr: np.ndarray) -> None:
         self.sock.sendall(_LEN.pack(arr.nbytes))
@@ -140,8 +147,9 @@ class RawPeer:
         head = bytearray(_LEN.size)
         _recv_exactly(self.sock, memoryview(head))
         size = _LEN.unpack(head)[0]
-        if size:
-            _recv_exactly(self.sock, memoryview(bytearray(size)))
+        if len(self.buf) < size:
+            self.buf = bytearray(size)
+        _recv_exactly(self.sock, memoryview(self.buf)[:size])
 
     def close(self) -> None:
         self.sock.close()

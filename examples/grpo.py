@@ -251,6 +251,9 @@ async def train(h: Handles, steps: int, rollout_tasks: int = 2) -> dict[str, Any
     async def continuous_training() -> None:
         version = 0
         while version < steps:
+            for task in rollouts:  # a rollout that failed ends the program with its error
+                if task.done():
+                    task.result()
             batch = await h.replay_buffer.sample.call_one(curr_policy_version=version)
             if batch is None:
                 await asyncio.sleep(0.01)

@@ -153,7 +153,19 @@ class Allowed:
         self.classes[class_key(cls)] = cls
 
     def get(self, key: str) -> type | None:
-        return self.classes.get(key) or _REGISTERED.get(key)
+        """The allowed class `key` names. A user's script is `__main__` where it runs and a
+        module where a pod imports it (`examples.grpo`), so a key on either side that says
+        `__main__` matches an allowed class of the same qualified name, when only one has it."""
+        found = self.classes.get(key) or _REGISTERED.get(key)
+        if found is not None:
+            return found
+        module, _, qualname = key.partition(":")
+        same = {
+            cls
+            for k, cls in (*self.classes.items(), *_REGISTERED.items())
+            if k.endswith(":" + qualname) and (module == "__main__" or k.startswith("__main__:"))
+        }
+        return same.pop() if len(same) == 1 else None
 
     @classmethod
     def from_hints(cls, *functions: Callable[..., Any]) -> Allowed:

@@ -157,6 +157,30 @@ class ChartOperator(Operator):
         )
 
 
+_REFUSAL = re.compile(
+    r'User "([^"]+)" cannot (\w+) resource "([^"]+)" in API group "([^"]*)"'
+    r'(?: in the namespace "([^"]+)")?'
+)
+
+
+def _granted(cluster: Any, line: str) -> bool:
+    """Whether the RBAC refused in `line` is granted after all (`kubectl auth can-i`, as that
+    user). Then the refusal was the API server's, not a missing rule: right after the tests
+    restart etcd or the API server, its RBAC authorizer answers from caches that are not
+    synced yet and refuses requests its rules allow, for a moment."""
+    m = _REFUSAL.search(line)
+    if m is None:
+        return False
+    user, verb, resource, group, namespace = m.groups()
+    resource, _, sub = resource.partition("/")
+    what = f"{resource}.{group}" if group else resource
+    argv = ["auth", "can-i", verb, what, "--as", user]
+    argv += ["-n", namespace] if namespace else ["--all-namespaces"]
+    if sub:
+        argv += ["--subresource", sub]
+    return cluster.kubectl(*argv, check=False).stdout.strip() == "yes"
+
+
 @pytest.fixture(scope="module")
 def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     """An operator for the module's tests: on the process-node cluster a process of this
@@ -204,4 +228,5 @@ def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         # about the operator's rules.
         forbidden = [line for line in op.output().splitlines() if "forbidden: User" in line]
         op.stop()
-        assert not forbidden, f"the operator's RBAC is missing something: {forbidden[:3]}"
+        missing = [line for line in forbidden if not _granted(cluster, line)]
+        assert not missing, f"the operator's RBAC is missing something: {missing[:3]}"

@@ -409,3 +409,26 @@ def test_to_device_moves_every_tensor_in_containers_and_dataclasses() -> None:
     ep = Episode("e", Completion(torch.ones(2), torch.ones(2), torch.ones(2)))
     out = values.to_device([torch.ones(1), (torch.ones(1),), {"a": ep}], "meta")
     assert out[0].is_meta and out[1][0].is_meta and out[2]["a"].completion.logprobs.is_meta
+
+
+def test_a_script_class_matches_where_a_pod_imports_it_as_a_module() -> None:
+    """examples/grpo.py runs as __main__ on the caller and is `examples.grpo` in the pods: the
+    same allowed class on both sides, matched by qualified name, never by import."""
+
+    @dataclasses.dataclass
+    class Thing:
+        x: int
+
+    Thing.__module__ = "examples.somewhere"
+    allowed = Allowed([Thing])
+    assert (
+        allowed.get(
+            "__main__:test_a_script_class_matches_where_a_pod_imports_it_as_a_module.<locals>.Thing"
+        )
+        is Thing
+    )
+    Thing.__module__ = "__main__"
+    as_main = Allowed([Thing])
+    assert as_main.get("examples.somewhere:" + Thing.__qualname__) is Thing
+    assert as_main.get("other.module:Nope") is None
+    assert Allowed().get("__main__:" + Thing.__qualname__) is None  # nothing allowed: nothing
