@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -196,12 +197,16 @@ class HttpProtocol(asyncio.Protocol):
         self._heads = 0
         self._head_bytes = 0
         self._head_size = 0  # the head being parsed: request target and header lines
+        self.read_before = b""  # an adopted connection's bytes that another reader took
 
     # asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.connections.add(self)
+        if self.read_before:  # before the transport reads anything itself
+            data, self.read_before = self.read_before, b""
+            self.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
@@ -502,6 +507,7 @@ class HttpServer:
         self.on_error = on_error
         self.connections: set[HttpProtocol] = set()
         self.server: asyncio.AbstractServer | None = None
+        self._adopting: set[asyncio.Task[Any]] = set()
 
     def _protocol(self) -> HttpProtocol:
         return HttpProtocol(
@@ -517,6 +523,20 @@ class HttpServer:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(self._protocol, host, port, backlog=1024)
         return self.server.sockets[0].getsockname()[1]
+
+    def adopt(self, sock: socket.socket, read_before: bytes) -> None:
+        """Serve a connection accepted elsewhere (by the native relay), whose first
+        `read_before` bytes were read there."""
+
+        def protocol() -> HttpProtocol:
+            proto = self._protocol()
+            proto.read_before = read_before
+            return proto
+
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(protocol, sock))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     def stop_accepting(self) -> None:
         if self.server is not None:

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 HIGH = 4 << 20  # bytes waiting in one stream before its producer pauses
 LOW = 1 << 20  # and below which it resumes
 WRITE_CHUNK = 1 << 20  # a large body is handed to its transport this much at a time
+
+
+def slices(parts: Iterable[Any]) -> Iterator[memoryview]:
+    """A body's parts as views of at most WRITE_CHUNK bytes, in order, nothing copied."""
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for offset in range(0, view.nbytes, WRITE_CHUNK):
+            yield view[offset : offset + WRITE_CHUNK]
 
 
 async def write_paced(
@@ -28,14 +36,12 @@ async def write_paced(
     at once, and (before Python 3.12) shift its buffer after every send: time quadratic in the
     size. Paced, the transport never holds more than a chunk. False if the connection closed.
     """
-    for part in parts:
-        view = memoryview(part).cast("B")
-        for offset in range(0, view.nbytes, WRITE_CHUNK):
-            if transport.is_closing():
-                return False
-            transport.write(view[offset : offset + WRITE_CHUNK])
-            if not can_write.is_set():
-                await can_write.wait()
+    for chunk in slices(parts):
+        if transport.is_closing():
+            return False
+        transport.write(chunk)
+        if not can_write.is_set():
+            await can_write.wait()
     return not transport.is_closing()
 
 

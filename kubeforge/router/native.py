@@ -1,8 +1,9 @@
 """The native relay (`kubeforge._relay`, Rust, in relay/) as the router's call path.
 
 The relay owns the router's public port and relays calls whose destination needs no decision;
-it hands everything else to the router's Python server on a loopback port, marked with a
-per-process secret, including relayed calls that failed (which replica, and how). So Python's
+it hands everything else to the router's Python server: a connection it does not serve (a body
+that streams, a request it does not parse) as its socket, which that server adopts; a relayed
+call that failed on a loopback port, marked with a per-process secret (which replica, and how). So Python's
 routing table stays the one authority: this module pushes it to the relay whenever it changes
 and pulls the relay's latency samples and in-flight counts into the same windows and counters
 the Python call path feeds.
@@ -18,6 +19,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kubeforge.router.core import ReplicaState
@@ -107,7 +109,18 @@ class NativeRelay:
         relayed, handed_over = self._relay.counts()
         return {"relayed": relayed, "handed_over": handed_over}
 
+    def hand_to(self, adopt: Callable[[socket.socket, bytes], None]) -> None:
+        """Give each connection the relay hands over to `adopt`, with the bytes read from it."""
+        self._adopt = adopt
+        asyncio.get_running_loop().add_reader(self._relay.wake_fd, self._take_handed)
+
+    def _take_handed(self) -> None:
+        for fd, read in self._relay.take_handed():
+            self._adopt(socket.socket(fileno=fd), read)
+
     async def close(self, grace: float) -> None:
         """Stop accepting; calls being answered get `grace` seconds (the Python server, which
         some of them wait on, keeps running meanwhile)."""
+        asyncio.get_running_loop().remove_reader(self._relay.wake_fd)
         await asyncio.to_thread(self._relay.close, grace)
+        self._take_handed()  # handed over while it stopped: answered, or closed by the server

@@ -52,6 +52,7 @@ class RouterServer:
             self.router, self.config.host, self.config.port, backend, self._secret.decode()
         )
         self.router.attach(self._relay)
+        self._relay.hand_to(self.http.adopt)
         self.config.port = self._relay.port
         return self.config.port
 

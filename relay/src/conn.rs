@@ -2,6 +2,7 @@
 //! write the answer, repeat. Requests on one connection are answered in order.
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -410,14 +411,9 @@ pub fn still_open(conn: &TcpStream) -> bool {
     matches!(conn.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
-/// Give the rest of the connection to the Python server as a byte tunnel.
-async fn hand_over(shared: &Shared, mut client: TcpStream, buf: Vec<u8>) {
-    shared.busy.fetch_add(1, Ordering::SeqCst); // a stopping relay gives it its grace period
-    if let Ok(mut server) = TcpStream::connect(shared.settings.backend).await {
-        let _ = server.set_nodelay(true);
-        if server.write_all(&buf).await.is_ok() {
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-        }
+/// Give the connection to the Python server: its socket, and the bytes read from it so far.
+async fn hand_over(shared: &Shared, client: TcpStream, buf: Vec<u8>) {
+    if let Ok(socket) = client.into_std() {
+        shared.hand_over(OwnedFd::from(socket), buf);
     }
-    shared.busy.fetch_sub(1, Ordering::SeqCst);
 }

@@ -7,6 +7,9 @@
 //! failed, goes to the router's Python server on a loopback port, marked with a per-process
 //! secret; Python then answers exactly as it would without the relay. Latency samples and
 //! in-flight counts come back through `drain`, so Python keeps the one metrics implementation.
+//! A connection the relay does not serve itself (a large body that streams, a request it does
+//! not parse) is handed over whole: its socket goes to the Python server with the bytes read so
+//! far, so no byte crosses an extra hop.
 //!
 //! One thread runs a single-threaded tokio runtime: on a two-core pod a second thread would
 //! only compete with the replicas' own work.
@@ -24,7 +27,10 @@ mod names {
     include!(concat!(env!("OUT_DIR"), "/names.rs"));
 }
 
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -32,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -43,11 +50,22 @@ pub struct Shared {
     pub busy: AtomicUsize, // requests being answered now
     /// Longest a relayed call may take, in microseconds; the Service's settings may change it.
     request_timeout_us: AtomicU64,
+    /// Connections handed over and not yet taken by Python: socket, bytes read from it so far.
+    handed: Mutex<Vec<(OwnedFd, Vec<u8>)>>,
+    /// Written to when `handed` grows; Python's event loop watches the other end.
+    wake: UnixStream,
 }
 
 impl Shared {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_micros(self.request_timeout_us.load(Ordering::Relaxed))
+    }
+
+    /// Give a connection, and what was read from it, to the Python server.
+    pub fn hand_over(&self, socket: OwnedFd, read: Vec<u8>) {
+        self.handed.lock().unwrap().push((socket, read));
+        // Full means Python has wake-ups pending already: it takes every connection on each.
+        let _ = (&self.wake).write(&[1]);
     }
 }
 
@@ -62,6 +80,7 @@ struct Relay {
     stop: watch::Sender<bool>,
     grace: Arc<Mutex<Duration>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    woken: UnixStream, // readable when connections wait in `handed`
 }
 
 fn seconds(value: f64, what: &str) -> PyResult<Duration> {
@@ -106,6 +125,10 @@ impl Relay {
             .map_err(|e| PyOSError::new_err(e.to_string()))?
             .port();
         let backend = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), backend_port);
+        let os_error = |e: std::io::Error| PyOSError::new_err(e.to_string());
+        let (wake, woken) = UnixStream::pair().map_err(os_error)?;
+        wake.set_nonblocking(true).map_err(os_error)?;
+        woken.set_nonblocking(true).map_err(os_error)?;
         let shared = Arc::new(Shared {
             settings: Settings::new(
                 backend,
@@ -118,6 +141,8 @@ impl Relay {
             state: Mutex::new(State::new()),
             busy: AtomicUsize::new(0),
             request_timeout_us: AtomicU64::new(micros(request_timeout)),
+            handed: Mutex::new(Vec::new()),
+            wake,
         });
         let (stop, stopped) = watch::channel(false);
         let grace = Arc::new(Mutex::new(Duration::ZERO));
@@ -134,12 +159,31 @@ impl Relay {
             stop,
             grace,
             thread: Mutex::new(Some(thread)),
+            woken,
         })
     }
 
     #[getter]
     fn port(&self) -> u16 {
         self.port
+    }
+
+    /// A descriptor that turns readable when handed-over connections wait (`take_handed`).
+    #[getter]
+    fn wake_fd(&self) -> RawFd {
+        self.woken.as_raw_fd()
+    }
+
+    /// The connections handed over since the last call: (socket descriptor, now the caller's
+    /// to close; the bytes the relay read from it, which come first).
+    fn take_handed<'py>(&self, py: Python<'py>) -> Vec<(RawFd, Bound<'py, PyBytes>)> {
+        let mut drained = [0u8; 256];
+        while matches!((&self.woken).read(&mut drained), Ok(n) if n > 0) {}
+        let handed = std::mem::take(&mut *self.shared.handed.lock().unwrap());
+        handed
+            .into_iter()
+            .map(|(fd, read)| (fd.into_raw_fd(), PyBytes::new(py, &read)))
+            .collect()
     }
 
     /// Follow a changed request timeout (the Service resource's `requestTimeout`).
