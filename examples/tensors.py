@@ -114,6 +114,15 @@ class Tensors(Actor):
         return int(value.nbytes)
 
     @endpoint
+    async def remember(self, value: Any) -> None:
+        """Keep an argument past its call, as a replay buffer does."""
+        self.kept = value
+
+    @endpoint
+    async def recall(self) -> Any:
+        return self.kept
+
+    @endpoint
     async def checksum(self, state_dict: dict[str, torch.Tensor]) -> float:
         return float(sum(t.double().sum() for t in state_dict.values()))
 

@@ -50,6 +50,10 @@ H_RELAY_PREFIX = _header("relay_prefix")  # headers only the native relay may se
 H_RELAY_SECRET = _header("relay_secret")
 H_RELAY_FAILED = _header("relay_failed")
 H_RELAY_PASS = _header("relay_pass")
+H_SHM = _header("shm")  # the sender's pid: it lends and borrows bodies in shared memory
+H_SHM_BODY = _header("shm_body")  # the body lies in the sender's segment: "pid fd seq length"
+H_SHM_FREE = _header("shm_free")  # the receiver's segments the sender views no more: "seq,seq"
+H_SHM_DROP = _header("shm_drop")  # the sender's segments it let go, to unmap: "seq,seq"
 
 CALL_PREFIX: str = _DATA["paths"]["call"]
 CALL_ALL_PREFIX: str = _DATA["paths"]["call_all"]

@@ -127,6 +127,7 @@ class Service(ServiceAPI):
                 str(cfg.session_ttl),
                 "--max-body",
                 str(cfg.max_body_size),
+                "--share-memory",
                 *(
                     ["--procs", str(cfg.procs), "--gpus-per-rank", str(int(cfg.with_gpus))]
                     if cfg.procs > 1
@@ -163,6 +164,8 @@ class Service(ServiceAPI):
         config = RouterConfig(
             health_poll_rate=self.cfg.health_poll_rate,
             request_timeout=router_request_timeout(self.cfg.request_timeout),
+            max_body=self.cfg.max_body_size,
+            share_memory=True,  # caller and replicas share this host
         )
         self._router = Router(config, StaticDiscovery(urls))
         await self._router.start()

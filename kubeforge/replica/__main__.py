@@ -65,6 +65,11 @@ def parser() -> argparse.ArgumentParser:
         help="SIGTERM waits this long for running calls",
     )
     p.add_argument("--max-body", type=int, default=DEFAULTS.max_body, help="bytes")
+    p.add_argument(
+        "--share-memory",
+        action="store_true",
+        help="lend and borrow large bodies in shared memory (a caller on this host that asks)",
+    )
     spmd = p.add_argument_group("SPMD replicas (torchforge's procs and hosts)")
     spmd.add_argument("--procs", type=int, default=1, help="ranks on this host")
     spmd.add_argument("--hosts", type=int, default=1, help="hosts (pods) of the replica")
@@ -193,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         session_ttl=ns.session_ttl,
         drain_grace=ns.drain_grace,
         max_body=ns.max_body,
+        share_memory=ns.share_memory,
         token=os.environ.get("KUBEFORGE_TOKEN") or None,
         world_size=me.world_size,
         gang_port=ns.gang_port,

@@ -31,6 +31,7 @@ from kubeforge.errors import (
     UnknownSessionError,
 )
 from kubeforge.http.server import HttpServer, Request, Response
+from kubeforge.http.shm import SharedMemory
 from kubeforge.metrics import Histogram
 from kubeforge.replica.admission import Admission
 from kubeforge.replica.gang import (
@@ -64,6 +65,7 @@ class ReplicaConfig:
     max_body: int = DEFAULTS.max_body
     token: str | None = None
     world_size: int = 1  # ranks of an SPMD replica; this server is rank 0 of them
+    share_memory: bool = False  # lend and borrow large bodies (callers on this host only)
     gang_port: int = DEFAULTS.gang_port
 
 
@@ -123,6 +125,8 @@ class ReplicaServer:
         self.durations = Histogram()
         self.counts: dict[tuple[str, str], int] = {}
         self.http = HttpServer(self.handle, config.max_body, on_error=wire.http_error)
+        # Large bodies lent through shared memory, with a local Service (--share-memory).
+        self.shm = SharedMemory(config.max_body) if config.share_memory else None
         self._auth = wire.bearer(config.token)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._openapi = wire.encode(openapi.document("kubeforge replica", self.endpoints, False))
@@ -207,6 +211,14 @@ class ReplicaServer:
     # HTTP translation ---------------------------------------------------------------------
 
     async def handle(self, req: Request) -> Response:
+        if self.shm is None:
+            return await self._route(req)
+        try:
+            return await self.shm.serve(req, self._route)
+        except KubeforgeError as err:  # a body segment that cannot be borrowed
+            return wire.error_response(err, req.headers.get(wire.H_CONTENT_TYPE))
+
+    async def _route(self, req: Request) -> Response:
         try:
             path = req.path
             if path.startswith(wire.CALL_PREFIX) and req.method == "POST":

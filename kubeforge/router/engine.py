@@ -34,6 +34,7 @@ from kubeforge.http.client import (
     UpstreamTimeout,
 )
 from kubeforge.http.server import HttpProtocol, Request, Response
+from kubeforge.http.shm import SharedMemory
 from kubeforge.http.stream import BodyStream
 from kubeforge.metrics import SlidingWindow
 from kubeforge.router import retry
@@ -109,6 +110,8 @@ class RouterConfig:
     # Replies larger than this stream through (the router server: contract.STREAM_BODY); None
     # receives them whole (the local Service, whose caller decodes them in place).
     stream_above: int | None = None
+    # Lend large bodies to the replicas through shared memory (the local Service: one host).
+    share_memory: bool = False
 
 
 class Router:
@@ -128,6 +131,8 @@ class Router:
         self._auth_line = b"authorization: " + self._auth + b"\r\n" if self._auth else b""
         self._tasks: list[asyncio.Task[Any]] = []
         self.native: NativeRelay | None = None
+        self.shm = SharedMemory(config.max_body) if config.share_memory else None
+        self._shm_peers: dict[int, int] = {}  # replica index -> its pid, once it has answered
 
     def attach(self, native: NativeRelay) -> None:
         """Let the native relay take the common calls; it follows every change of the table."""
@@ -172,6 +177,8 @@ class Router:
         self._tasks.clear()
         for upstream in self.upstreams.values():
             upstream.close()
+        if self.shm is not None:
+            self.shm.close()
 
     async def _poll_forever(self) -> None:
         while True:
@@ -215,7 +222,11 @@ class Router:
         if upstream is None:
             return
         try:
-            resp = await upstream.request(b"GET", _HEALTHZ, b"", b"", self.config.health_timeout)
+            lines = b""
+            if self.shm is not None:  # learns its pid; segments freed either way are told
+                lines, _ = await self.shm.request_headers(self._shm_peers.get(replica.index), b"")
+            resp = await upstream.request(b"GET", _HEALTHZ, lines, b"", self.config.health_timeout)
+            self._shm_reply(replica, resp)
             if resp.status != 200:
                 raise ConnectionLost(f"{contract.HEALTHZ} answered {resp.status}")
             health = wire.decode(resp.body)
@@ -407,6 +418,11 @@ class Router:
         replica.in_flight += 1
         ok = False
         try:
+            if self.shm is not None:
+                lines, body = await self.shm.request_headers(
+                    self._shm_peers.get(replica.index), body
+                )
+                headers += lines
             resp = await upstream.request(
                 b"POST",
                 path,
@@ -416,10 +432,21 @@ class Router:
                 min(timeout, self.config.health_timeout),
                 None if broadcast else self.config.stream_above,
             )
+            self._shm_reply(replica, resp)
             ok = resp.status < 400
             return resp
         finally:
             self._record(replica, started, ok)
+
+    def _shm_reply(self, replica: Replica, resp: ClientResponse) -> None:
+        """A reply's body borrowed from the replica's segment, when it lent it."""
+        if self.shm is not None:
+            peer, resp.body = self.shm.reply(resp.headers, resp.body)
+            old = self._shm_peers.get(replica.index)
+            if peer is not None and peer != old:
+                self._shm_peers[replica.index] = peer
+                if old is not None:  # the replica restarted: what the old process lent goes
+                    self.shm.replaced(old)
 
     def _record(self, replica: Replica, started: float, ok: bool) -> None:
         replica.in_flight -= 1

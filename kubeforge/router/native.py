@@ -3,10 +3,10 @@
 The relay owns the router's public port and relays calls whose destination needs no decision;
 it hands everything else to the router's Python server: a connection it does not serve (a body
 that streams, a request it does not parse) as its socket, which that server adopts; a relayed
-call that failed on a loopback port, marked with a per-process secret (which replica, and how). So Python's
-routing table stays the one authority: this module pushes it to the relay whenever it changes
-and pulls the relay's latency samples and in-flight counts into the same windows and counters
-the Python call path feeds.
+call that failed on a loopback port, marked with a per-process secret (which replica, and
+how). So Python's routing table stays the one authority: this module pushes it to the relay
+whenever it changes and pulls the relay's latency samples and in-flight counts into the same
+windows and counters the Python call path feeds.
 
 When the extension is not built (or KUBEFORGE_RELAY=python), the router relays calls in Python
 with the same semantics, only slower.
