@@ -86,8 +86,7 @@ def test_references_that_name_no_segment_are_refused() -> None:
         borrower.borrow(b"%d 3 1 10" % (me + 1), me, MiB)
     with pytest.raises(PayloadTooLargeError):
         borrower.borrow(b"%d 3 1 %d" % (me, 2 * MiB), me, MiB)
-    with open(__file__, "rb") as f:
-        with pytest.raises(BadRequestError, match="no body segment"):
-            borrower.borrow(b"%d %d 1 10" % (me, f.fileno()), me, MiB)
+    with open(__file__, "rb") as f, pytest.raises(BadRequestError, match="no body segment"):
+        borrower.borrow(b"%d %d 1 10" % (me, f.fileno()), me, MiB)
     with pytest.raises(BadRequestError, match="cannot open"):
         borrower.borrow(b"%d 987654 1 10" % me, me, MiB)
