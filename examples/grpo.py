@@ -2,11 +2,12 @@
 
 The task is adding two numbers. The policy answers with an error that shrinks as its `skill`
 grows; the reward scores each answer; advantages are normalised within the group; the trainer
-(two ranks) raises the skill from the batch's advantages and pushes it to every policy replica.
-Episodes and completions are dataclasses, as torchforge's are, and cross between actors as
-those classes (kubeforge's binary format; the endpoints' type hints allow them). No torch yet
-(the kind lane's images carry none): the point is the program's shape and the calls it makes,
-which are torchforge's:
+(two ranks) raises the skill from the batch's advantages and pushes its state dict to every
+policy replica. Completions hold torch tensors (token ids, log-probabilities) and, with
+episodes, are dataclasses as torchforge's are: they cross between actors as those classes and
+tensors (kubeforge's binary format; the endpoints' type hints allow them). The models are toys
+(a real policy and trainer are issue 22's); the point is the program's shape and the calls it
+makes, which are torchforge's:
 
 * actors (`X.options(**cfg).as_actor(...)`): dataset, trainer (`procs: 2`), replay buffer,
   advantages; called with `.call_one()`, or `.call()` on every rank (the trainer's steps);
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import statistics
 import sys
@@ -33,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import kubeforge
 from kubeforge import Actor, endpoint
@@ -62,9 +66,12 @@ class Sample:
 
 @dataclass
 class Completion:
-    """One response of the policy, and the policy version that wrote it."""
+    """One response of the policy: its tokens (a character each, in this toy) with their
+    log-probabilities, and the policy version that wrote it."""
 
     text: str
+    token_ids: torch.Tensor  # int64, one per character of `text`
+    logprobs: torch.Tensor  # float32, one per token
     version: int
 
 
@@ -106,14 +113,20 @@ class Policy(Actor):
     async def generate(self, prompt: str) -> list[Completion]:
         a, b = (int(x) for x in prompt.split("+"))
         spread = 4.0 / (1.0 + self.skill)
-        return [
-            Completion(str(a + b + round(self.rng.gauss(0.0, spread))), self.version)
-            for _ in range(self.group_size)
-        ]
+        completions = []
+        for _ in range(self.group_size):
+            error = round(self.rng.gauss(0.0, spread))
+            text = str(a + b + error)
+            ids = torch.tensor([ord(c) for c in text], dtype=torch.int64)
+            # The toy's log-probability of its error, spread over the answer's tokens.
+            logprob = -0.5 * (error / spread) ** 2 - math.log(spread * math.sqrt(2 * math.pi))
+            logprobs = torch.full((len(text),), logprob / len(text), dtype=torch.float32)
+            completions.append(Completion(text, ids, logprobs, self.version))
+        return completions
 
     @endpoint
-    async def update_weights(self, version: int, skill: float) -> int:
-        self.version, self.skill = version, skill
+    async def update_weights(self, version: int, state_dict: dict[str, torch.Tensor]) -> int:
+        self.version, self.skill = version, float(state_dict["skill"])
         return version
 
     @endpoint
@@ -129,11 +142,9 @@ class RewardActor(Actor):
 
 class ComputeAdvantages(Actor):
     @endpoint
-    async def compute(self, rewards: list[float]) -> list[float]:
+    async def compute(self, rewards: torch.Tensor) -> torch.Tensor:
         """GRPO's group-relative advantage: each reward against its group's mean and spread."""
-        mean = statistics.fmean(rewards)
-        std = statistics.pstdev(rewards)
-        return [(r - mean) / (std + 1e-4) for r in rewards]
+        return (rewards - rewards.mean()) / (rewards.std(correction=0) + 1e-4)
 
 
 class ReplayBuffer(Actor):
@@ -170,14 +181,21 @@ class Trainer(Actor):
     @endpoint
     async def train_step(self, batch: list[Episode]) -> dict[str, Any]:
         shard = batch[self.rank :: self.world_size]
-        loss = statistics.fmean(1.0 - e.reward for e in shard) if shard else 0.0
+        loss = 0.0
+        if shard:  # the policy-gradient loss of this rank's shard, over padded token batches
+            logprobs = torch.nn.utils.rnn.pad_sequence(
+                [e.completion.logprobs for e in shard], batch_first=True
+            )
+            advantages = torch.tensor([e.advantage for e in shard])
+            loss = float(-(advantages * logprobs.sum(dim=1)).mean())
         self.skill += self.lr * statistics.fmean(max(0.0, e.advantage) for e in batch)
         self.steps += 1
         return {"rank": self.rank, "loss": loss, "episodes": len(shard)}
 
     @endpoint
-    async def push_weights(self, version: int) -> dict[str, Any]:
-        return {"rank": self.rank, "version": version, "skill": self.skill}
+    async def push_weights(self, version: int) -> dict[str, torch.Tensor]:
+        """This rank's state dict, which every policy replica loads."""
+        return {"skill": torch.tensor(self.skill, dtype=torch.float64)}
 
 
 ROLES: dict[str, type] = {
@@ -244,9 +262,9 @@ async def train(h: Handles, steps: int, rollout_tasks: int = 2) -> dict[str, Any
                     for r in responses
                 )
             )
-            advantages = await h.compute_advantages.compute.call_one(rewards)
+            advantages = await h.compute_advantages.compute.call_one(torch.tensor(rewards))
             for response, reward, advantage in zip(responses, rewards, advantages, strict=True):
-                await h.replay_buffer.add.call_one(Episode(response, reward, advantage))
+                await h.replay_buffer.add.call_one(Episode(response, reward, float(advantage)))
 
     async def continuous_training() -> None:
         version = 0
@@ -262,9 +280,9 @@ async def train(h: Handles, steps: int, rollout_tasks: int = 2) -> dict[str, Any
             per_rank = await h.trainer.train_step.call(batch)
             losses.append([r["loss"] for r in per_rank])
             weights = await h.trainer.push_weights.call(version + 1)
-            if len({w["skill"] for w in weights}) != 1:
+            if not all(torch.equal(w["skill"], weights[0]["skill"]) for w in weights):
                 raise RuntimeError(f"the trainer's ranks disagree on their weights: {weights}")
-            await h.policy.update_weights.fanout(version + 1, weights[0]["skill"])
+            await h.policy.update_weights.fanout(version + 1, weights[0])
             version += 1
             print(f"step {version}: batch reward {batch_rewards[-1]:.2f}", flush=True)
         stop.set()

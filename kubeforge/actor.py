@@ -187,6 +187,11 @@ def _load_script(path: str) -> ModuleType:
         and getattr(sys.modules["__mp_main__"], "__file__", None) == path
     ):
         return sys.modules["__mp_main__"]
+    # multiprocessing's first import (torch's does it) points `__mp_main__` at `__main__`: done
+    # here first, it cannot undo the script's entry while the script imports torch, and the
+    # names in the script's annotations resolve in the script (its dataclasses' fields).
+    import multiprocessing  # noqa: F401
+
     spec = importlib.util.spec_from_file_location("__mp_main__", path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
@@ -198,6 +203,7 @@ def _load_script(path: str) -> ModuleType:
     except BaseException:
         sys.modules.pop("__mp_main__", None)  # as importlib drops a module that failed
         raise
+    sys.modules["__mp_main__"] = module
     return module
 
 

@@ -17,6 +17,8 @@ use crate::http::{
 use crate::{names, wire, Shared};
 
 const READ_CHUNK: usize = 16 * 1024;
+/// A request body below this is written with its head, in one write.
+const SMALL_BODY: usize = 64 * 1024;
 /// Slack on top of the request timeout for the Python server's own answer.
 const SERVER_SLACK: Duration = Duration::from_secs(10);
 
@@ -64,7 +66,11 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, mut stop: watch::
             if let Some(h) = pending.take_if(|h| buf.len() >= h.head_len + h.content_length) {
                 break h;
             }
-            buf.reserve(READ_CHUNK);
+            // The whole body's room at once once its length is known: no copy as it grows.
+            let wanted = pending
+                .as_ref()
+                .map_or(0, |h| h.head_len + h.content_length);
+            buf.reserve(READ_CHUNK.max(wanted.saturating_sub(buf.len())));
             let read = if buf.is_empty() {
                 // Idle between requests: the only moment a stopping relay may close it.
                 tokio::select! {
@@ -122,11 +128,13 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
         return delegate(shared, raw, head, None).await;
     };
 
-    let request = upstream_request(shared, raw, head, &host, session);
+    let request = upstream_head(shared, raw, head, &host, session);
+    let body = &raw[head.head_len..head.head_len + head.content_length];
     let started = Instant::now();
     let timeout = shared.request_timeout();
     let connect = shared.settings.connect_timeout;
-    let outcome = tokio::time::timeout(timeout, exchange(pooled, addr, &request, connect)).await;
+    let sent = exchange(pooled, addr, (&request, body), connect);
+    let outcome = tokio::time::timeout(timeout, sent).await;
     let seconds = started.elapsed().as_secs_f64();
     let (report, held) = match outcome {
         Ok(Ok(Exchanged {
@@ -179,23 +187,22 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
     }
 }
 
-/// The call as the replica gets it: same path and body; token, type, deadline, ranks asked
-/// for and session.
-fn upstream_request(
+/// The head of the call as the replica gets it (the body follows unchanged): same path;
+/// token, type, deadline, ranks asked for and session.
+fn upstream_head(
     shared: &Shared,
     raw: &[u8],
     head: &RequestHead,
     host: &str,
     session: Option<&[u8]>,
 ) -> Vec<u8> {
-    let body = &raw[head.head_len..head.head_len + head.content_length];
-    let mut out = Vec::with_capacity(256 + body.len());
+    let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"POST ");
     out.extend_from_slice(&raw[head.path.0..head.path.1]);
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\ncontent-length: ");
-    out.extend_from_slice(body.len().to_string().as_bytes());
+    out.extend_from_slice(head.content_length.to_string().as_bytes());
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&shared.settings.upstream_auth);
     for (name, value) in [
@@ -212,7 +219,6 @@ fn upstream_request(
         }
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
     out
 }
 
@@ -223,11 +229,11 @@ struct Exchanged {
     reusable: bool, // keep-alive, and nothing arrived beyond the response
 }
 
-/// Send one request and read its complete response.
+/// Send one request (its head, then its body) and read its complete response.
 async fn exchange(
     pooled: Option<TcpStream>,
     addr: SocketAddr,
-    request: &[u8],
+    (head, body): (&[u8], &[u8]),
     connect_timeout: Duration,
 ) -> Result<Exchanged, Failure> {
     let mut conn = match pooled {
@@ -241,7 +247,17 @@ async fn exchange(
             conn
         }
     };
-    if conn.write_all(request).await.is_err() {
+    // A small request goes out in one write (one segment); a large body is written from where
+    // it was received, never copied behind its head.
+    let written = if body.len() < SMALL_BODY {
+        conn.write_all(&[head, body].concat()).await
+    } else {
+        match conn.write_all(head).await {
+            Ok(()) => conn.write_all(body).await,
+            failed => failed,
+        }
+    };
+    if written.is_err() {
         // A pooled connection the peer closed while idle: the request cannot have been read.
         return Err(Failure::Connect);
     }
@@ -296,7 +312,7 @@ async fn delegate(
         shared.state.lock().unwrap().calls_handed_over += 1;
     }
     // The head is written anew, line by line, with CRLF endings whatever the caller used.
-    let mut out = Vec::with_capacity(raw.len() + 128);
+    let mut out = Vec::with_capacity(head.head_len + 128);
     let mut lines = raw[..head.head_len]
         .split(|&b| b == b'\n')
         .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
@@ -319,7 +335,7 @@ async fn delegate(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&raw[head.head_len..]);
+    let request = (out.as_slice(), &raw[head.head_len..]);
     let backend = shared.settings.backend;
     let connect = shared.settings.connect_timeout;
     let timeout = shared.request_timeout() + SERVER_SLACK;
@@ -331,11 +347,11 @@ async fn delegate(
         // A pooled connection the server closed meanwhile never got the request: then once
         // more on a fresh one.
         match pooled {
-            Some(conn) => match exchange(Some(conn), backend, &out, connect).await {
-                Err(Failure::Connect) => exchange(None, backend, &out, connect).await,
+            Some(conn) => match exchange(Some(conn), backend, request, connect).await {
+                Err(Failure::Connect) => exchange(None, backend, request, connect).await,
                 other => other,
             },
-            None => exchange(None, backend, &out, connect).await,
+            None => exchange(None, backend, request, connect).await,
         }
     };
     match tokio::time::timeout(timeout, attempt).await {

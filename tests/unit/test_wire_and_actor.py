@@ -1,4 +1,7 @@
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +45,44 @@ def test_load_actor_class_errors_are_specific() -> None:
     with pytest.raises(ValueError, match="has no attribute"):
         load_actor_class("examples.counter:Nope")
     assert load_actor_class("examples.counter:Counter").__name__ == "Counter"
+
+
+SCRIPT = """
+from __future__ import annotations
+from dataclasses import dataclass
+import multiprocessing  # torch imports it: its first import re-points __mp_main__
+from kubeforge import Actor, endpoint
+
+@dataclass
+class Inner:
+    n: int
+
+@dataclass
+class Outer:
+    inner: Inner
+
+class Keeper(Actor):
+    @endpoint
+    async def keep(self, outer: Outer) -> None: ...
+"""
+
+
+def test_a_script_actor_that_imports_multiprocessing_keeps_its_classes_allowed(
+    tmp_path: Path,
+) -> None:
+    """A replica loads the user's script as `__mp_main__`; the classes its hints name, through
+    a dataclass's fields, resolve there even when the script imports multiprocessing."""
+    script = tmp_path / "script_actor.py"
+    script.write_text(SCRIPT)
+    probe = (
+        "from kubeforge.actor import load_actor_class; from kubeforge import values; "
+        f"cls = load_actor_class({str(script) + ':Keeper'!r}); "
+        "print(sorted(values.Allowed.from_hints(cls.keep).classes))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "['__main__:Inner', '__main__:Outer']"
 
 
 @pytest.mark.parametrize(
