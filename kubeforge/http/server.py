@@ -150,8 +150,17 @@ def default_error(status: int, message: str) -> Response:
     return Response(status, body)
 
 
-class HttpProtocol(asyncio.Protocol):
-    """Parses requests with llhttp and answers them in order, one handler task at a time."""
+# Where each read lands while the parser takes the bytes (heads, small bodies): one buffer for
+# every connection, as the parser has copied what it keeps before the next read.
+_SCRATCH = memoryview(bytearray(256 * 1024))
+
+
+class HttpProtocol(asyncio.BufferedProtocol):
+    """Parses requests with llhttp and answers them in order, one handler task at a time.
+
+    The rest of a large body, once its head is parsed, is read straight into the body's own
+    buffer (`get_buffer`), bypassing the parser: a byte of it is copied once, by the kernel.
+    """
 
     def __init__(
         self,
@@ -185,6 +194,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
         self._big: BodyBuffer | None = None  # a large body of announced length
+        self._direct = False  # reads go into `_big`, not through the parser
         self._stream: BodyStream | None = None  # a body streaming on while it arrives
         self._reading_paused = False  # by a stream whose reader is behind
         self._can_write = asyncio.Event()
@@ -222,7 +232,27 @@ class HttpProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._can_write.set()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        big = self._big
+        if self._direct and big is not None:
+            return big.view[big.filled :]
+        return _SCRATCH
+
+    def buffer_updated(self, nbytes: int) -> None:
+        big = self._big
+        if not self._direct or big is None:
+            self.data_received(_SCRATCH[:nbytes])
+            return
+        big.filled += nbytes
+        self._body_len += nbytes
+        if big.filled == len(big.buf):
+            # The parser still counts the body's bytes it never saw: the message ends here,
+            # and the next one starts on a parser of its own.
+            self._direct = False
+            self.on_message_complete()
+            self.parser = httptools.HttpRequestParser(self)
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._too_large or self._finishing:
             return  # an oversized body, or bytes after the last request: dropped
         began, heads = self._in_head, self._heads
@@ -253,6 +283,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._big = None
+        self._direct = False
         self._stream = None
         self._body_len = 0
         self._in_head = False
@@ -307,6 +338,8 @@ class HttpProtocol(asyncio.Protocol):
             self._body.append(body)
         elif not self._big.add(body):
             self._fail(400, "request body is longer than its content-length")
+        elif self._big.filled < len(self._big.buf):
+            self._direct = True  # this read ended inside the body: the next ones go into it
 
     def on_message_complete(self) -> None:
         if self._stream is not None:  # its request is being answered already
