@@ -100,7 +100,8 @@ def replica() -> Iterator[str]:
         rs.stop(5.0)
 
 
-def _post(url: str, reference: str) -> tuple[int, dict[str, object]]:
+def _post(url: str, reference: str) -> tuple[int, bytes]:
+    """`nbytes` called on the replica with its body lent by this process: status, body."""
     req = urllib.request.Request(
         url + wire.CALL_PREFIX + "nbytes",
         data=b"",
@@ -113,19 +114,24 @@ def _post(url: str, reference: str) -> tuple[int, dict[str, object]]:
     )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, {}
+            return resp.status, resp.read()
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())["error"]
+        return err.code, err.read()
+
+
+def _refused(url: str, reference: str) -> tuple[int, str]:
+    status, body = _post(url, reference)
+    return status, json.loads(body)["error"]["message"]
 
 
 def test_a_reference_to_something_else_than_a_body_segment_is_refused(replica: str) -> None:
     with open(__file__, "rb") as f:  # a file this process has open: never read by a replica
-        status, error = _post(replica, f"{os.getpid()} {f.fileno()} 1 100")
-    assert status == 400 and "no body segment" in str(error["message"])
-    assert _post(replica, "1 2 3")[0] == 400  # malformed
-    assert _post(replica, f"{os.getpid() + 1} 3 1 100")[0] == 400  # another process's
-    status, error = _post(replica, f"{os.getpid()} 0 1 {8 * MiB}")
-    assert status == 413, error  # past --max-body: refused before anything is mapped
+        status, message = _refused(replica, f"{os.getpid()} {f.fileno()} 1 100")
+    assert status == 400 and "no body segment" in message
+    assert _refused(replica, "1 2 3")[0] == 400  # malformed
+    assert _refused(replica, f"{os.getpid() + 1} 3 1 100")[0] == 400  # another process's
+    status, message = _refused(replica, f"{os.getpid()} 0 1 {8 * MiB}")
+    assert status == 413, message  # past --max-body: refused before anything is mapped
 
 
 def test_the_replica_reads_a_lent_body_of_this_process(replica: str) -> None:
@@ -135,16 +141,6 @@ def test_the_replica_reads_a_lent_body_of_this_process(replica: str) -> None:
     body = values.encode({"args": [torch.ones(MIN_LENT // 4)], "kwargs": {}})
     ref = asyncio.run(lender.lend(body.parts, body.nbytes, 1))
     assert ref is not None
-    req = urllib.request.Request(
-        replica + wire.CALL_PREFIX + "nbytes",
-        data=b"",
-        method="POST",
-        headers={
-            "content-type": wire.BINARY.decode(),
-            H_SHM.decode(): str(os.getpid()),
-            H_SHM_BODY.decode(): ref.decode(),
-        },
-    )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        assert values.decode(bytearray(resp.read()))["result"] == MIN_LENT
+    status, reply = _post(replica, ref.decode())
+    assert status == 200 and values.decode(bytearray(reply))["result"] == MIN_LENT
     lender.close()
