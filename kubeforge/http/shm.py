@@ -29,7 +29,7 @@ from kubeforge.contract import H_SHM, H_SHM_BODY, H_SHM_DROP, H_SHM_FREE
 from kubeforge.errors import BadRequestError, PayloadTooLargeError
 from kubeforge.http.server import body_length, body_parts
 
-MIN_LENT = 1 << 20  # smaller bodies cross the socket: a lend costs a map and an unmap
+MIN_LENT = 1 << 20  # smaller bodies cross the socket, as fast there, and hold no segment
 _NAME = "kubeforge-body"
 _ALIGN = 1 << 20
 _SLICE = 32 << 20  # bytes copied between two turns of the event loop
