@@ -316,6 +316,14 @@ class SharedMemory:
             notes.append((H_SHM_DROP, dropped))
         return notes
 
+    async def _lend(self, body: Any, peer: int) -> tuple[bytes | None, Any]:
+        """A large body lent to `peer`: its reference and the empty body to send instead;
+        else (None, the body)."""
+        if body_length(body) < MIN_LENT:
+            return None, body
+        ref = await self.lender.lend(body_parts(body), body_length(body), peer)
+        return (ref, b"") if ref is not None else (None, body)
+
     def _heard(self, headers: dict[bytes, bytes]) -> int | None:
         """The peer's pid, when it lends, with what it told us taken in."""
         pid = headers.get(H_SHM)
@@ -334,11 +342,9 @@ class SharedMemory:
         if peer is None:
             return H_SHM + b": " + self._header + b"\r\n", body
         notes = self._notes(peer)
-        if body_length(body) >= MIN_LENT:
-            ref = await self.lender.lend(body_parts(body), body_length(body), peer)
-            if ref is not None:
-                notes.append((H_SHM_BODY, ref))
-                body = b""
+        ref, body = await self._lend(body, peer)
+        if ref is not None:
+            notes.append((H_SHM_BODY, ref))
         return b"".join(name + b": " + value + b"\r\n" for name, value in notes), body
 
     def reply(self, headers: dict[bytes, bytes], body: Any) -> tuple[int | None, Any]:
@@ -368,12 +374,9 @@ class SharedMemory:
             resp = await handler(req)
         finally:
             req.body = b""  # the request's own view: the arguments' views say if it is free
-        lent: list[tuple[bytes, bytes]] = []
-        if body_length(resp.body) >= MIN_LENT:
-            ref = await self.lender.lend(body_parts(resp.body), body_length(resp.body), peer)
-            if ref is not None:
-                lent.append((H_SHM_BODY, ref))
-                resp.body = b""  # copied: an echoed argument no longer holds the caller's segment
+        # Lent first: an echoed argument, once copied, no longer holds the caller's segment.
+        ref, resp.body = await self._lend(resp.body, peer)
+        lent = [(H_SHM_BODY, ref)] if ref is not None else []
         resp.headers = [*(resp.headers or ()), *self._notes(peer), *lent]
         return resp
 
