@@ -34,6 +34,11 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
+class BodyAbandoned(UpstreamError):
+    """The caller's streamed body stopped arriving while it was written on: the caller's doing,
+    not the replica's."""
+
+
 def _parse_headers(raw: bytes) -> dict[bytes, bytes]:
     head = raw[: raw.find(b"\r\n\r\n")].split(b"\r\n")[1:]
     pairs = (line.split(b":", 1) for line in head if b":" in line)
@@ -125,9 +130,15 @@ class _Connection(asyncio.Protocol):
         """Write a streamed request body at the pace the replica reads it."""
         assert self.transport is not None
         try:
-            await pipe(body, self.transport, self._can_write)
-        except (StreamError, ConnectionError) as exc:
-            self.fail(ConnectionLost(f"the caller's body did not arrive whole: {exc}"))
+            await pipe(body, self.transport, self._can_write, self.deadline)
+        except StreamError as exc:
+            self.fail(BodyAbandoned(f"the caller's body did not arrive whole: {exc}"))
+            self.abort()
+        except TimeoutError as exc:
+            self.fail(UpstreamTimeout(str(exc)))
+            self.abort()
+        except ConnectionError as exc:
+            self.fail(ConnectionLost(f"the replica stopped taking the body: {exc}"))
             self.abort()
 
     def eof_received(self) -> bool:

@@ -153,6 +153,9 @@ def default_error(status: int, message: str) -> Response:
 # Where each read lands while the parser takes the bytes (heads, small bodies): one buffer for
 # every connection, as the parser has copied what it keeps before the next read.
 _SCRATCH = memoryview(bytearray(256 * 1024))
+# A streamed body is read in chunks this large, each passed on whole (pooled: written again
+# once every connection it was passed to has sent it).
+STREAM_CHUNK = 1 << 20
 
 
 class HttpProtocol(asyncio.BufferedProtocol):
@@ -196,6 +199,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._big: BodyBuffer | None = None  # a large body of announced length
         self._direct = False  # reads go into `_big`, not through the parser
         self._stream: BodyStream | None = None  # a body streaming on while it arrives
+        self._chunk: memoryview | bytearray | None = None  # where its next bytes are read to
+        self._chunk_filled = 0
         self._reading_paused = False  # by a stream whose reader is behind
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -233,24 +238,43 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._can_write.set()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if not self._direct:
+            return _SCRATCH
         big = self._big
-        if self._direct and big is not None:
+        if big is not None:
             return big.view[big.filled :]
-        return _SCRATCH
+        chunk, filled = self._chunk, self._chunk_filled  # a streamed body
+        assert chunk is not None and self._stream is not None
+        left = self._stream.length - self._body_len  # never past the body: a next request's
+        return chunk[filled : filled + min(len(chunk) - filled, left)]  # bytes go to the parser
 
     def buffer_updated(self, nbytes: int) -> None:
-        big = self._big
-        if not self._direct or big is None:
+        if not self._direct:
             self.data_received(_SCRATCH[:nbytes])
             return
-        big.filled += nbytes
         self._body_len += nbytes
-        if big.filled == len(big.buf):
-            # The parser still counts the body's bytes it never saw: the message ends here,
-            # and the next one starts on a parser of its own.
-            self._direct = False
-            self.on_message_complete()
-            self.parser = httptools.HttpRequestParser(self)
+        big = self._big
+        if big is not None:
+            big.filled += nbytes
+            if big.filled == len(big.buf):
+                self._direct_body_ended()
+            return
+        stream, chunk = self._stream, self._chunk
+        assert stream is not None and chunk is not None
+        self._chunk_filled += nbytes
+        ended = self._body_len == stream.length
+        if ended or self._chunk_filled == len(chunk):
+            stream.feed(chunk[: self._chunk_filled])
+            self._chunk, self._chunk_filled = POOL.take(STREAM_CHUNK), 0
+        if ended:
+            self._direct_body_ended()
+
+    def _direct_body_ended(self) -> None:
+        # The parser still counts the body's bytes it never saw: the message ends here, and the
+        # next one starts on a parser of its own.
+        self._direct = False
+        self.on_message_complete()
+        self.parser = httptools.HttpRequestParser(self)
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self._too_large or self._finishing:
@@ -270,6 +294,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         """The peer half-closed: answer what it already sent, then close."""
+        if self._stream is not None:  # mid-body: what was passed on of it will not be whole
+            got, length = self._body_len, len(self._stream)
+            self._stream.fail(StreamError(f"the caller's body ended at {got} of {length} bytes"))
         self._finish()
         return True  # keep the transport open for those answers
 
@@ -285,6 +312,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._big = None
         self._direct = False
         self._stream = None
+        self._chunk = None
         self._body_len = 0
         self._in_head = False
         self._head_bytes = 0
@@ -334,6 +362,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
             return
         if self._stream is not None:
             self._stream.feed(body)
+            if self._body_len < self._stream.length:  # the next reads go into chunks of its own
+                self._chunk, self._chunk_filled = POOL.take(STREAM_CHUNK), 0
+                self._direct = True
         elif self._big is None:
             self._body.append(body)
         elif not self._big.add(body):

@@ -5,11 +5,23 @@ The producer (the connection reading the body) feeds chunks and pauses its readi
 than `HIGH` bytes wait; the consumer (the connection writing it on) takes them, which resumes
 the producer below `LOW`. A broadcast tees one body into one branch per replica: the caller's
 connection is read at the pace of the slowest replica, and the body is uploaded once.
+
+The server reads a streamed body in 1 MiB pooled chunks straight from the socket, and `pipe`
+writes each connection's chunks from a thread of its own. Both are for a 2-core machine's sake:
+a 256 MB broadcast to 4 replicas ran at 0.57x four parallel raw sends with 256 KiB chunks
+written by the event loop, and at 0.75-0.85x with these (bench/payloads.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import os
+import queue
+import socket
+import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
@@ -17,6 +29,7 @@ from typing import Any
 HIGH = 4 << 20  # bytes waiting in one stream before its producer pauses
 LOW = 1 << 20  # and below which it resumes
 WRITE_CHUNK = 1 << 20  # a large body is handed to its transport this much at a time
+WRITER_THREAD = "kubeforge-pipe"  # the OS name of a thread writing a streamed body
 
 
 def slices(parts: Iterable[Any]) -> Iterator[memoryview]:
@@ -45,10 +58,30 @@ async def write_paced(
     return not transport.is_closing()
 
 
-async def pipe(body: BodyStream, transport: asyncio.Transport, can_write: asyncio.Event) -> bool:
+async def pipe(
+    body: BodyStream,
+    transport: asyncio.Transport,
+    can_write: asyncio.Event,
+    deadline: float | None = None,
+) -> bool:
     """Write a streamed body on as it arrives, at the pace the transport's peer reads it.
     False (and the body's producer stopped) when the transport closed first; raises
-    StreamError when the body's producer went away."""
+    StreamError when the body's producer went away, ConnectionError when the peer did, and
+    TimeoutError when the peer had not taken it all by `deadline` (time.monotonic()).
+
+    The bytes are written by a thread of their own, on the transport's socket: the event
+    loop then only reads (the body from its producer, anything else from anyone), and the
+    kernel's copies into several sockets (a broadcast's branches) run on as many cores.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None and not transport.is_closing():
+        return await _pipe_in_thread(body, transport, sock.fileno(), deadline)
+    return await _pipe_on_loop(body, transport, can_write)
+
+
+async def _pipe_on_loop(
+    body: BodyStream, transport: asyncio.Transport, can_write: asyncio.Event
+) -> bool:
     async for chunk in body.chunks():
         if transport.is_closing():
             body.cancel("the connection it was written to closed")
@@ -57,6 +90,104 @@ async def pipe(body: BodyStream, transport: asyncio.Transport, can_write: asynci
         if not can_write.is_set():
             await can_write.wait()
     return True
+
+
+async def _pipe_in_thread(
+    body: BodyStream, transport: asyncio.Transport, fd: int, deadline: float | None
+) -> bool:
+    while transport.get_write_buffer_size():  # the head, when the socket did not take it whole
+        if transport.is_closing():
+            return False
+        await asyncio.sleep(0.001)
+    writer = _SocketWriter(fd, deadline)
+    try:
+        async for chunk in body.chunks():
+            if transport.is_closing():
+                body.cancel("the connection it was written to closed")
+                return False
+            await writer.put(chunk)
+        await writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return True
+
+
+class _SocketWriter:
+    """One thread writing chunks to a socket (a duplicate of the transport's descriptor, so
+    closing the transport cannot pull it from under a send), at most `HIGH` bytes behind."""
+
+    def __init__(self, fd: int, deadline: float | None) -> None:
+        self.sock = socket.socket(fileno=os.dup(fd))
+        self.deadline = deadline
+        self.sock.settimeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
+        self.loop = asyncio.get_running_loop()
+        self.chunks: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.queued = 0
+        self.lock = threading.Lock()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.done: asyncio.Future[BaseException | None] = self.loop.create_future()
+        threading.Thread(target=self._run, name="kubeforge-writer", daemon=True).start()
+
+    async def put(self, chunk: Any) -> None:
+        if self.done.done():
+            raise self._failure()
+        with self.lock:
+            self.queued += len(chunk)
+            if self.queued > HIGH:
+                self.room.clear()
+        self.chunks.put(chunk)
+        await self.room.wait()  # set again below LOW, or when the thread stopped
+
+    async def finish(self) -> None:
+        self.chunks.put(None)
+        if await asyncio.shield(self.done) is not None:
+            raise self._failure()
+
+    def abort(self) -> None:
+        self.chunks.put(None)
+        if not self.done.done():
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _failure(self) -> OSError:
+        exc = self.done.result()
+        if isinstance(exc, TimeoutError):  # the socket's timeout is the call's deadline
+            return TimeoutError(f"the peer did not take the body by the deadline: {exc}")
+        return ConnectionError(f"writing the body failed: {exc}")
+
+    def _run(self) -> None:
+        _name_thread(WRITER_THREAD)
+        error: BaseException | None = None
+        try:
+            while (chunk := self.chunks.get()) is not None:
+                if error is None:
+                    try:
+                        self.sock.sendall(chunk)
+                    except OSError as exc:
+                        error = exc
+                with self.lock:
+                    self.queued -= len(chunk)
+                    if self.queued < LOW and not self.room.is_set():
+                        self.loop.call_soon_threadsafe(self.room.set)
+                if error is not None:
+                    break
+        finally:
+            self.sock.close()
+            self.loop.call_soon_threadsafe(self._settle, error)
+
+    def _settle(self, error: BaseException | None) -> None:
+        if not self.done.done():
+            self.done.set_result(error)
+        self.room.set()
+
+
+def _name_thread(name: str) -> None:
+    """The OS-level name (`top -H`, /proc/PID/task/TID/comm), which Python 3.11 leaves as the
+    process's own: an operator can tell a body's writer from the event loop."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
 class StreamError(ConnectionError):

@@ -19,6 +19,7 @@ from typing import Any
 
 from kubeforge import contract, values, wire
 from kubeforge.errors import (
+    BadRequestError,
     KubeforgeError,
     NoHealthyReplicasError,
     ReplicaLostError,
@@ -26,6 +27,7 @@ from kubeforge.errors import (
     SessionMovedError,
 )
 from kubeforge.http.client import (
+    BodyAbandoned,
     ClientResponse,
     ConnectFailed,
     ConnectionLost,
@@ -81,6 +83,8 @@ def _outcome_of(error: UpstreamError) -> Outcome:
         return Outcome.CONNECT
     if isinstance(error, UpstreamTimeout):
         return Outcome.TIMEOUT
+    if isinstance(error, BodyAbandoned):
+        return Outcome.ABANDONED
     return Outcome.LOST
 
 
@@ -374,6 +378,8 @@ class Router:
                 f"{name} did not answer within {self.config.request_timeout:g}s",
                 replica=name,
             )
+        if failed.outcome is Outcome.ABANDONED:
+            return BadRequestError(f"{failed.detail} (the call reached {name} incomplete)")
         if failed.outcome is Outcome.LOST:
             return ReplicaLostError(
                 f"{name} was lost during the call ({failed.detail or 'connection lost'}); "

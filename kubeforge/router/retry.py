@@ -24,6 +24,7 @@ class Outcome(enum.StrEnum):
     TIMEOUT = "timeout"  # no answer in time: it may still be running
     OVERLOADED = "overloaded"  # the replica refused it, full, before the actor saw it
     DRAINING = "draining"  # the replica refused it, shutting down, before the actor saw it
+    ABANDONED = "abandoned"  # the caller's body stopped arriving: nothing to send, no one to blame
 
     @classmethod
     def of_answer(cls, status: int, retryable: bytes | None) -> Outcome | None:
@@ -86,6 +87,8 @@ def decide(
     the call's deadline (the router's, or the caller's when it is sooner). Where it goes is
     always the least-loaded of those replicas; a call in a session takes its session there.
 
+    - A call whose caller stopped sending its body is not sent anywhere again (nor does it count
+      against the replica's health).
     - A timeout is never re-sent: the call may still be running.
     - A call lost with its replica is re-sent only without a session (its session's state died
       with the replica, so the caller must know) and unless the caller asked for at-most-once.
@@ -94,6 +97,8 @@ def decide(
     - A body that streamed on to the replica (`replayable=False`: larger than the router
       holds) is gone once sent: only a refused connect, before any of it left, may go on.
     """
+    if outcome is Outcome.ABANDONED:
+        return Decision(False, "the caller's body did not arrive whole")
     if not replayable and outcome is not Outcome.CONNECT:
         return Decision(False, "its body was streamed to the replica and is not kept")
     if outcome is Outcome.TIMEOUT:

@@ -6,12 +6,13 @@ import pytest
 
 from kubeforge.router.retry import MAX_BACKOFF, Outcome, decide
 
-C, L, T, OV, D = (
+C, L, T, OV, D, AB = (
     Outcome.CONNECT,
     Outcome.LOST,
     Outcome.TIMEOUT,
     Outcome.OVERLOADED,
     Outcome.DRAINING,
+    Outcome.ABANDONED,
 )
 
 # outcome, attempt, budget, at_most_once, in_session, others -> re-send?
@@ -30,6 +31,8 @@ TABLE = [
     (L, 0, 3, False, True, 1, False),
     # a timeout may still be running: never
     (T, 0, 3, False, False, 5, False),
+    # the caller stopped sending its body: there is nothing whole to send anywhere
+    (AB, 0, 3, False, False, 5, False),
     # the budget: `retries` re-sends, no more; zero means none at all
     (C, 3, 3, False, False, 1, False),
     (C, 0, 0, False, False, 1, False),
@@ -92,5 +95,7 @@ def test_a_streamed_body_goes_on_only_after_a_refused_connect(outcome: Outcome) 
     )
     if outcome is Outcome.CONNECT:
         assert streamed == kept and streamed.resend
+    elif outcome is Outcome.ABANDONED:  # its own reason comes first
+        assert not streamed.resend and "caller" in streamed.why
     else:
         assert not streamed.resend and "streamed" in streamed.why
