@@ -30,6 +30,7 @@ HIGH = 4 << 20  # bytes waiting in one stream before its producer pauses
 LOW = 1 << 20  # and below which it resumes
 WRITE_CHUNK = 1 << 20  # a large body is handed to its transport this much at a time
 WRITER_THREAD = "kubeforge-pipe"  # the OS name of a thread writing a streamed body
+_NO_DEADLINE = 24 * 3600.0  # a writer's timeout when its caller set none
 
 
 def slices(parts: Iterable[Any]) -> Iterator[memoryview]:
@@ -119,8 +120,10 @@ class _SocketWriter:
 
     def __init__(self, fd: int, deadline: float | None) -> None:
         self.sock = socket.socket(fileno=os.dup(fd))
-        self.deadline = deadline
-        self.sock.settimeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
+        # Always a timeout: `None` would make the descriptor blocking, for the event loop too
+        # (the duplicate shares the socket's flags).
+        left = _NO_DEADLINE if deadline is None else deadline - time.monotonic()
+        self.sock.settimeout(max(0.001, left))
         self.loop = asyncio.get_running_loop()
         self.chunks: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.queued = 0

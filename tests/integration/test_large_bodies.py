@@ -68,8 +68,11 @@ async def test_a_256_mib_call_streams_through_the_router(deployment: LocalDeploy
         growth = peak_rss(router) - before
         assert torch.equal(out, t)
         assert growth < ROUTER_GROWTH_LIMIT, f"router peak RSS grew {growth / MiB:.0f} MiB"
-        # The connection is fine afterwards: small calls still go through.
+        # The connection is fine afterwards: small calls still go through, and large ones
+        # stream both ways on it again.
         assert torch.equal(await client.echo(None, torch.arange(3)), torch.arange(3))
+        for _ in range(2):
+            assert torch.equal(await client.echo(None, t[: 8 * MiB]), t[: 8 * MiB])
 
 
 async def test_a_large_broadcast_is_uploaded_once_and_streams_to_every_replica(
