@@ -65,12 +65,22 @@ class EndpointHandle:
         raise AttributeError(f"{type(self).__name__} {self.name!r} has no attribute {verb!r}")
 
     async def __call__(self, sess_id: str | None, *args: Any, **kwargs: Any) -> Any:
-        return await self._api._call(self.name, sess_id, args, kwargs)
+        return await self._api._call(self.name, self._session_id(sess_id), args, kwargs)
 
     async def route(self, *args: Any, sess_id: str | None = None, **kwargs: Any) -> Any:
         """One replica: the session's (argument, or the enclosing `session()`), else the
-        least-loaded."""
-        return await self._api._call(self.name, sess_id, args, kwargs)
+        least-loaded. A session id is one `start_session()` issued or any name of the caller's
+        (placed on first use, as in torchforge)."""
+        return await self._api._call(self.name, self._session_id(sess_id), args, kwargs)
+
+    def _session_id(self, sess_id: Any) -> str | None:
+        if sess_id is None or isinstance(sess_id, str):
+            return sess_id
+        raise TypeError(
+            f"svc.{self.name}(sess_id, *args): the first argument is a session id (a str, or "
+            f"None for no session), not {type(sess_id).__name__}; to call without a session, "
+            f"use `await svc.{self.name}.route(...)`"
+        )
 
     async def fanout(self, *args: Any, **kwargs: Any) -> list[Any]:
         """Every healthy replica, results in replica order (== `call_all`)."""

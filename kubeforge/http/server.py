@@ -13,6 +13,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from kubeforge.contract import H_SESSION
 from kubeforge.http.buffers import POOL
 from kubeforge.http.stream import BodyStream, StreamError, pipe, write_paced
 
@@ -153,6 +154,8 @@ def default_error(status: int, message: str) -> Response:
 # Where each read lands while the parser takes the bytes (heads, small bodies): one buffer for
 # every connection, as the parser has copied what it keeps before the next read.
 _SCRATCH = memoryview(bytearray(256 * 1024))
+# Headers a request may carry once: two sessions (each could be a name) cannot both be meant.
+_ONCE = frozenset({H_SESSION})
 # A streamed body is read in chunks this large, each passed on whole (pooled: written again
 # once every connection it was passed to has sent it).
 STREAM_CHUNK = 1 << 20
@@ -328,6 +331,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         value = value.rstrip(b" \t")  # optional whitespace is not part of the value (RFC 9110)
+        if name in _ONCE and name in self._headers:
+            self._fail(400, f"more than one {name.decode()} header")
         self._headers[name] = value
         # However the head arrived (one read or many), its size counts: name, value, ": ", CRLF.
         self._head_size += len(name) + len(value) + 4

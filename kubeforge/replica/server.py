@@ -250,6 +250,10 @@ class ReplicaServer:
             if not await self._end_session(sid, "terminated by the caller"):
                 self.sessions.touch(sid, now)  # raises UnknownSessionError with the reason
             return Response(200, wire.encode({"session_id": sid, "ended": True}))
+        if req.method == "GET":  # a router asking where a caller-named session lives
+            if sid not in self.sessions.live:
+                self.sessions.touch(sid, now)  # raises UnknownSessionError with the reason
+            return Response(200, wire.encode({"session_id": sid, "live": True}))
         return wire.http_error(405, f"{req.method} not allowed on sessions")
 
     async def _end_session(self, sid: str, reason: str) -> bool:

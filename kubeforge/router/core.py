@@ -99,6 +99,9 @@ class RoutingTable:
         self.replicas: dict[int, Replica] = {}
         self.healthy: list[Replica] = []  # HEALTHY replicas in index order
         self.aliases: OrderedDict[str, str] = OrderedDict()  # re-pinned session -> new id
+        # Caller-named sessions -> (replica index, instance) they were last seen on: a cache,
+        # since the replicas are asked where a name lives whenever it is not usable.
+        self.named: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self.sessions_moved = 0
         self._turn = 0
         self.on_change: Callable[[], None] | None = None  # membership or health changed
@@ -296,3 +299,35 @@ class RoutingTable:
 
     def forget(self, session_id: str) -> None:
         self.aliases.pop(session_id, None)
+        self.named.pop(session_id, None)
+
+    # caller-named sessions -----------------------------------------------------------------
+
+    def named_replica(self, name: str) -> Replica | None:
+        """The healthy incarnation a caller-named session was last placed on, or None."""
+        seen = self.named.get(name)
+        if seen is None:
+            return None
+        replica = self.replicas.get(seen[0])
+        if replica is None or replica.state is not ReplicaState.HEALTHY:
+            return None
+        return replica if replica.instance == seen[1] else None
+
+    def learn(self, name: str, replica: Replica) -> None:
+        self.named[name] = (replica.index, replica.instance or "")
+        self.named.move_to_end(name)
+        while len(self.named) > _ALIAS_MEMORY:
+            self.named.popitem(last=False)
+
+    def place_named(self, name: str, exclude: frozenset[int] = frozenset()) -> Placement:
+        """A new placement for a name no replica holds: where a session goes (least-loaded,
+        then fewest sessions). `moved_from` names the replica it was lost with, if it was."""
+        seen = self.named.get(name)
+        target = self.pick_for_session(exclude)
+        target.sessions_added += 1
+        self.learn(name, target)
+        lost = seen[0] if seen is not None else None
+        if lost is not None:
+            self.sessions_moved += 1
+            log.warning("session %s moved from replica %s to %s", name, lost, target.name)
+        return Placement(target, name, lost, fresh=True)

@@ -11,11 +11,13 @@ it nests whole in its answer without decoding them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from kubeforge import contract, values, wire
 from kubeforge.errors import (
@@ -25,6 +27,7 @@ from kubeforge.errors import (
     ReplicaLostError,
     RequestTimeoutError,
     SessionMovedError,
+    UnknownSessionError,
 )
 from kubeforge.http.client import (
     BodyAbandoned,
@@ -44,7 +47,7 @@ from kubeforge.router.core import Placement, Replica, ReplicaState, RoutingTable
 from kubeforge.router.discovery import Discovery, split_url
 from kubeforge.router.native import NativeRelay
 from kubeforge.router.retry import Outcome
-from kubeforge.router.sessions import SessionCodec
+from kubeforge.router.sessions import SessionCodec, check_name
 from kubeforge.settings import DEFAULTS, router_request_timeout
 
 log = logging.getLogger("kubeforge.router")
@@ -86,6 +89,23 @@ def _outcome_of(error: UpstreamError) -> Outcome:
     if isinstance(error, BodyAbandoned):
         return Outcome.ABANDONED
     return Outcome.LOST
+
+
+def _unknown_session(resp: ClientResponse) -> bool:
+    """The replica refused the call: its session is not live there."""
+    if resp.status != 404 or len(resp.body) > 4096:
+        return False
+    try:
+        answer = wire.decode_as(resp.body, wire.body_format(resp.headers.get(wire.H_CONTENT_TYPE)))
+    except KubeforgeError:
+        return False
+    error = answer.get("error") if isinstance(answer, dict) else None
+    return isinstance(error, dict) and error.get("type") == "UnknownSessionError"
+
+
+def _session_path(session_id: str) -> bytes:
+    """A session's path on its replica: a caller's name may hold `/`, `%` or spaces."""
+    return f"{wire.SESSIONS_PATH}/{quote(session_id, safe='')}".encode()
 
 
 def _passed_on(resp: ClientResponse) -> Response:
@@ -275,6 +295,7 @@ class Router:
         extra = self._forwarded(headers)
         tried: set[int] = set()
         attempt = 0
+        ended_on: int | None = None  # a caller-named session ended there and starts again
         while True:
             if failed is not None:
                 tried.add(failed.index)
@@ -300,6 +321,8 @@ class Router:
             else:
                 sid = sid_raw.decode(_HEADER_TEXT)
                 placement = await self._place(sid, frozenset(tried))
+                if ended_on is not None and placement.moved_from is None:
+                    placement = dataclasses.replace(placement, moved_from=ended_on)
                 replica = placement.replica
                 if (
                     placement.moved_from is not None
@@ -323,6 +346,21 @@ class Router:
             refused = Outcome.of_answer(resp.status, resp.headers.get(wire.H_RETRYABLE))
             if refused is not None:
                 failed = Failed(replica.index, refused, answer=_passed_on(resp))
+                continue
+            if (
+                placement is not None
+                and not placement.fresh
+                and ended_on is None
+                and _unknown_session(resp)
+                and not self.table.codec.issued_form(placement.session_id)
+                and not (isinstance(body, BodyStream) and body.started)
+            ):
+                # A caller-named session that ended on its replica (idle past its TTL, or
+                # terminated through another router): the name starts a new session, as in
+                # torchforge, and the answer says that its state is gone, as for a session
+                # moved off a lost replica. The replica refused the call before its actor ran.
+                self.table.forget(placement.session_id)
+                ended_on = replica.index
                 continue
             out = Response(resp.status, resp.body, resp.headers.get(wire.H_CONTENT_TYPE, wire.JSON))
             if placement is not None and placement.moved_from is not None:
@@ -564,6 +602,8 @@ class Router:
 
     async def _place(self, session_id: str, exclude: frozenset[int]) -> Placement:
         """Where a session goes now; a fresh placement is registered with its replica first."""
+        if not self.table.codec.issued_form(session_id):
+            return await self._place_named(session_id, exclude)
         placement = (
             self.table.place(session_id)
             if not exclude
@@ -580,10 +620,48 @@ class Router:
                 placement = self.table.move(session_id, placement.moved_from or 0, frozenset(tried))
         return placement
 
+    async def _place_named(self, name: str, exclude: frozenset[int]) -> Placement:
+        """A caller-named session: where it was last placed, else where a replica says it
+        lives, else a new placement (registered first, as an issued one)."""
+        check_name(name)
+        replica = self.table.named_replica(name)
+        if replica is not None and replica.index not in exclude:
+            return Placement(replica, name)
+        holder = await self._holder(name, exclude)
+        if holder is not None:
+            self.table.learn(name, holder)
+            return Placement(holder, name)
+        tried = set(exclude)
+        while True:
+            placement = self.table.place_named(name, frozenset(tried))
+            try:
+                await self._register(placement.replica, name)
+                return placement
+            except UpstreamError as exc:
+                self.table.connection_failed(placement.replica, str(exc))
+                tried.add(placement.replica.index)
+
+    async def _holder(self, name: str, exclude: frozenset[int] = frozenset()) -> Replica | None:
+        """The healthy replica on which session `name` is live, asked of each in parallel:
+        another router may have placed it, or this one before it restarted."""
+        replicas = [r for r in self.table.healthy if r.index not in exclude]
+
+        async def holds(replica: Replica) -> bool:
+            try:
+                resp = await self.upstreams[replica.index].request(
+                    b"GET", _session_path(name), self._auth_line, b"", self.config.health_timeout
+                )
+            except UpstreamError:
+                return False
+            return resp.status == 200
+
+        found = await asyncio.gather(*(holds(r) for r in replicas))
+        return next((r for r, live in zip(replicas, found, strict=True) if live), None)
+
     async def _register(self, replica: Replica, session_id: str) -> None:
         resp = await self.upstreams[replica.index].request(
             b"POST",
-            f"{wire.SESSIONS_PATH}/{session_id}".encode(),
+            _session_path(session_id),
             self._auth_line,
             b"",
             self.config.health_timeout,
@@ -606,7 +684,17 @@ class Router:
             return Response(201, wire.encode({"session_id": sid, "replica": replica.name}))
 
     async def end_session(self, session_id: str) -> Response:
-        replica = self.table.current(session_id)
+        if self.table.codec.issued_form(session_id):
+            replica = self.table.current(session_id)
+        else:
+            check_name(session_id)
+            replica = self.table.named_replica(session_id) or await self._holder(session_id)
+            if replica is None:
+                self.table.forget(session_id)
+                raise UnknownSessionError(
+                    f"session {session_id!r} is not live on any healthy replica",
+                    session_id=session_id,
+                )
         self.table.forget(session_id)
         if replica is None or replica.state is not ReplicaState.HEALTHY:
             return Response(
@@ -619,7 +707,7 @@ class Router:
         try:
             resp = await self.upstreams[replica.index].request(
                 b"DELETE",
-                f"{wire.SESSIONS_PATH}/{target}".encode(),
+                _session_path(target),
                 self._auth_line,
                 b"",
                 self.config.request_timeout,

@@ -318,6 +318,27 @@ async def test_session_stickiness() -> None:
         await service.shutdown()
 
 
+async def test_sessions_the_caller_names() -> None:
+    """torchforge's `route(..., sess_id="sess1")`: the first call places the name on the
+    least-loaded replica, later calls stick, `terminate_session` ends it."""
+    service = await Counter.options(procs=1, num_replicas=2).as_service(0)
+    try:
+        for _ in range(3):
+            await service.incr.route(sess_id="sess1")
+        await service.incr("sess2")  # the positional form; placed by fewest sessions
+        assert await service.value.route(sess_id="sess1") == 3
+        assert await service.value("sess2") == 1
+        summary = await service.get_metrics_summary()
+        assert sorted(r["assigned_sessions"] for r in summary["replicas"].values()) == [1, 1]
+        await service.terminate_session("sess1")
+        summary = await service.get_metrics_summary()
+        assert sorted(r["assigned_sessions"] for r in summary["replicas"].values()) == [0, 1]
+        with pytest.raises(TypeError, match="session id"):
+            await service.value(3)  # an argument where the session id goes
+    finally:
+        await service.shutdown()
+
+
 async def test_load_balancing_multiple_sessions() -> None:
     service = await Counter.options(procs=1, num_replicas=2).as_service(v=0)
     try:
@@ -463,6 +484,22 @@ async def test_connect_actor_and_connect_reach_a_router_with_the_same_verbs(
     again = await kubeforge.connect(url, token=token)
     assert await again.value.route() == 6
     await again.shutdown()
+
+
+async def test_a_named_session_through_the_router_sticks_to_its_replica(
+    served: tuple[str, str],
+) -> None:
+    url, token = served
+    service = await kubeforge.connect(url, token=token)
+    try:
+        assert [await service.add_to_value.route(1, sess_id="run-7/ep-1") for _ in range(3)] == [
+            6,
+            7,
+            8,
+        ]
+        await service.terminate_session("run-7/ep-1")
+    finally:
+        await service.shutdown()
 
 
 async def test_connect_refuses_a_wrong_token_and_connect_actor_a_service(

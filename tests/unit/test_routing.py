@@ -2,10 +2,10 @@ from collections import Counter
 
 import pytest
 
-from kubeforge.errors import NoHealthyReplicasError, UnknownSessionError
+from kubeforge.errors import BadRequestError, NoHealthyReplicasError, UnknownSessionError
 from kubeforge.metrics import SlidingWindow
 from kubeforge.router.core import Replica, ReplicaState, RoutingTable
-from kubeforge.router.sessions import SessionCodec
+from kubeforge.router.sessions import SessionCodec, check_name
 
 
 def _health(
@@ -139,3 +139,32 @@ def test_exclude_and_no_healthy_left() -> None:
     assert t.pick(frozenset({0})).index == 1
     with pytest.raises(NoHealthyReplicasError):
         t.pick(frozenset({0, 1}))
+
+
+def test_a_name_is_placed_by_fewest_sessions_and_moves_only_when_its_replica_is_gone() -> None:
+    t = table_with(2)
+    first = t.place_named("sess1")
+    second = t.place_named("sess2")
+    assert {first.replica.index, second.replica.index} == {0, 1}
+    assert first.fresh and first.moved_from is None and first.session_id == "sess1"
+    assert t.named_replica("sess1") is first.replica
+    t.report(first.replica, _health("restarted"))  # its sessions died with the old process
+    assert t.named_replica("sess1") is None  # the engine asks the replicas, then places anew
+    moved = t.place_named("sess1")
+    assert moved.moved_from == first.replica.index and moved.session_id == "sess1"
+    t.forget("sess1")
+    assert t.named_replica("sess1") is None and t.place_named("sess1").moved_from is None
+
+
+@pytest.mark.parametrize("name", ["sess1", "episode/17 of run 7%", "0.abc.1.2", "x" * 256])
+def test_any_printable_ascii_name_is_a_session_name(name: str) -> None:
+    codec = SessionCodec("k")
+    check_name(name)
+    assert not codec.issued_form(name)
+    assert codec.issued_form(codec.new(0, "inst"))
+
+
+@pytest.mark.parametrize("name", ["", "x" * 257, "épisode", "tab\there", " padded", "padded "])
+def test_a_name_that_cannot_travel_in_a_header_is_refused(name: str) -> None:
+    with pytest.raises(BadRequestError, match="session id"):
+        check_name(name)

@@ -63,7 +63,7 @@ def test_python_parser_rejects_what_the_relay_hands_over_as_bad(case: dict) -> N
         pass
 
     parser = httptools.HttpRequestParser(Sink())
-    if case["status"] == 400:
+    if case["status"] == 400 and case.get("parser", True):
         with pytest.raises(httptools.HttpParserError):
             parser.feed_data(case["request"].encode())
     else:
