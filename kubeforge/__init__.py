@@ -6,7 +6,7 @@ of them; `ServiceClient`, `connect()` and `connect_actor()` for the same calls a
 cluster's routers.
 """
 
-from kubeforge.actor import Actor, endpoint
+from kubeforge.actor import Actor, current_session, endpoint
 from kubeforge.errors import (
     BroadcastError,
     KubeforgeError,
@@ -43,6 +43,7 @@ __all__ = [
     "connect",
     "connect_actor",
     "current_rank",
+    "current_session",
     "endpoint",
     "shutdown",
 ]

@@ -7,6 +7,7 @@ health checks of the replica that hosts it.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import importlib.util
 import inspect
@@ -27,6 +28,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 A = TypeVar("A", bound="Actor")
 
 _ENDPOINT_ATTR = "__kubeforge_endpoint__"
+# The session of the call an endpoint is running; set by the replica on every rank.
+SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kubeforge_session", default=None
+)
+
+
+def current_session() -> str | None:
+    """The session id of the call this endpoint runs (an issued id or the caller's name), or
+    None for a call without one: per-session state kept under it is freed in `on_session_end`."""
+    return SESSION.get()
+
+
 _DEVICE_ATTR = "__kubeforge_device__"
 
 

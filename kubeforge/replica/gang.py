@@ -16,6 +16,7 @@ whole replica (collectives cannot recover from a missing peer).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import hmac
 import logging
@@ -31,7 +32,7 @@ from typing import Any
 import msgpack
 
 from kubeforge import values, wire
-from kubeforge.actor import endpoints_of
+from kubeforge.actor import SESSION, endpoints_of
 from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica.gang")
@@ -78,11 +79,13 @@ def error_of(exc: BaseException) -> dict[str, str]:
 
 
 async def invoke(fn: Callable[..., Any], is_async: bool, args: list[Any], kw: dict) -> Any:
-    """Run an endpoint: a coroutine on the loop, a plain function on a worker thread."""
+    """Run an endpoint: a coroutine on the loop, a plain function on a worker thread (in this
+    context, so that `current_session()` answers there too)."""
     if is_async:
         return await fn(*args, **kw)
+    run = contextvars.copy_context().run
     return await asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(fn, *args, **kw)
+        None, functools.partial(run, fn, *args, **kw)
     )
 
 
@@ -354,7 +357,11 @@ async def _run_one(actor: Any, endpoints: dict, message: dict[str, Any]) -> dict
             if info.device is not None:
                 args, kwargs = values.to_device([args, kwargs], info.device)
             fn = getattr(actor, info.name)
-            value = await invoke(fn, info.is_async, args, kwargs)
+            token = SESSION.set(message.get("session"))
+            try:
+                value = await invoke(fn, info.is_async, args, kwargs)
+            finally:
+                SESSION.reset(token)
         if message.get("all"):
             if message.get("format") == wire.FMT_BINARY:
                 reply["value"] = values.encode(value).tobytes()

@@ -7,6 +7,7 @@ bookkeeping, time windows) live in small classes beside it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubeforge import argcheck, openapi, prom, values, wire
-from kubeforge.actor import endpoints_of
+from kubeforge.actor import SESSION, endpoints_of
 from kubeforge.contract import HEALTHZ, READYZ
 from kubeforge.errors import (
     DrainingError,
@@ -307,6 +308,7 @@ class ReplicaServer:
             self.sessions.touch(sid, started)
             self.sessions.busy[sid] = self.sessions.busy.get(sid, 0) + 1
         ok = False
+        session = SESSION.set(sid)
         try:
             if self.gang is None:
                 result = await self._run(info.name, info.is_async, args, kwargs, timeout, started)
@@ -333,6 +335,7 @@ class ReplicaServer:
             return Response(200, body, wire.content_type(fmt))
         finally:
             now = time.monotonic()
+            SESSION.reset(session)
             self.durations.observe(now - started)
             outcome = "ok" if ok else "error"
             key = (name, outcome)
@@ -364,8 +367,9 @@ class ReplicaServer:
         else:
             # A thread cannot be cancelled: on timeout the caller gets its error at once, while
             # the slot stays taken until the thread really returns.
+            run = contextvars.copy_context().run  # current_session() in the thread too
             thread = asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(fn, *args, **kwargs)
+                None, functools.partial(run, fn, *args, **kwargs)
             )
             thread.add_done_callback(lambda _f: self.admission.release())
             work = asyncio.shield(thread)
@@ -407,7 +411,13 @@ class ReplicaServer:
         fn = getattr(self.actor, name)
         work = self.gang.submit(
             "call",
-            {"endpoint": name, "body": body, "format": fmt, "all": all_ranks},
+            {
+                "endpoint": name,
+                "body": body,
+                "format": fmt,
+                "all": all_ranks,
+                "session": SESSION.get(),
+            },
             lambda: invoke(fn, info.is_async, args, kwargs),
         )
         # The slot stays taken until every rank is done, as for a thread that outlives its caller.

@@ -26,6 +26,7 @@ from tests.integration.test_grpo_example import check_learned, result_of
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.process_node]
 REPO = Path(__file__).resolve().parents[2]
+STEPS = 50
 ROLES = {
     "dataset": "grpo-dataset",
     "policy": "grpo-policy",
@@ -79,14 +80,19 @@ def test_grpo_example_runs_through_the_cluster_routers(
     config.write_text(json.dumps(routers))
     began = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "examples/grpo.py", "--steps", "6", "--cluster", str(config)],
+        [sys.executable, "examples/grpo.py", "--steps", str(STEPS), "--cluster", str(config)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    check_learned(result_of(done.stdout), 6)
-    print(f"6 training steps through the routers in {time.monotonic() - began:.1f}s")
+    result = result_of(done.stdout)
+    check_learned(result, STEPS)
+    print(
+        f"{STEPS} training steps through the routers in {time.monotonic() - began:.1f}s "
+        f"({result['seconds_per_step']:.2f}s a step): batch reward "
+        f"{result['batch_rewards'][0]:.2f} -> {result['batch_rewards'][-1]:.2f}"
+    )
     # The program's shutdown() closed its connections; the Services keep running.
     assert all_ready()

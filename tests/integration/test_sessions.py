@@ -5,7 +5,7 @@ import json
 
 import aiohttp
 
-from kubeforge import contract
+from kubeforge import Actor, Service, ServiceConfig, contract, current_session, endpoint
 from tests.integration.conftest import call, start_session
 from tests.integration.procs import Procs, http_get
 
@@ -171,3 +171,23 @@ async def test_a_name_that_cannot_travel_is_a_clear_400(
     for bad in ("x" * 257, "épisode"):
         status, body, _ = await call(http, router.url, "incr", session=bad)
         assert status == 400 and "session id" in body["error"]["message"], body
+
+
+class SessionEcho(Actor):
+    @endpoint
+    async def whose(self) -> str | None:
+        return current_session()
+
+    @endpoint
+    def whose_sync(self) -> str | None:  # on a worker thread
+        return current_session()
+
+
+async def test_an_endpoint_knows_the_session_of_its_call_on_every_rank() -> None:
+    cfg = ServiceConfig(num_replicas=1, procs=2, return_first_rank_result=False)
+    async with Service(cfg, SessionEcho) as svc:
+        sid = await svc.start_session()
+        assert await svc.whose(sid) == [sid, sid]
+        assert await svc.whose_sync("episode-9") == ["episode-9", "episode-9"]
+        assert await svc.whose.route() == [None, None]
+        assert await svc.whose_sync.route() == [None, None]
