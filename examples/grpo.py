@@ -257,7 +257,7 @@ class Trainer(Actor):
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        return float(loss)
+        return loss.item()
 
     @endpoint
     async def train_step(self, batch: list[Episode]) -> dict[str, Any]:
