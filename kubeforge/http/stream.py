@@ -122,8 +122,8 @@ class _SocketWriter:
         self.sock = socket.socket(fileno=os.dup(fd))
         # Always a timeout: `None` would make the descriptor blocking, for the event loop too
         # (the duplicate shares the socket's flags).
-        left = _NO_DEADLINE if deadline is None else deadline - time.monotonic()
-        self.sock.settimeout(max(0.001, left))
+        self.deadline = deadline
+        self.sock.settimeout(self._left())
         self.loop = asyncio.get_running_loop()
         self.chunks: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.queued = 0
@@ -132,6 +132,10 @@ class _SocketWriter:
         self.room.set()
         self.done: asyncio.Future[BaseException | None] = self.loop.create_future()
         threading.Thread(target=self._run, name="kubeforge-writer", daemon=True).start()
+
+    def _left(self) -> float:
+        left = _NO_DEADLINE if self.deadline is None else self.deadline - time.monotonic()
+        return max(0.001, left)
 
     async def put(self, chunk: Any) -> None:
         if self.done.done():
@@ -167,6 +171,8 @@ class _SocketWriter:
             while (chunk := self.chunks.get()) is not None:
                 if error is None:
                     try:
+                        if self.deadline is not None:  # the call's deadline, not a chunk's
+                            self.sock.settimeout(self._left())
                         self.sock.sendall(chunk)
                     except OSError as exc:
                         error = exc
