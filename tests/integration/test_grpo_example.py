@@ -22,7 +22,7 @@ def result_of(stdout: str) -> dict:
     return json.loads(lines[0].removeprefix("RESULT "))
 
 
-def check_learned(result: dict, steps: int) -> None:
+def check_learned(result: dict, steps: int, rise: float = 0.3) -> None:
     """Every step trained on both ranks, every policy replica ran the new weights after each
     push, every rollout's session was freed, and the model learned the task: the batch reward
     rose well above chance (0.1)."""
@@ -36,7 +36,7 @@ def check_learned(result: dict, steps: int) -> None:
     rewards = result["batch_rewards"]
     assert len(rewards) == steps
     first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
-    assert last > first + 0.3, rewards
+    assert last > first + rise, rewards
 
 
 def test_grpo_example_runs_locally_and_learns() -> None:
