@@ -97,8 +97,16 @@ class TinyLM(torch.nn.Module):
 
     def logprobs(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of `responses` after `prompts` under this model (with gradients)."""
-        logits = self(torch.cat([prompts, responses], dim=1))[:, prompts.shape[1] - 1 : -1]
-        return torch.log_softmax(logits, dim=-1).gather(-1, responses[..., None]).squeeze(-1)
+        return response_logprobs(self, prompts, responses)
+
+
+def response_logprobs(
+    model: torch.nn.Module, prompts: torch.Tensor, responses: torch.Tensor
+) -> torch.Tensor:
+    """Log-probabilities of `responses` after `prompts` under `model`, which may be a DDP
+    wrapper: its forward is what makes the backward pass all-reduce the gradients."""
+    logits = model(torch.cat([prompts, responses], dim=1))[:, prompts.shape[1] - 1 : -1]
+    return torch.log_softmax(logits, dim=-1).gather(-1, responses[..., None]).squeeze(-1)
 
 
 def simple_grpo_loss(
@@ -250,9 +258,7 @@ class Trainer(Actor):
         responses = torch.stack([e.completion.token_ids for e in shard])
         sampled = torch.stack([e.completion.logprobs for e in shard])
         advantages = torch.tensor([e.advantage for e in shard])
-        logprobs = self.model.module.logprobs(prompts, responses)
-        # The forward through DDP's wrapper so that backward all-reduces the gradients.
-        logprobs = logprobs + 0 * self.model(prompts).sum()
+        logprobs = response_logprobs(self.model, prompts, responses)
         loss = simple_grpo_loss(logprobs, sampled, advantages, self.beta)
         self.optimizer.zero_grad()
         loss.backward()

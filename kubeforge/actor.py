@@ -28,6 +28,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 A = TypeVar("A", bound="Actor")
 
 _ENDPOINT_ATTR = "__kubeforge_endpoint__"
+_DEVICE_ATTR = "__kubeforge_device__"
 # The session of the call an endpoint is running; set by the replica on every rank.
 SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "kubeforge_session", default=None
@@ -38,9 +39,6 @@ def current_session() -> str | None:
     """The session id of the call this endpoint runs (an issued id or the caller's name), or
     None for a call without one: per-session state kept under it is freed in `on_session_end`."""
     return SESSION.get()
-
-
-_DEVICE_ATTR = "__kubeforge_device__"
 
 
 def endpoint(fn: F | None = None, *, device: str | None = None) -> Any:

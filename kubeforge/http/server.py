@@ -266,11 +266,12 @@ class HttpProtocol(asyncio.BufferedProtocol):
         assert stream is not None and chunk is not None
         self._chunk_filled += nbytes
         ended = self._body_len == stream.length
-        if ended or self._chunk_filled == len(chunk):
-            stream.feed(chunk[: self._chunk_filled])
-            self._chunk, self._chunk_filled = POOL.take(STREAM_CHUNK), 0
         if ended:
+            stream.feed(chunk[: self._chunk_filled])
             self._direct_body_ended()
+        elif self._chunk_filled == len(chunk):
+            stream.feed(chunk)
+            self._chunk, self._chunk_filled = POOL.take(STREAM_CHUNK), 0
 
     def _direct_body_ended(self) -> None:
         # The parser still counts the body's bytes it never saw: the message ends here, and the

@@ -75,7 +75,9 @@ async def pipe(
     kernel's copies into several sockets (a broadcast's branches) run on as many cores.
     """
     sock = transport.get_extra_info("socket")
-    if sock is not None and not transport.is_closing():
+    # Raw bytes on the socket: never under TLS, where only the transport may write.
+    plain = sock is not None and transport.get_extra_info("sslcontext") is None
+    if plain and not transport.is_closing():
         return await _pipe_in_thread(body, transport, sock.fileno(), deadline)
     return await _pipe_on_loop(body, transport, can_write)
 
@@ -131,7 +133,7 @@ class _SocketWriter:
         self.room = asyncio.Event()
         self.room.set()
         self.done: asyncio.Future[BaseException | None] = self.loop.create_future()
-        threading.Thread(target=self._run, name="kubeforge-writer", daemon=True).start()
+        threading.Thread(target=self._run, name=WRITER_THREAD, daemon=True).start()
 
     def _left(self) -> float:
         left = _NO_DEADLINE if self.deadline is None else self.deadline - time.monotonic()
@@ -169,13 +171,12 @@ class _SocketWriter:
         error: BaseException | None = None
         try:
             while (chunk := self.chunks.get()) is not None:
-                if error is None:
-                    try:
-                        if self.deadline is not None:  # the call's deadline, not a chunk's
-                            self.sock.settimeout(self._left())
-                        self.sock.sendall(chunk)
-                    except OSError as exc:
-                        error = exc
+                try:
+                    if self.deadline is not None:  # the call's deadline, not a chunk's
+                        self.sock.settimeout(self._left())
+                    self.sock.sendall(chunk)
+                except OSError as exc:
+                    error = exc
                 with self.lock:
                     self.queued -= len(chunk)
                     if self.queued < LOW and not self.room.is_set():

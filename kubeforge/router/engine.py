@@ -684,18 +684,18 @@ class Router:
             return Response(201, wire.encode({"session_id": sid, "replica": replica.name}))
 
     async def end_session(self, session_id: str) -> Response:
-        if self.table.codec.issued_form(session_id):
+        issued = self.table.codec.issued_form(session_id)
+        if issued:
             replica = self.table.current(session_id)
         else:
             check_name(session_id)
             replica = self.table.named_replica(session_id) or await self._holder(session_id)
-            if replica is None:
-                self.table.forget(session_id)
-                raise UnknownSessionError(
-                    f"session {session_id!r} is not live on any healthy replica",
-                    session_id=session_id,
-                )
         self.table.forget(session_id)
+        if replica is None and not issued:
+            raise UnknownSessionError(
+                f"session {session_id!r} is not live on any healthy replica",
+                session_id=session_id,
+            )
         if replica is None or replica.state is not ReplicaState.HEALTHY:
             return Response(
                 200,
