@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make images`: kubeforge:<version> (operator and routers) and kubeforge-replica:<version> (the
-# base of actor images) from this checkout, plus kubeforge-examples:<version>, a replica image
-# built FROM the base with examples/ baked in, as a user builds theirs.
+# base of actor images) from this checkout; kubeforge-replica:<version>-torch, the same base on
+# a Python with torch (images/torch.Dockerfile, built once per torch version); and
+# kubeforge-examples:<version>, a replica image built FROM the torch one with examples/ baked
+# in, as a user builds theirs (the GRPO and collectives examples need torch).
 #
 # Public bases (python:3.11-slim-bookworm, rust:1-slim-bookworm) are used when they can be
 # pulled. Where no registry answers, the Python base is made from Debian's packages
@@ -14,6 +16,11 @@ cd "$(dirname "$0")/.."
 log() { printf 'images: %s\n' "$*" >&2; }
 
 version=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+# One torch for the tests and the images: the `dev` extra's pin.
+torch_version=$(python3 -c '
+import tomllib
+dev = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]
+print(next(d.split("==")[1] for d in dev if d.startswith("torch==")))')
 docker=$(images/engine.sh start)
 export DOCKER_BUILDKIT=1
 
@@ -53,11 +60,19 @@ build() {
 build "kubeforge:$version" --build-arg "PYTHON_IMAGE=$python_image" --build-arg "WHEELS=$wheels" .
 build "kubeforge-replica:$version" --build-arg "BASE=$python_image" \
     --build-arg "KUBEFORGE_IMAGE=kubeforge:$version" -f replica_image/Dockerfile .
-build "kubeforge-examples:$version" --build-arg "REPLICA_IMAGE=kubeforge-replica:$version" \
+torch_base=kubeforge-base/torch:$torch_version
+"$docker" image inspect "$torch_base" >/dev/null 2>&1 \
+    || log "$torch_base is not built yet: pip installs torch (about 3 GB to fetch) ..."
+build "$torch_base" --build-arg "BASE=$python_image" --build-arg "TORCH_VERSION=$torch_version" \
+    -f images/torch.Dockerfile images
+build "kubeforge-replica:$version-torch" --build-arg "BASE=$torch_base" \
+    --build-arg "KUBEFORGE_IMAGE=kubeforge:$version" -f replica_image/Dockerfile .
+build "kubeforge-examples:$version" --build-arg "REPLICA_IMAGE=kubeforge-replica:$version-torch" \
     -f images/examples.Dockerfile .
 
-for image in kubeforge kubeforge-replica kubeforge-examples; do
-    size=$("$docker" image inspect -f '{{.Size}}' "$image:$version")
-    printf '%-32s %6d MB\n' "$image:$version" "$((size / 1000000))" >&2
+for image in kubeforge:$version kubeforge-replica:$version kubeforge-replica:$version-torch \
+    kubeforge-examples:$version; do
+    size=$("$docker" image inspect -f '{{.Size}}' "$image")
+    printf '%-36s %6d MB\n' "$image" "$((size / 1000000))" >&2
 done
 echo "$docker"

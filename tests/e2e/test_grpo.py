@@ -2,9 +2,8 @@
 operator, the program reaching them through their routers with `kubeforge.connect()` and
 `connect_actor()`. Only where the handles come from differs from the local run.
 
-On the process node only: the example's actors use torch, which the process node's replicas
-have (they run from the test's virtual environment) and the kind lane's images do not carry
-(an image with torch is issue 22's)."""
+On the process node (the replicas run from the test's virtual environment, which has torch)
+and on kind (the examples image, built on the torch base)."""
 
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from tests.e2e.test_cluster import wait_for
 from tests.e2e.test_operator import _token, fsvc, router_url
 from tests.integration.test_grpo_example import check_learned, result_of
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.process_node]
+pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
 # Through the routers every call costs more and rollouts lag the trainer more: the reward rose
 # to 0.31 and 0.56 by step 50 in two runs (0.86 locally), so more steps and a smaller rise.
