@@ -23,6 +23,7 @@ without decoding them, does not need either.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import enum
 import importlib
@@ -434,8 +435,20 @@ def _tensor_header(obj: Any, packer: _Packer) -> list[Any]:
     name = str(t.dtype).removeprefix("torch.")
     if name not in _DTYPES:
         raise TypeError(f"torch dtype {name} cannot be sent")
-    raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-    return [LIB_TORCH, name, list(t.shape), _data(memoryview(raw).cast("B"), packer), device]
+    raw = _bytes_of(t.reshape(-1).view(torch.uint8)) if t.numel() else memoryview(b"")
+    return [LIB_TORCH, name, list(t.shape), _data(raw, packer), device]
+
+
+def _bytes_of(flat: Any) -> memoryview:
+    """A view of a contiguous CPU uint8 tensor's bytes, without a copy. torch does not need
+    numpy, and images with torch often lack it: there the view is made over the tensor's
+    memory with ctypes, and the view keeps the tensor alive."""
+    try:
+        return memoryview(flat.numpy()).cast("B")
+    except RuntimeError:  # "Numpy is not available"
+        raw = (ctypes.c_ubyte * flat.numel()).from_address(flat.data_ptr())
+        raw._owner = flat  # type: ignore[attr-defined]
+        return memoryview(raw).cast("B")
 
 
 def _data(view: memoryview, packer: _Packer) -> int | bytes:

@@ -116,6 +116,32 @@ def test_encoding_hands_over_the_arrays_own_memory() -> None:
     assert enc.nbytes == sum(memoryview(p).nbytes for p in enc.parts)
 
 
+def test_tensors_cross_where_numpy_is_not_installed() -> None:
+    """torch runs without numpy, and images with torch often lack it (a replica on kind did):
+    tensors of every size still encode from their own memory and decode bit-exact."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["numpy"] = None  # import numpy -> ImportError, as where it is missing
+        import torch
+        from kubeforge import values
+        big = torch.randn(1 << 18)
+        small = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
+        enc = values.encode([big, small, torch.empty(0)])
+        view = next(p for p in enc.parts if isinstance(p, memoryview) and p.nbytes > 4096)
+        assert view.nbytes == big.nbytes, view.nbytes
+        del enc
+        out = values.decode(bytearray(values.encode([big, small, torch.empty(0)]).tobytes()))
+        assert torch.equal(out[0], big) and torch.equal(out[1], small), out
+        assert out[2].shape == (0,)
+        assert "numpy" not in {m for m in sys.modules if sys.modules[m] is not None}
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_buffers_are_aligned() -> None:
     raw = values.encode([np.ones(100, np.float64), b"x" * 1000, torch.ones(77)]).tobytes()
     _, _, _, _, count = struct.unpack_from("<3sBIQQ", raw)
