@@ -42,7 +42,8 @@ def current_session() -> str | None:
 
 
 def endpoint(fn: F | None = None, *, device: str | None = None) -> Any:
-    """Mark an actor method (sync or async) as callable through a replica.
+    """Mark an actor method (sync or async) as callable through a replica. A generator (sync
+    or async) streams: its items reach the caller as they are yielded (`.stream()`).
 
     Tensors arrive on the CPU (a CUDA tensor travels as its bytes); `@endpoint(device="cuda")`
     moves the tensors among its arguments (in lists, tuples, dicts and dataclasses) to that
@@ -129,9 +130,12 @@ class EndpointInfo:
     is_async: bool
     signature: inspect.Signature
     device: str | None = None  # where its tensor arguments go before the call
+    streams: bool = False  # a generator: called with `.stream()`, POST /v1/stream/{name}
 
     def describe(self) -> dict[str, Any]:
         out = {"name": self.name, "async": self.is_async, "signature": str(self.signature)}
+        if self.streams:
+            out["streams"] = True
         return {**out, "device": self.device} if self.device else out
 
 
@@ -155,7 +159,9 @@ def endpoints_of(cls: type) -> dict[str, EndpointInfo]:
         ):
             sig = sig.replace(parameters=params[1:])
         device = getattr(fn, _DEVICE_ATTR, None)
-        found[name] = EndpointInfo(name, inspect.iscoroutinefunction(fn), sig, device)
+        is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+        streams = inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
+        found[name] = EndpointInfo(name, is_async, sig, device, streams)
     return found
 
 

@@ -7,12 +7,12 @@ The same calls as the local `Service`, over HTTP to `kubeforge run` or an in-clu
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
 
-from kubeforge import lifecycle, values, wire
+from kubeforge import lifecycle, streams, values, wire
 from kubeforge.errors import NoHealthyReplicasError
 from kubeforge.http.server import ONE_BUFFER, BodyBuffer
 from kubeforge.http.stream import slices
@@ -50,6 +50,19 @@ async def _read(response: aiohttp.ClientResponse) -> bytes | bytearray:
     if buf.filled != length:
         raise aiohttp.ClientPayloadError(f"response body ended at {buf.filled} of {length} bytes")
     return buf.buf
+
+
+def _closer(response: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
+    """How a streamed reply is let go: its connection back to the pool when the stream was
+    read to its end, else closed, which cancels the generator on the replica."""
+
+    async def close() -> None:
+        if response.content.at_eof():
+            response.release()
+        else:
+            response.close()
+
+    return close
 
 
 class ServiceClient(ServiceAPI):
@@ -133,7 +146,12 @@ class ServiceClient(ServiceAPI):
         return self.urls[0]
 
     async def _request(
-        self, method: str, path: str, body: Any = b"", headers: dict[bytes, bytes] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = b"",
+        headers: dict[bytes, bytes] | None = None,
+        stream: bool = False,
     ) -> Reply:
         headers = headers or {}
         h = {k.decode(): v.decode() for k, v in headers.items()}
@@ -144,9 +162,14 @@ class ServiceClient(ServiceAPI):
             url = next(u for u in self.urls if u not in tried)
             data = _parts(body) if isinstance(body, values.Encoded) else body
             try:
-                async with self._session().request(method, url + path, data=data, headers=h) as r:
-                    out = {k.lower().encode(): v.encode() for k, v in r.headers.items()}
+                r = await self._session().request(method, url + path, data=data, headers=h)
+                out = {k.lower().encode(): v.encode() for k, v in r.headers.items()}
+                if stream and r.status < 300 and streams.item_type(out.get(wire.H_CONTENT_TYPE)):
+                    return Reply(r.status, r.content.iter_any(), out, _closer(r))
+                try:
                     reply = Reply(r.status, await _read(r), out)
+                finally:
+                    r.release()
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 tried.append(url)
                 # A router that failed goes last, so that the next request (and its pooled
@@ -169,6 +192,9 @@ class ServiceClient(ServiceAPI):
 
     async def _send_call(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
         return await self._request("POST", wire.CALL_PREFIX + endpoint, body, headers)
+
+    async def _send_stream(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
+        return await self._request("POST", wire.STREAM_PREFIX + endpoint, body, headers, True)
 
     async def _send_broadcast(
         self, endpoint: str, body: bytes, headers: dict[bytes, bytes]

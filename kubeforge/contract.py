@@ -56,6 +56,7 @@ H_SHM_FREE = _header("shm_free")  # the receiver's segments the sender views no 
 H_SHM_DROP = _header("shm_drop")  # the sender's segments it let go, to unmap: "seq,seq"
 
 CALL_PREFIX: str = _DATA["paths"]["call"]
+STREAM_PREFIX: str = _DATA["paths"]["stream"]
 CALL_ALL_PREFIX: str = _DATA["paths"]["call_all"]
 SESSIONS_PATH: str = _DATA["paths"]["sessions"]
 HEALTHZ: str = _DATA["paths"]["healthz"]

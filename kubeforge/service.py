@@ -17,6 +17,7 @@ from typing import Any
 from kubeforge import gpus, lifecycle, spawn_guard, values, wire
 from kubeforge.actor import endpoints_of, import_path_of
 from kubeforge.handles import ActorHandle, ServiceHandle
+from kubeforge.http.stream import BodyStream
 from kubeforge.local import ReplicaSet
 from kubeforge.router import report
 from kubeforge.router.discovery import StaticDiscovery
@@ -217,6 +218,24 @@ class Service(ServiceAPI):
             resp.body,
             {wire.H_CONTENT_TYPE: resp.content_type, **dict(resp.headers or ())},
         )
+
+    async def _send_stream(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
+        resp = await self.router.call(wire.STREAM_PREFIX + endpoint, body, headers)
+        reply = Reply(
+            resp.status,
+            resp.body,
+            {wire.H_CONTENT_TYPE: resp.content_type, **dict(resp.headers or ())},
+        )
+        stream = resp.body
+        if isinstance(stream, BodyStream):
+            reply.body = stream.chunks()
+
+            async def release() -> None:
+                if not stream.finished:  # left early: the replica's generator is cancelled
+                    stream.cancel("the caller stopped reading the stream")
+
+            reply.release = release
+        return reply
 
     async def _send_broadcast(
         self, endpoint: str, body: bytes, headers: dict[bytes, bytes]

@@ -11,12 +11,18 @@ import contextlib
 import contextvars
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeforge import values, wire
-from kubeforge.errors import BroadcastError, KubeforgeError, from_wire
+from kubeforge import streams, values, wire
+from kubeforge.errors import (
+    BadRequestError,
+    BroadcastError,
+    KubeforgeError,
+    ReplicaLostError,
+    from_wire,
+)
 
 log = logging.getLogger("kubeforge.service")
 
@@ -30,6 +36,14 @@ class Reply:
     status: int
     body: Any
     headers: dict[bytes, bytes] = field(default_factory=dict)
+    # A streamed reply: stops the stream when its reader is done or gone (the replica's
+    # generator is cancelled when it had not ended).
+    release: Callable[[], Awaitable[None]] | None = None
+
+    async def close(self) -> None:
+        if self.release is not None:
+            release, self.release = self.release, None
+            await release()
 
 
 class Session(str):
@@ -44,7 +58,8 @@ class Session(str):
 
 
 # Monarch's actor verbs: on a service they are a mistake, and the error says what to use.
-ACTOR_VERBS = ("call_one", "call", "choose", "broadcast", "generate", "stream")
+# (`stream` is a streaming endpoint's verb on both.)
+ACTOR_VERBS = ("call_one", "call", "choose", "broadcast", "generate")
 
 
 class EndpointHandle:
@@ -82,6 +97,12 @@ class EndpointHandle:
             f"use `await svc.{self.name}.route(...)`"
         )
 
+    def stream(self, *args: Any, sess_id: str | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        """A streaming endpoint (a generator): `async for item in svc.ep.stream(...)`. It is
+        placed like `route()` (the session's replica, else the least-loaded); leaving the
+        loop early cancels the generator on its replica."""
+        return self._api._stream(self.name, self._session_id(sess_id), args, kwargs)
+
     async def fanout(self, *args: Any, **kwargs: Any) -> list[Any]:
         """Every healthy replica, results in replica order (== `call_all`)."""
         return await self._api.call_all(self.name, *args, **kwargs)
@@ -117,6 +138,11 @@ class ServiceAPI(ABC):
         """POST /v1/call/{endpoint}; typed errors may be raised instead of returned."""
 
     @abstractmethod
+    async def _send_stream(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
+        """POST /v1/stream/{endpoint}: a Reply whose body iterates the chunks as they come
+        (an error reply's body is whole), and whose `close()` lets the stream go."""
+
+    @abstractmethod
     async def _send_broadcast(
         self, endpoint: str, body: bytes, headers: dict[bytes, bytes]
     ) -> Reply: ...
@@ -150,6 +176,50 @@ class ServiceAPI(ABC):
         """One call to one replica. `all_ranks` overrides `return_first_rank_result` for this
         call (an actor's `call()` wants every rank, its `choose()` rank 0)."""
         sid = sess_id if sess_id is not None else _current_session.get()
+        body = _encode_call(endpoint, args, kwargs, self.body_format)
+        reply = await self._send_call(endpoint, body, self._call_headers(sid, all_ranks))
+        self._note_moved(sid, reply)
+        data = decode_reply(reply, self.allowed)
+        return data["result"]
+
+    async def _stream(
+        self, endpoint: str, sess_id: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        """A streaming endpoint's items as they arrive. The call is placed, and sent again
+        when it failed before its first item, exactly as a call is; after that, an error ends
+        the stream as the endpoint's typed error, and a stream cut short (its replica lost)
+        raises ReplicaLostError: items already delivered are never sent twice."""
+        sid = sess_id if sess_id is not None else _current_session.get()
+        body = _encode_call(endpoint, args, kwargs, self.body_format)
+        reply = await self._send_stream(endpoint, body, self._call_headers(sid))
+        try:
+            self._note_moved(sid, reply)
+            item_type = streams.item_type(reply.headers.get(wire.H_CONTENT_TYPE))
+            if reply.status >= 300 or item_type is None:
+                decode_reply(reply, self.allowed)  # raises the error it carries
+                raise BadRequestError(f"POST {wire.STREAM_PREFIX}{endpoint} was not streamed")
+            fmt = wire.body_format(item_type)
+            reader = streams.FrameReader()
+            items = 0
+            async for chunk in reply.body:  # to its last chunk, which frees the connection
+                for kind, payload in reader.feed(chunk):
+                    if kind == streams.ITEM:
+                        items += 1
+                        yield wire.decode_as(payload, fmt, self.allowed)
+                    elif kind == streams.ERROR:
+                        error = wire.decode(payload, fmt == wire.FMT_MSGPACK).get("error", {})
+                        raise from_wire(error)
+            if reader.ended:
+                return
+            raise ReplicaLostError(
+                f"the stream of {endpoint!r} was cut after {items} items, before its end: its "
+                "replica (or a connection on the way) was lost; the items already yielded "
+                "are not sent again"
+            )
+        finally:
+            await reply.close()
+
+    def _call_headers(self, sid: str | None, all_ranks: bool | None = None) -> dict[bytes, bytes]:
         headers: dict[bytes, bytes] = {wire.H_CONTENT_TYPE: wire.content_type(self.body_format)}
         if sid is not None:
             headers[wire.H_SESSION] = self._moved.get(sid, sid).encode()
@@ -158,8 +228,10 @@ class ServiceAPI(ABC):
         elif self.at_most_once:
             headers[wire.H_DELIVERY] = wire.AT_MOST_ONCE
         headers.update(self._ranks_header(all_ranks))
-        body = _encode_call(endpoint, args, kwargs, self.body_format)
-        reply = await self._send_call(endpoint, body, headers)
+        return headers
+
+    def _note_moved(self, sid: str | None, reply: Reply) -> None:
+        """A session whose replica was lost continues under the id the reply gives."""
         if sid is not None and wire.H_SESSION_MOVED_FROM in reply.headers:
             new_id = reply.headers[wire.H_SESSION].decode()
             self._moved[sid] = new_id
@@ -170,8 +242,6 @@ class ServiceAPI(ABC):
                 sid,
                 new_id,
             )
-        data = decode_reply(reply, self.allowed)
-        return data["result"]
 
     async def call_all(self, function: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call `function` on every healthy replica; results in replica order.

@@ -33,6 +33,7 @@ class Defaults:
     health_poll_rate: float = 0.2  # seconds between health checks of each replica
     health_timeout: float = 2.0  # a health check, or a connect, that takes longer fails
     request_timeout: float = 60.0  # longest a call may take, queue wait included
+    stream_idle_timeout: float = 30.0  # longest gap between a stream's items
     max_concurrent_requests: int = 10  # calls one replica runs at once
     max_queued_requests: int = 100  # calls one replica holds beyond those
     session_ttl: float = 1800.0  # idle sessions end after this long

@@ -26,6 +26,7 @@ from kubeforge.contract import (  # noqa: F401  (re-exported: the wire protocol'
     H_SESSION_MOVED_FROM,
     H_TIMEOUT,
     SESSIONS_PATH,
+    STREAM_PREFIX,
 )
 from kubeforge.errors import (
     BadRequestError,
@@ -55,6 +56,7 @@ def is_endpoint_name(name: str) -> bool:
 ALL_RANKS = b"all"  # the H_RANKS value: every rank's result, in rank order
 AT_MOST_ONCE = b"at-most-once"  # the H_DELIVERY value that forbids re-sending a lost call
 H_AUTH = b"authorization"
+H_ACCEPT = b"accept"
 H_CONTENT_TYPE = b"content-type"
 
 JSON = b"application/json"

@@ -57,6 +57,12 @@ def _announced_length(first: bytes) -> int:
     return int(value) if value.isdigit() else 0
 
 
+def _is_chunked(first: bytes) -> bool:
+    """The head that starts `first` announces a chunked body (a streaming endpoint's reply)."""
+    head = first[: first.find(b"\r\n\r\n")].lower()
+    return b"\r\ntransfer-encoding: chunked" in head
+
+
 class ClientResponse:
     """A complete response. Headers are parsed from `raw` only when asked for: the relay path
     forwards `raw` untouched and never needs them. A large response keeps no `raw` (None): its
@@ -164,8 +170,12 @@ class _Connection(asyncio.Protocol):
                 self.fail(ConnectionLost("response body is longer than its content-length"))
                 self.abort()
             return
-        if not self._body:  # the first chunk: is the body large?
-            length = _announced_length(self._raw[0])
+        if not self._body:  # the first chunk: is the body large, or a stream of items?
+            raw = self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)  # the head
+            if _is_chunked(raw):
+                self._stream_reply(None, body)
+                return
+            length = _announced_length(raw)
             if self.stream_above is not None and length > self.stream_above:
                 self._stream_reply(length, body)
                 return
@@ -175,7 +185,7 @@ class _Connection(asyncio.Protocol):
                 return
         self._body.append(body)
 
-    def _stream_reply(self, length: int, first: bytes) -> None:
+    def _stream_reply(self, length: int | None, first: bytes) -> None:
         """Hand the reply on now, its body following as it arrives (read at the caller's pace)."""
         transport = self.transport
         assert transport is not None

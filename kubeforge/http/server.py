@@ -15,7 +15,7 @@ import httptools
 
 from kubeforge.contract import H_SESSION
 from kubeforge.http.buffers import POOL
-from kubeforge.http.stream import BodyStream, StreamError, pipe, write_paced
+from kubeforge.http.stream import BodyStream, StreamError, pipe, pipe_chunked, write_paced
 
 log = logging.getLogger("kubeforge.http")
 
@@ -136,9 +136,11 @@ def render_parts(resp: Response, keep_alive: bool) -> list[Any]:
     return [b"".join(head), *parts]
 
 
-def _with_length(head: bytes, length: int, keep_alive: bool) -> bytes:
-    """A head rendered for an empty body, with the streamed body's length instead."""
-    head = head.replace(b"content-length: 0\r\n", b"content-length: %d\r\n" % length, 1)
+def _with_length(head: bytes, length: int | None, keep_alive: bool) -> bytes:
+    """A head rendered for an empty body, with the streamed body's length instead (None:
+    chunked, the length known at its end)."""
+    framing = b"transfer-encoding: chunked" if length is None else b"content-length: %d" % length
+    head = head.replace(b"content-length: 0", framing, 1)
     if not keep_alive:
         head = head[:-2] + b"connection: close\r\n\r\n"
     return head
@@ -205,6 +207,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._chunk: memoryview | bytearray | None = None  # where its next bytes are read to
         self._chunk_filled = 0
         self._reading_paused = False  # by a stream whose reader is behind
+        self._answering: BodyStream | None = None  # an answer streaming out now
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._body_len = 0
@@ -233,6 +236,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._can_write.set()  # a streaming answer stops waiting and sees `closing`
         if self._stream is not None:
             self._stream.fail(StreamError("the caller's connection closed during its body"))
+        if self._answering is not None:  # its producer stops now, not at its next chunk
+            self._answering.cancel("the caller's connection closed during the answer")
 
     def pause_writing(self) -> None:
         self._can_write.clear()
@@ -470,7 +475,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
             self.transport.write(resp)
         elif isinstance(resp.body, BodyStream):
             head = render_parts(Response(resp.status, b"", resp.content_type, resp.headers), True)
-            self.transport.write(_with_length(head[0], len(resp.body), req.keep_alive))
+            self.transport.write(_with_length(head[0], resp.body.length, req.keep_alive))
+            self._answering = resp.body
             asyncio.get_running_loop().create_task(self._stream_answer(req, resp.body))
             return
         else:
@@ -491,13 +497,21 @@ class HttpProtocol(asyncio.BufferedProtocol):
         """A large answer, written as it arrives, at the pace the caller reads it."""
         assert self.transport is not None
         try:
-            if not await pipe(body, self.transport, self._can_write):
+            if body.length is None:
+                written = await pipe_chunked(body, self.transport, self._can_write)
+            else:
+                written = await pipe(body, self.transport, self._can_write)
+            if not written:
                 return  # the caller is gone
         except (StreamError, ConnectionError) as exc:
-            # The head promised a length it cannot keep: the caller sees a short body.
-            log.warning("answer to %s %s cut short: %s", req.method, req.path, exc)
+            # The head promised a length (or a last chunk) it cannot keep: the caller sees a
+            # short body. A caller that stops reading a stream of items leaves this way.
+            level = logging.DEBUG if self.closing and body.length is None else logging.WARNING
+            log.log(level, "answer to %s %s cut short: %s", req.method, req.path, exc)
             self.close()
             return
+        finally:
+            self._answering = None
         if not self.closing:
             self._answered(req)
 

@@ -28,6 +28,7 @@ from typing import Any
 from kubeforge.contract import H_SHM, H_SHM_BODY, H_SHM_DROP, H_SHM_FREE
 from kubeforge.errors import BadRequestError, PayloadTooLargeError
 from kubeforge.http.server import body_length, body_parts
+from kubeforge.http.stream import BodyStream
 
 MIN_LENT = 1 << 20  # smaller bodies cross the socket, as fast there, and hold no segment
 _NAME = "kubeforge-body"
@@ -319,8 +320,8 @@ class SharedMemory:
     async def _lend(self, body: Any, peer: int) -> tuple[bytes | None, Any]:
         """A large body lent to `peer`: its reference and the empty body to send instead;
         else (None, the body)."""
-        if body_length(body) < MIN_LENT:
-            return None, body
+        if isinstance(body, BodyStream) or body_length(body) < MIN_LENT:
+            return None, body  # small, or a stream's items (as they come, never lent)
         ref = await self.lender.lend(body_parts(body), body_length(body), peer)
         return (ref, b"") if ref is not None else (None, body)
 

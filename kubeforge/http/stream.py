@@ -82,6 +82,25 @@ async def pipe(
     return await _pipe_on_loop(body, transport, can_write)
 
 
+async def pipe_chunked(
+    body: BodyStream, transport: asyncio.Transport, can_write: asyncio.Event
+) -> bool:
+    """Write a body of unknown length as HTTP chunks, each as soon as it arrives (a stream's
+    items are small and wanted now: no writer thread between them and the socket), at the
+    pace the peer reads. Ends with the last chunk; False when the transport closed first."""
+    async for chunk in body.chunks():
+        if transport.is_closing():
+            body.cancel("the connection it was written to closed")
+            return False
+        transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        if not can_write.is_set():
+            await can_write.wait()
+    if transport.is_closing():
+        return False
+    transport.write(b"0\r\n\r\n")
+    return True
+
+
 async def _pipe_on_loop(
     body: BodyStream, transport: asyncio.Transport, can_write: asyncio.Event
 ) -> bool:
@@ -205,11 +224,12 @@ class StreamError(ConnectionError):
 
 
 class BodyStream:
-    """A body of known `length` arriving in chunks; read it once with `chunks()`."""
+    """A body arriving in chunks, of known `length` or (None) of a length known at its end (a
+    chunked reply: a streaming endpoint's items); read it once with `chunks()`."""
 
     def __init__(
         self,
-        length: int,
+        length: int | None,
         pause: Callable[[], None] | None = None,
         resume: Callable[[], None] | None = None,
         cancel: Callable[[], None] | None = None,
@@ -225,7 +245,14 @@ class BodyStream:
         self._paused = False
         self._wake: asyncio.Event = asyncio.Event()
 
+    @property
+    def finished(self) -> bool:
+        """All of it arrived, or it failed: nothing more will come."""
+        return self._done or self._error is not None
+
     def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("a chunked body has no length before its end")
         return self.length
 
     # producer side --------------------------------------------------------------------------
@@ -242,7 +269,7 @@ class BodyStream:
             self._pause()
 
     def end(self) -> None:
-        if self._received != self.length and self._error is None:
+        if self.length is not None and self._received != self.length and self._error is None:
             self.fail(StreamError(f"body ended at {self._received} of {self.length} bytes"))
             return
         self._done = True

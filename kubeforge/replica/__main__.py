@@ -53,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
         help="per-call limit including queue wait, e.g. 30s",
     )
     p.add_argument(
+        "--stream-idle-timeout",
+        type=_runtime.duration,
+        default=DEFAULTS.stream_idle_timeout,
+        help="a streaming call fails when no item comes for this long, e.g. 30s",
+    )
+    p.add_argument(
         "--session-ttl",
         type=_runtime.duration,
         default=DEFAULTS.session_ttl,
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         max_concurrent_requests=ns.max_concurrent_requests,
         max_queued_requests=ns.max_queued_requests,
         request_timeout=ns.request_timeout,
+        stream_idle_timeout=ns.stream_idle_timeout,
         session_ttl=ns.session_ttl,
         drain_grace=ns.drain_grace,
         max_body=ns.max_body,

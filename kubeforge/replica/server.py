@@ -14,15 +14,15 @@ import os
 import secrets
 import socket
 import time
-import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeforge import argcheck, openapi, prom, values, wire
+from kubeforge import argcheck, openapi, prom, streams, values, wire
 from kubeforge.actor import SESSION, endpoints_of
 from kubeforge.contract import HEALTHZ, READYZ
 from kubeforge.errors import (
+    BadRequestError,
     DrainingError,
     InvalidArgumentsError,
     KubeforgeError,
@@ -43,6 +43,8 @@ from kubeforge.replica.gang import (
     Outcome,
     invoke,
 )
+from kubeforge.replica.streaming import Call as _Call
+from kubeforge.replica.streaming import ItemStream, encode_result, remote
 from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica")
@@ -61,6 +63,7 @@ class ReplicaConfig:
     max_concurrent_requests: int = DEFAULTS.max_concurrent_requests
     max_queued_requests: int = DEFAULTS.max_queued_requests
     request_timeout: float = DEFAULTS.request_timeout
+    stream_idle_timeout: float = DEFAULTS.stream_idle_timeout
     session_ttl: float = DEFAULTS.session_ttl
     drain_grace: float = DEFAULTS.drain_grace
     max_body: int = DEFAULTS.max_body
@@ -224,6 +227,8 @@ class ReplicaServer:
             path = req.path
             if path.startswith(wire.CALL_PREFIX) and req.method == "POST":
                 return await self._call(req, path[len(wire.CALL_PREFIX) :])
+            if path.startswith(wire.STREAM_PREFIX) and req.method == "POST":
+                return await self._stream(req, path[len(wire.STREAM_PREFIX) :])
             if path in (HEALTHZ, "/health") and req.method == "GET":
                 return Response(200, wire.encode(self.health()))
             if path == READYZ and req.method == "GET":
@@ -273,7 +278,8 @@ class ReplicaServer:
             log.exception("on_session_end(%r) raised", sid)
         return True
 
-    async def _call(self, req: Request, name: str) -> Response:
+    def _admit(self, req: Request, name: str, streaming: bool) -> _Call:
+        """What every call and stream checks first: token, state, endpoint, verb, arguments."""
         wire.check_token(req, self._auth)
         if self.draining:
             raise DrainingError("replica is shutting down")
@@ -283,10 +289,15 @@ class ReplicaServer:
                 f"actor {self.actor_cls.__name__} has no endpoint {name!r}; "
                 f"endpoints: {sorted(self.endpoints)}"
             )
+        if info.streams != streaming:
+            raise BadRequestError(_wrong_verb(name, info.streams))
         if not self.ready:
             raise DrainingError("replica is still starting (setup() has not finished)")
         fmt = wire.body_format(req.headers.get(wire.H_CONTENT_TYPE))
         args, kwargs = wire.parse_call_body(req.body, fmt, self.allowed[name])
+        sse = streaming and streams.SSE in req.headers.get(wire.H_ACCEPT, b"")
+        if sse:
+            fmt = wire.FMT_JSON  # what an event's data line holds
         self.checks[name](args, kwargs)
         if info.device is not None:
             args, kwargs = values.to_device([args, kwargs], info.device)
@@ -300,52 +311,96 @@ class ReplicaServer:
                     f"bad {wire.H_TIMEOUT.decode()} header {asked.decode('latin-1')!r}: "
                     "seconds expected"
                 ) from None
-        all_ranks = req.headers.get(wire.H_RANKS) == wire.ALL_RANKS
         sid_raw = req.headers.get(wire.H_SESSION)
         sid = sid_raw.decode("latin-1") if sid_raw else None  # any byte: at worst unknown
-        started = time.monotonic()
+        call = _Call(
+            info,
+            args,
+            kwargs,
+            fmt,
+            timeout,
+            req.headers.get(wire.H_RANKS) == wire.ALL_RANKS,
+            sid,
+            time.monotonic(),
+            sse,
+        )
         if sid is not None:
-            self.sessions.touch(sid, started)
+            self.sessions.touch(sid, call.started)
             self.sessions.busy[sid] = self.sessions.busy.get(sid, 0) + 1
+        return call
+
+    def _done(self, call: _Call, ok: bool) -> None:
+        """A call or stream is over: its duration, its outcome, its session's last activity."""
+        now = time.monotonic()
+        self.durations.observe(now - call.started)
+        key = (call.info.name, "ok" if ok else "error")
+        self.counts[key] = self.counts.get(key, 0) + 1
+        sid = call.sid
+        if sid is not None:
+            left = self.sessions.busy.pop(sid, 1) - 1
+            if left:
+                self.sessions.busy[sid] = left
+            if sid in self.sessions.live:
+                self.sessions.live[sid] = now
+
+    async def _call(self, req: Request, name: str) -> Response:
+        call = self._admit(req, name, streaming=False)
         ok = False
-        session = SESSION.set(sid)
+        session = SESSION.set(call.sid)
         try:
+            info, fmt = call.info, call.fmt
             if self.gang is None:
-                result = await self._run(info.name, info.is_async, args, kwargs, timeout, started)
-                result = [result] if all_ranks else result  # every rank's: here, the one
+                result = await self._run(
+                    name, info.is_async, call.args, call.kwargs, call.timeout, call.started
+                )
+                result = [result] if call.all_ranks else result  # every rank's: here, the one
             else:
                 result = await self._run_ranks(
-                    info.name, req.body, fmt, all_ranks, args, kwargs, timeout, started
+                    name,
+                    req.body,
+                    fmt,
+                    call.all_ranks,
+                    call.args,
+                    call.kwargs,
+                    call.timeout,
+                    call.started,
                 )
-            try:
-                body = wire.encode_as({"result": result}, fmt)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise RemoteError(
-                    "TypeError",
-                    f"{name} returned a value that cannot be sent as "
-                    f"{wire.FORMAT_NAMES[fmt]}: {exc}"
-                    + (
-                        ""
-                        if fmt != wire.FMT_JSON
-                        else " (send Content-Type: "
-                        f"{wire.BINARY.decode()} for bytes, arrays and tensors)"
-                    ),
-                ) from None
+            body = encode_result({"result": result}, name, fmt)
             ok = True
             return Response(200, body, wire.content_type(fmt))
         finally:
-            now = time.monotonic()
             SESSION.reset(session)
-            self.durations.observe(now - started)
-            outcome = "ok" if ok else "error"
-            key = (name, outcome)
-            self.counts[key] = self.counts.get(key, 0) + 1
-            if sid is not None:
-                left = self.sessions.busy.pop(sid, 1) - 1
-                if left:
-                    self.sessions.busy[sid] = left
-                if sid in self.sessions.live:
-                    self.sessions.live[sid] = now
+            self._done(call, ok)
+
+    async def _stream(self, req: Request, name: str) -> Response:
+        """A streaming endpoint's call. The answer's head waits for the first item, so that
+        whatever fails before it (arguments, a full replica, the generator's first step)
+        answers as a call does, and may be sent elsewhere by the same rule; after it, items
+        go out as they come, and an error ends the stream in a frame of its own."""
+        call = self._admit(req, name, streaming=True)
+        try:
+            if self.gang is not None:
+                raise BadRequestError(
+                    f"endpoint {name!r} streams, and streaming on an SPMD replica (procs or "
+                    "hosts > 1) is not supported yet: call a non-streaming endpoint"
+                )
+            await self.admission.acquire(call.timeout)
+        except BaseException:
+            self._done(call, False)
+            raise
+        run = ItemStream(
+            getattr(self.actor, name),
+            call,
+            self.config.stream_idle_timeout,
+            lambda ok: (self.admission.release(), self._done(call, ok)),
+        )
+        context = contextvars.copy_context()
+        context.run(SESSION.set, call.sid)  # current_session() in the generator too
+        head = await run.start(context)
+        if head is not None:
+            raise head
+        kind = streams.SSE if call.sse else streams.content_type(wire.content_type(call.fmt))
+        return Response(200, run.body, kind, [(b"cache-control", b"no-cache")])
 
     async def _run(
         self,
@@ -529,6 +584,17 @@ def _rank_results(
     raise RemoteError(kind, f"rank {failed[0]} of {len(outcomes)}: {message}{also}", tb)
 
 
-def _remote(exc: BaseException) -> RemoteError:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return RemoteError(type(exc).__name__, str(exc), tb)
+_remote = remote
+
+
+def _wrong_verb(name: str, streaming: bool) -> str:
+    """The 400 for a call with the other verb: which one the endpoint takes."""
+    if streaming:
+        return (
+            f"endpoint {name!r} streams (it is a generator): call it with POST "
+            f"{wire.STREAM_PREFIX}{name} (`.stream()` in Python), not {wire.CALL_PREFIX}{name}"
+        )
+    return (
+        f"endpoint {name!r} does not stream (it returns one value): call it with POST "
+        f"{wire.CALL_PREFIX}{name} (`.route()` in Python), not {wire.STREAM_PREFIX}{name}"
+    )

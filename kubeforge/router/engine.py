@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from kubeforge import contract, values, wire
+from kubeforge import contract, streams, values, wire
 from kubeforge.errors import (
     BadRequestError,
     KubeforgeError,
@@ -440,6 +440,9 @@ class Router:
         ranks = headers.get(wire.H_RANKS)
         if ranks:
             extra += wire.H_RANKS + b": " + ranks + b"\r\n"
+        accept = headers.get(wire.H_ACCEPT)
+        if accept and streams.SSE in accept:  # a stream's items as Server-Sent Events
+            extra += wire.H_ACCEPT + b": " + streams.SSE + b"\r\n"
         asked = headers.get(wire.H_TIMEOUT) if left is None else f"{max(left, 0):.3f}".encode()
         if asked:
             extra += wire.H_TIMEOUT + b": " + asked + b"\r\n"

@@ -98,6 +98,12 @@ class RouterServer:
                     return await self.router.resume(path, req.body, req.headers, *failed)
                 except PassOn:
                     return Response(503, b"", headers=[(contract.H_RELAY_PASS, b"1")])
+            if path.startswith(wire.STREAM_PREFIX) and req.method == "POST":
+                # Streams always take the engine's path (the relays pass them on): placed and
+                # sent again like a call until the replica answers with its first item.
+                wire.check_token(req, self._auth)
+                wire.endpoint_of(path, wire.STREAM_PREFIX)
+                return await self.router.call(path, req.body, req.headers)
             if path.startswith("/v1/"):
                 wire.check_token(req, self._auth)
                 return await self._control(req, path)

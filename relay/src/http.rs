@@ -84,6 +84,11 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Request {
     {
         return Request::HandOver;
     }
+    if path.starts_with(names::PATHS_STREAM) {
+        // A stream's answer goes out item by item, as the Python server writes it: the
+        // connection is its own from here.
+        return Request::HandOver;
+    }
     let mut head = RequestHead {
         head_len,
         content_length: 0,
