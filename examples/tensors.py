@@ -8,6 +8,7 @@ else has to be registered.
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -107,6 +108,13 @@ class Tensors(Actor):
         """A weight update: the total of every tensor, so a caller can check each arrived."""
         self.version = version
         return version
+
+    @endpoint
+    async def rollout(self, prompt: torch.Tensor, steps: int) -> AsyncIterator[Completion]:
+        """A stream of dataclasses holding tensors: step i's completion of `prompt`."""
+        for i in range(steps):
+            logprobs = torch.full((prompt.numel(),), float(i))
+            yield Completion(prompt, prompt + i, logprobs, f"step {i}")
 
     @endpoint
     async def nbytes(self, value: Any) -> int:

@@ -11,6 +11,7 @@ come, as a policy yields tokens.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -41,6 +42,13 @@ class Tokens(Actor):
             yield i
 
     @endpoint
+    async def paced(self, gaps: list[float]) -> AsyncIterator[int]:
+        """Item i after a pause of gaps[i] seconds."""
+        for i, gap in enumerate(gaps):
+            await asyncio.sleep(gap)
+            yield i
+
+    @endpoint
     async def fail_after(self, n: int) -> AsyncIterator[int]:
         """`n` items, then an exception."""
         for i in range(n):
@@ -61,11 +69,16 @@ class Tokens(Actor):
         started = time.monotonic()
         try:
             for i in range(n):
-                yield {"i": i, "session": current_session()}
+                self.produced += 1
+                yield {"i": i, "session": current_session(), "pid": os.getpid()}
                 await asyncio.sleep(delay)
         except (asyncio.CancelledError, GeneratorExit) as exc:
             self.closed.append(
-                {"how": type(exc).__name__, "at": time.time(), "after_s": time.monotonic() - started}
+                {
+                    "how": type(exc).__name__,
+                    "at": time.time(),
+                    "after_s": time.monotonic() - started,
+                }
             )
             raise
 
@@ -75,7 +88,7 @@ class Tokens(Actor):
 
     @endpoint
     async def stats(self) -> dict[str, int]:
-        return {"produced": self.produced}
+        return {"produced": self.produced, "pid": os.getpid()}
 
     @endpoint
     async def plain(self, x: int) -> int:

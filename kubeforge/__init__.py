@@ -8,6 +8,7 @@ cluster's routers.
 
 from kubeforge.actor import Actor, current_session, endpoint
 from kubeforge.errors import (
+    BadRequestError,
     BroadcastError,
     KubeforgeError,
     NestedSpawnError,
@@ -25,6 +26,7 @@ from kubeforge.ranks import Rank, current_rank
 __all__ = [
     "Actor",
     "ActorHandle",
+    "BadRequestError",
     "BroadcastError",
     "KubeforgeError",
     "NestedSpawnError",

@@ -168,6 +168,13 @@ class ServiceSpec(_Model):
         pattern=DURATION_PATTERN,
         description="Longest a call may take, queue wait included.",
     )
+    stream_idle_timeout: str = Field(
+        format_duration(DEFAULTS.stream_idle_timeout),
+        alias="streamIdleTimeout",
+        pattern=DURATION_PATTERN,
+        description="Longest gap between a streaming endpoint's items; requestTimeout "
+        "bounds the whole stream.",
+    )
     max_body_size: int = Field(
         DEFAULTS.max_body,
         alias="maxBodySize",
@@ -241,6 +248,8 @@ class ServiceSpec(_Model):
             str(self.max_concurrent_requests),
             "--request-timeout",
             self.request_timeout,
+            "--stream-idle-timeout",
+            self.stream_idle_timeout,
             "--drain-grace",
             self.drain_grace,
             "--max-body",

@@ -52,6 +52,16 @@ async def _read(response: aiohttp.ClientResponse) -> bytes | bytearray:
     return buf.buf
 
 
+async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """A streamed reply's chunks until it ends, or until it is cut (which the reader tells
+    from its missing end frame)."""
+    try:
+        async for chunk in response.content.iter_any():
+            yield chunk
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+        return
+
+
 def _closer(response: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
     """How a streamed reply is let go: its connection back to the pool when the stream was
     read to its end, else closed, which cancels the generator on the replica."""
@@ -165,7 +175,7 @@ class ServiceClient(ServiceAPI):
                 r = await self._session().request(method, url + path, data=data, headers=h)
                 out = {k.lower().encode(): v.encode() for k, v in r.headers.items()}
                 if stream and r.status < 300 and streams.item_type(out.get(wire.H_CONTENT_TYPE)):
-                    return Reply(r.status, r.content.iter_any(), out, _closer(r))
+                    return Reply(r.status, _chunks(r), out, _closer(r))
                 try:
                     reply = Reply(r.status, await _read(r), out)
                 finally:

@@ -40,7 +40,8 @@ class ServiceConfig:
     replica_max_concurrent_requests: int = DEFAULTS.max_concurrent_requests
     return_first_rank_result: bool = True
     replica_max_queued_requests: int = DEFAULTS.max_queued_requests
-    request_timeout: float = DEFAULTS.request_timeout
+    request_timeout: float = DEFAULTS.request_timeout  # bounds a whole stream too
+    stream_idle_timeout: float = DEFAULTS.stream_idle_timeout  # a stream's gap between items
     session_ttl: float = DEFAULTS.session_ttl
     startup_timeout: float = DEFAULTS.startup_timeout
     stop_grace: float = DEFAULTS.stop_grace
@@ -124,6 +125,8 @@ class Service(ServiceAPI):
                 str(cfg.replica_max_queued_requests),
                 "--request-timeout",
                 str(cfg.request_timeout),
+                "--stream-idle-timeout",
+                str(cfg.stream_idle_timeout),
                 "--session-ttl",
                 str(cfg.session_ttl),
                 "--max-body",
