@@ -143,6 +143,10 @@ def _call(ns: argparse.Namespace) -> int:
             args = [_value(a) for a in ns.args]
             if ns.all:
                 return await handle.fanout(*args, **ns.kwargs)
+            if ns.stream:  # each item on its own line, as it comes
+                async for item in handle.stream(*args, sess_id=ns.session, **ns.kwargs):
+                    print(json.dumps(item, default=str), flush=True)
+                return _STREAMED
             return await handle.route(*args, sess_id=ns.session, **ns.kwargs)
 
     try:
@@ -162,8 +166,12 @@ def _call(ns: argparse.Namespace) -> int:
     except KubeforgeError as exc:
         print(f"kubeforge: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, default=str))
+    if result is not _STREAMED:
+        print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+_STREAMED = object()  # `call --stream` printed its items already
 
 
 def status_table(replicas: list[dict[str, Any]]) -> str:
@@ -335,6 +343,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--kwargs", type=json_arg(dict), default={}, help="JSON object")
     c.add_argument("--session", help="a session id from POST /v1/sessions")
     c.add_argument("--all", action="store_true", help="broadcast to every healthy replica")
+    c.add_argument(
+        "--stream", action="store_true", help="a streaming endpoint: print items as they come"
+    )
     c.add_argument("--token", default=token)
     c.add_argument("--timeout", type=duration, default=300.0)
     c.set_defaults(func=_call)

@@ -10,8 +10,10 @@ same `ServiceAPI`; an actor is a service of one replica whose ranks answer `call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -90,6 +92,14 @@ class ActorEndpoint:
         """Every rank runs it; every rank's result, in rank order (Monarch's ValueMesh, as a
         list)."""
         return await self._actor._call(self.name, args, kwargs, all_ranks=True)
+
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        """A streaming endpoint's items, as they are yielded (an actor of one rank)."""
+        await self._actor._wait_behind()
+        items = self._actor._service._stream(self.name, None, args, kwargs)
+        async with contextlib.aclosing(items):  # leaving early cancels it at once
+            async for item in items:
+                yield item
 
     def broadcast(self, *args: Any, **kwargs: Any) -> asyncio.Task[None]:
         """Every rank runs it; no result, and the caller does not wait (Monarch's fire and

@@ -105,6 +105,33 @@ def test_call_and_status_commands() -> None:
         proc.wait(15)
 
 
+def test_call_stream_prints_each_item_as_it_comes() -> None:
+    port = free_port()
+    proc, out = start_run("examples/tokens.yaml", port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert "is serving" in out, out
+        started = time.monotonic()
+        args = ["generate", "hi", "--kwargs", '{"n": 3, "delay": 0.5}', "--stream"]
+        call = subprocess.Popen(
+            [*KUBEFORGE, "call", url, *args],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert call.stdout is not None
+        lines = [(call.stdout.readline(), time.monotonic() - started) for _ in range(3)]
+        assert call.wait(20) == 0
+        assert [json.loads(line) for line, _ in lines] == ["hi-0", "hi-1", "hi-2"]
+        assert lines[2][1] - lines[0][1] > 0.8, lines  # printed as they came, 0.5 s apart
+        wrong = subprocess.run(
+            [*KUBEFORGE, "call", url, "generate", "hi"], capture_output=True, text=True, timeout=20
+        )
+        assert wrong.returncode == 1 and "/v1/stream/generate" in wrong.stderr, wrong.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(15)
+
+
 def run_once(spec: Path) -> subprocess.CompletedProcess[str]:
     """`kubeforge run SPEC` expected to exit by itself (a bad spec)."""
     return subprocess.run(

@@ -245,3 +245,14 @@ async def test_tensors_and_dataclasses_stream_as_they_were_sent() -> None:
     for i, c in enumerate(steps):
         assert torch.equal(c.prompt_ids, prompt) and torch.equal(c.token_ids, prompt + i)
         assert c.logprobs.dtype == torch.float32 and c.text == f"step {i}"
+
+
+async def test_service_and_actor_handles_stream() -> None:
+    policy = await Tokens.as_service()
+    actor = await Tokens.as_actor()
+    try:
+        assert [t async for t in policy.generate.stream("p", 2)] == ["p-0", "p-1"]
+        assert [t async for t in actor.generate.stream("a", 2)] == ["a-0", "a-1"]
+    finally:
+        await policy.shutdown()
+        await actor.shutdown()
