@@ -91,6 +91,18 @@ class Tokens(Actor):
         return {"produced": self.produced, "pid": os.getpid()}
 
     @endpoint
+    async def mark(self, marked: bool = True) -> None:
+        """Make this replica's `nap()` slow (call it in a session to pick the replica)."""
+        self.marked = marked
+
+    @endpoint
+    async def nap(self, seconds: float) -> int:
+        """Answers after `seconds` on a marked replica, at once on the others: its pid."""
+        if getattr(self, "marked", False):
+            await asyncio.sleep(seconds)
+        return os.getpid()
+
+    @endpoint
     async def plain(self, x: int) -> int:
         """Not a stream: `.stream()` on it is a 400 that says to call it."""
         return x + 1

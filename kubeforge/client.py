@@ -203,8 +203,8 @@ class ServiceClient(ServiceAPI):
     async def _send_call(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
         return await self._request("POST", wire.CALL_PREFIX + endpoint, body, headers)
 
-    async def _send_stream(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
-        return await self._request("POST", wire.STREAM_PREFIX + endpoint, body, headers, True)
+    async def _send_stream(self, path: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
+        return await self._request("POST", path, body, headers, True)
 
     async def _send_broadcast(
         self, endpoint: str, body: bytes, headers: dict[bytes, bytes]

@@ -63,3 +63,4 @@ HEALTHZ: str = _DATA["paths"]["healthz"]
 READYZ: str = _DATA["paths"]["readyz"]
 
 STREAM_BODY: int = _DATA["limits"]["stream_body"]
+STREAM_MEDIA: bytes = _DATA["media"]["stream"].encode()

@@ -222,8 +222,11 @@ class Service(ServiceAPI):
             {wire.H_CONTENT_TYPE: resp.content_type, **dict(resp.headers or ())},
         )
 
-    async def _send_stream(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
-        resp = await self.router.call(wire.STREAM_PREFIX + endpoint, body, headers)
+    async def _send_stream(self, path: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
+        if path.startswith(wire.CALL_ALL_PREFIX):
+            resp = await self.router.broadcast(path[len(wire.CALL_ALL_PREFIX) :], body, headers)
+        else:
+            resp = await self.router.call(path, body, headers)
         reply = Reply(
             resp.status,
             resp.body,

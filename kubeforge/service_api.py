@@ -13,7 +13,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubeforge import streams, values, wire
 from kubeforge.errors import (
@@ -44,6 +44,20 @@ class Reply:
         if self.release is not None:
             release, self.release = self.release, None
             await release()
+
+
+class ReplicaResult(NamedTuple):
+    """One replica's answer to a broadcast, as `fanout_stream()` yields it."""
+
+    replica: str
+    result: Any
+    error: KubeforgeError | None = None
+
+    def value(self) -> Any:
+        """The result, or the replica's error raised."""
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class Session(str):
@@ -103,6 +117,11 @@ class EndpointHandle:
         loop early cancels the generator on its replica."""
         return self._api._stream(self.name, self._session_id(sess_id), args, kwargs)
 
+    def fanout_stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[ReplicaResult]:
+        """`fanout`, each replica's answer as it arrives (Monarch's `stream()`):
+        `ReplicaResult(replica, result, error)`; a failed replica yields its error."""
+        return self._api._fanout_stream(self.name, args, kwargs)
+
     async def fanout(self, *args: Any, **kwargs: Any) -> list[Any]:
         """Every healthy replica, results in replica order (== `call_all`)."""
         return await self._api.call_all(self.name, *args, **kwargs)
@@ -138,9 +157,10 @@ class ServiceAPI(ABC):
         """POST /v1/call/{endpoint}; typed errors may be raised instead of returned."""
 
     @abstractmethod
-    async def _send_stream(self, endpoint: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
-        """POST /v1/stream/{endpoint}: a Reply whose body iterates the chunks as they come
-        (an error reply's body is whole), and whose `close()` lets the stream go."""
+    async def _send_stream(self, path: str, body: bytes, headers: dict[bytes, bytes]) -> Reply:
+        """POST to `path` (a stream, or a broadcast answered as one): a Reply whose body
+        iterates the chunks as they come (an error reply's body is whole), and whose
+        `close()` lets the stream go."""
 
     @abstractmethod
     async def _send_broadcast(
@@ -191,33 +211,61 @@ class ServiceAPI(ABC):
         raises ReplicaLostError: items already delivered are never sent twice."""
         sid = sess_id if sess_id is not None else _current_session.get()
         body = _encode_call(endpoint, args, kwargs, self.body_format)
-        reply = await self._send_stream(endpoint, body, self._call_headers(sid))
+        path = wire.STREAM_PREFIX + endpoint
+        reply = await self._send_stream(path, body, self._call_headers(sid))
         try:
             self._note_moved(sid, reply)
-            item_type = streams.item_type(reply.headers.get(wire.H_CONTENT_TYPE))
-            if reply.status >= 300 or item_type is None:
-                decode_reply(reply, self.allowed)  # raises the error it carries
-                raise BadRequestError(f"POST {wire.STREAM_PREFIX}{endpoint} was not streamed")
-            fmt = wire.body_format(item_type)
-            reader = streams.FrameReader()
-            items = 0
-            async for chunk in reply.body:  # to its last chunk, which frees the connection
-                for kind, payload in reader.feed(chunk):
-                    if kind == streams.ITEM:
-                        items += 1
-                        yield wire.decode_as(payload, fmt, self.allowed)
-                    elif kind == streams.ERROR:
-                        error = wire.decode(payload, fmt == wire.FMT_MSGPACK).get("error", {})
-                        raise from_wire(error)
-            if reader.ended:
-                return
+            async for item in self._items(reply, path):
+                yield item
+        finally:
+            await reply.close()
+
+    async def _fanout_stream(
+        self, endpoint: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncIterator[ReplicaResult]:
+        """`fanout`, each replica's answer as soon as it has it."""
+        body = _encode_call(endpoint, args, kwargs, self.body_format)
+        headers = {
+            wire.H_CONTENT_TYPE: wire.content_type(self.body_format),
+            wire.H_ACCEPT: streams.CONTENT_TYPE,
+            **self._ranks_header(),
+        }
+        path = wire.CALL_ALL_PREFIX + endpoint
+        reply = await self._send_stream(path, body, headers)
+        try:
+            async for item in self._items(reply, path):
+                result = item.get("result")
+                if self.body_format == wire.FMT_BINARY and result is not None:
+                    result = result["result"]  # the replica's reply, nested whole
+                error = from_wire(item["error"]) if "error" in item else None
+                yield ReplicaResult(item["replica"], result, error)
+        finally:
+            await reply.close()
+
+    async def _items(self, reply: Reply, path: str) -> AsyncIterator[Any]:
+        """The items of a streamed reply as they arrive; an error frame raises its typed
+        error, a stream cut before its end raises ReplicaLostError."""
+        item_type = streams.item_type(reply.headers.get(wire.H_CONTENT_TYPE))
+        if reply.status >= 300 or item_type is None:
+            decode_reply(reply, self.allowed)  # raises the error it carries
+            raise BadRequestError(f"POST {path} was not answered with a stream")
+        fmt = wire.body_format(item_type)
+        reader = streams.FrameReader()
+        items = 0
+        async for chunk in reply.body:  # to its last chunk, which frees the connection
+            for kind, payload in reader.feed(chunk):
+                if kind == streams.ITEM:
+                    items += 1
+                    yield wire.decode_as(payload, fmt, self.allowed)
+                elif kind == streams.ERROR:
+                    error = wire.decode(payload, fmt == wire.FMT_MSGPACK).get("error", {})
+                    raise from_wire(error)
+        if not reader.ended:
             raise ReplicaLostError(
-                f"the stream of {endpoint!r} was cut after {items} items, before its end: its "
+                f"the stream of POST {path} was cut after {items} items, before its end: its "
                 "replica (or a connection on the way) was lost; the items already yielded "
                 "are not sent again"
             )
-        finally:
-            await reply.close()
 
     def _call_headers(self, sid: str | None, all_ranks: bool | None = None) -> dict[bytes, bytes]:
         headers: dict[bytes, bytes] = {wire.H_CONTENT_TYPE: wire.content_type(self.body_format)}

@@ -19,12 +19,14 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
+from kubeforge.contract import STREAM_MEDIA
+
 ITEM, ERROR, END = 0, 1, 2
 KINDS = (ITEM, ERROR, END)
 HEAD = struct.Struct("<IB")
 MAX_PAYLOAD = (1 << 32) - 1
 # The reply's content type names the framing, and the items' format after it.
-CONTENT_TYPE = b"application/vnd.kubeforge.stream"
+CONTENT_TYPE = STREAM_MEDIA
 SSE = b"text/event-stream"
 
 

@@ -1,11 +1,12 @@
-//! Compiles kubeforge/contract.toml's `[headers]`, `[paths]` and `[limits]` into `names.rs`, so
+//! Compiles kubeforge/contract.toml's `[headers]`, `[paths]`, `[media]` and `[limits]` into
+//! `names.rs`, so
 //! the relay uses the very names and sizes the Python parts read from the same file.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 const CONTRACT: &str = "../kubeforge/contract.toml";
-const SECTIONS: [&str; 3] = ["headers", "paths", "limits"];
+const SECTIONS: [&str; 4] = ["headers", "paths", "media", "limits"];
 
 fn main() {
     println!("cargo:rerun-if-changed={CONTRACT}");

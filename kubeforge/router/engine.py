@@ -69,6 +69,14 @@ class Failed:
     answer: Response | None = None
 
 
+@dataclass(slots=True)
+class _Answer:
+    result: Any = None
+    message: Any = None  # a binary reply, nested whole
+    error: dict[str, Any] | None = None
+    status: int = 200
+
+
 class PassOn(Exception):
     """The caller's answer is the replica's refusal, which the native relay holds."""
 
@@ -731,7 +739,8 @@ class Router:
         return Response(resp.status, resp.body)
 
     async def broadcast(self, endpoint: str, body: Any, asked: dict[bytes, bytes]) -> Response:
-        """`asked` is the call's wire headers; what a call carries on, a broadcast does too."""
+        """`asked` is the call's wire headers; what a call carries on, a broadcast does too.
+        A caller that accepts a stream gets each replica's answer as it arrives instead."""
         replicas = list(self.table.healthy)
         if not replicas:
             raise NoHealthyReplicasError(self.table._no_healthy_message())
@@ -744,46 +753,24 @@ class Router:
             self._send(r, path, headers, b, broadcast=True)
             for r, b in zip(replicas, bodies, strict=True)
         ]
+        if streams.CONTENT_TYPE in asked.get(wire.H_ACCEPT, b""):
+            return self._broadcast_stream(replicas, sends, fmt)
         outcomes = await asyncio.gather(*sends, return_exceptions=True)
         results: list[Any] = []
         errors: dict[str, Any] = {}
         statuses: set[int] = set()
         replies: list[Any] = []  # binary format: each replica's reply, relayed undecoded
         for replica, outcome in zip(replicas, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if isinstance(outcome, UpstreamError):
-                    failed = Failed(replica.index, _outcome_of(outcome), str(outcome))
-                    self._judge(failed, 0, {replica.index}, {}, 0.0)  # its health, nothing more
-                    err = self._error(failed, "a broadcast is sent once")
-                elif isinstance(outcome, KubeforgeError):
-                    err = outcome
-                else:
-                    err = ReplicaLostError(f"{type(outcome).__name__}: {outcome}")
-                errors[replica.name] = err.to_wire()
-                statuses.add(err.status)
+            answer = self._answer_of(replica, outcome)
+            if answer.error is not None:
+                errors[replica.name] = answer.error
+                statuses.add(answer.status)
                 results.append(None)
-                continue
-            reply_fmt = wire.body_format(outcome.headers.get(wire.H_CONTENT_TYPE))
-            if outcome.status < 300 and reply_fmt == wire.FMT_BINARY:
-                # {"result": ...} as the replica encoded it: the caller decodes it.
+            elif answer.message is not None:
                 results.append(values.Message(len(replies)))
-                replies.append(outcome.body)
-                continue
-            try:
-                answer = wire.decode_as(outcome.body, reply_fmt)
-            except KubeforgeError:
-                answer = {
-                    "error": {
-                        "type": "ReplicaLostError",
-                        "message": f"unreadable reply ({outcome.status})",
-                    }
-                }
-            if outcome.status < 300:
-                results.append(answer.get("result"))
+                replies.append(answer.message)
             else:
-                errors[replica.name] = answer.get("error", answer)
-                statuses.add(outcome.status)
-                results.append(None)
+                results.append(answer.result)
         names = [r.name for r in replicas]
         if len(errors) == len(replicas) and len(statuses) == 1 and 400 <= min(statuses) < 500:
             # Every replica rejected the call the same way: the caller's mistake, say it once.
@@ -795,3 +782,77 @@ class Router:
         if fmt == wire.FMT_BINARY:
             return Response(200, values.encode(envelope, messages=replies), wire.BINARY)
         return Response(200, wire.encode_as(envelope, fmt), wire.content_type(fmt))
+
+    def _answer_of(self, replica: Replica, outcome: Any) -> _Answer:
+        """One replica's part of a broadcast: its result, its reply to nest whole (binary
+        format), or its error with the status that goes with it."""
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, UpstreamError):
+                failed = Failed(replica.index, _outcome_of(outcome), str(outcome))
+                self._judge(failed, 0, {replica.index}, {}, 0.0)  # its health, nothing more
+                err = self._error(failed, "a broadcast is sent once")
+            elif isinstance(outcome, KubeforgeError):
+                err = outcome
+            else:
+                err = ReplicaLostError(f"{type(outcome).__name__}: {outcome}")
+            return _Answer(error=err.to_wire(), status=err.status)
+        reply_fmt = wire.body_format(outcome.headers.get(wire.H_CONTENT_TYPE))
+        if outcome.status < 300 and reply_fmt == wire.FMT_BINARY:
+            return _Answer(message=outcome.body)  # {"result": ...}: the caller decodes it
+        try:
+            answer = wire.decode_as(outcome.body, reply_fmt)
+        except KubeforgeError:
+            answer = {
+                "error": {
+                    "type": "ReplicaLostError",
+                    "message": f"unreadable reply ({outcome.status})",
+                }
+            }
+        if outcome.status < 300:
+            return _Answer(result=answer.get("result"))
+        return _Answer(error=answer.get("error", answer), status=outcome.status)
+
+    def _broadcast_stream(self, replicas: list[Replica], sends: list[Any], fmt: str) -> Response:
+        """Each replica's answer as an item of its own, in the order they arrive:
+        `{"replica", "index", "result" | "error"}` (a binary reply nested whole)."""
+        task: asyncio.Task[None] | None = None
+        # The caller left: the sends still out are dropped.
+        out = BodyStream(None, cancel=lambda: task.cancel() if task is not None else None)
+
+        async def run() -> None:
+            pending = {asyncio.ensure_future(s): i for i, s in enumerate(sends)}
+            try:
+                while pending:
+                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for fut in done:
+                        i = pending.pop(fut)
+                        outcome = fut.exception() or fut.result()
+                        self._feed_answer(out, replicas[i], i, outcome, fmt)
+                out.feed(b"".join(streams.frame(streams.END)))
+                out.end()
+            finally:
+                for fut in pending:
+                    fut.cancel()
+
+        task = asyncio.get_running_loop().create_task(run())
+        return Response(200, out, streams.content_type(wire.content_type(fmt)))
+
+    def _feed_answer(
+        self, out: BodyStream, replica: Replica, index: int, outcome: Any, fmt: str
+    ) -> None:
+        answer = self._answer_of(replica, outcome)
+        item: dict[str, Any] = {"replica": replica.name, "index": index}
+        messages = []
+        if answer.error is not None:
+            item["error"] = answer.error
+        elif answer.message is not None:
+            item["result"] = values.Message(0)
+            messages = [answer.message]
+        else:
+            item["result"] = answer.result
+        if fmt == wire.FMT_BINARY:
+            payload: Any = values.encode(item, messages=messages)
+        else:
+            payload = wire.encode_as(item, fmt)
+        for part in streams.frame(streams.ITEM, payload):
+            out.feed(memoryview(part).cast("B"))

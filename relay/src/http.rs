@@ -57,6 +57,16 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
+/// Whether a header value names `media` (case-insensitively), as one of its media ranges.
+fn contains(value: &[u8], media: &str) -> bool {
+    value.split(|&b| b == b',').any(|range| {
+        let media_range = range.split(|&b| b == b';').next().unwrap_or(b"");
+        media_range
+            .trim_ascii()
+            .eq_ignore_ascii_case(media.as_bytes())
+    })
+}
+
 /// Set a header the relay reads, once: a second one means the request is for Python.
 fn once(slot: &mut Option<(usize, usize)>, buf: &[u8], value: &[u8]) -> bool {
     let first = slot.is_none();
@@ -115,6 +125,12 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Request {
             || name.eq_ignore_ascii_case("upgrade")
         {
             false
+        } else if name.eq_ignore_ascii_case("accept") {
+            // A broadcast answered as a stream: the Python server writes it item by item.
+            if path.starts_with(names::PATHS_CALL_ALL) && contains(h.value, names::MEDIA_STREAM) {
+                return Request::HandOver;
+            }
+            true
         } else if name.eq_ignore_ascii_case("connection") {
             if has_token(h.value, b"close") {
                 head.keep_alive = false;

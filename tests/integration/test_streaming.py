@@ -180,33 +180,6 @@ async def test_timeouts_bound_the_gap_between_items_and_the_whole_stream(
     assert 4 <= len(got) <= 8, got
 
 
-async def test_a_replica_lost_mid_stream_raises_replica_lost_and_is_not_sent_again(
-    routed: LocalDeployment,
-) -> None:
-    async with ServiceClient(routed.url) as client:
-        before = await client.stats.fanout()
-        got = []
-        with pytest.raises(ReplicaLostError, match="cut after 5 items"):
-            async for item in client.watched.stream(10_000, 0.02):
-                got.append(item)
-                if len(got) == 5:
-                    os.kill(item["pid"], signal.SIGKILL)
-        assert [g["i"] for g in got] == [0, 1, 2, 3, 4]
-        # Not sent again: the other replica made no item of it. (This deployment does not
-        # restart a killed replica: the test module's last use of it.)
-        victim = got[0]["pid"]
-        survivor = next(s for s in before if s["pid"] != victim)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(KubeforgeError):
-                after = await client.stats.fanout()
-                if [s["pid"] for s in after] == [survivor["pid"]]:
-                    break
-            assert time.monotonic() < deadline, "the killed replica is still in rotation"
-            await asyncio.sleep(0.1)
-        assert after == [survivor], (before, after)
-
-
 async def test_server_sent_events_for_curl_and_browsers(routed: LocalDeployment) -> None:
     async with (
         aiohttp.ClientSession() as http,
@@ -256,3 +229,53 @@ async def test_service_and_actor_handles_stream() -> None:
     finally:
         await policy.shutdown()
         await actor.shutdown()
+
+
+async def test_fanout_stream_yields_each_replica_as_it_answers(svc: ServiceAPI) -> None:
+    async with svc.session():
+        await svc.mark.route()  # this replica naps; the other answers at once
+    try:
+        started = time.monotonic()
+        got = []
+        async for answer in svc.nap.fanout_stream(0.6):
+            got.append((time.monotonic() - started, answer))
+        assert len(got) == 2
+        (fast_at, fast), (slow_at, slow) = got
+        assert fast_at < 0.4 < 0.55 < slow_at, got  # the quick one did not wait for the other
+        assert fast.error is None and slow.error is None
+        assert {fast.replica, slow.replica} == {"replica-0", "replica-1"}
+        assert fast.result != slow.result  # each replica's own answer (its pid)
+        assert sorted([fast.value(), slow.value()]) == sorted(await svc.nap.fanout(0.0))
+        async for answer in svc.fail_after.fanout_stream(1):  # a generator: the wrong verb
+            assert answer.error is not None and "POST /v1/stream/fail_after" in str(answer.error)
+            with pytest.raises(BadRequestError):
+                answer.value()
+    finally:
+        await svc.mark.fanout(False)
+
+
+async def test_a_replica_lost_mid_stream_raises_replica_lost_and_is_not_sent_again(
+    routed: LocalDeployment,
+) -> None:
+    async with ServiceClient(routed.url) as client:
+        before = await client.stats.fanout()
+        got = []
+        with pytest.raises(ReplicaLostError, match="cut after 5 items"):
+            async for item in client.watched.stream(10_000, 0.02):
+                got.append(item)
+                if len(got) == 5:
+                    os.kill(item["pid"], signal.SIGKILL)
+        assert [g["i"] for g in got] == [0, 1, 2, 3, 4]
+        # Not sent again: the other replica made no item of it. (This deployment does not
+        # restart a killed replica: the test module's last use of it.)
+        victim = got[0]["pid"]
+        survivor = next(s for s in before if s["pid"] != victim)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(KubeforgeError):
+                after = await client.stats.fanout()
+                if [s["pid"] for s in after] == [survivor["pid"]]:
+                    break
+            assert time.monotonic() < deadline, "the killed replica is still in rotation"
+            await asyncio.sleep(0.1)
+        assert after == [survivor], (before, after)
