@@ -115,6 +115,7 @@ async def test_options_accepts_every_service_config_field_and_refuses_others() -
         "return_first_rank_result": True,
         "replica_max_queued_requests": 8,
         "request_timeout": 30.0,
+        "stream_idle_timeout": 10.0,
         "session_ttl": 60.0,
         "startup_timeout": 60.0,
         "stop_grace": 2.0,
