@@ -29,6 +29,7 @@ A = TypeVar("A", bound="Actor")
 
 _ENDPOINT_ATTR = "__kubeforge_endpoint__"
 _DEVICE_ATTR = "__kubeforge_device__"
+_BATCH_ATTR = "__kubeforge_batch__"
 # The session of the call an endpoint is running; set by the replica on every rank.
 SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "kubeforge_session", default=None
@@ -41,17 +42,37 @@ def current_session() -> str | None:
     return SESSION.get()
 
 
-def endpoint(fn: F | None = None, *, device: str | None = None) -> Any:
+def endpoint(
+    fn: F | None = None,
+    *,
+    device: str | None = None,
+    batch_size: int | None = None,
+    batch_wait: float = 0.005,
+) -> Any:
     """Mark an actor method (sync or async) as callable through a replica. A generator (sync
     or async) streams: its items reach the caller as they are yielded (`.stream()`).
 
     Tensors arrive on the CPU (a CUDA tensor travels as its bytes); `@endpoint(device="cuda")`
     moves the tensors among its arguments (in lists, tuples, dicts and dataclasses) to that
-    device before the call, each rank to its own GPU."""
+    device before the call, each rank to its own GPU.
+
+    `@endpoint(batch_size=N, batch_wait=S)` batches: concurrent calls on one replica (each
+    with one value per argument) become one call of the method with a list per argument, of
+    up to N calls, gathered for at most S seconds; it returns a list of one result per call.
+    """
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(batch_wait, int | float) or batch_wait < 0:
+        raise ValueError(f"batch_wait must be a number of seconds >= 0, got {batch_wait!r}")
 
     def mark(f: F) -> F:
+        if batch_size is not None and (
+            inspect.isasyncgenfunction(f) or inspect.isgeneratorfunction(f)
+        ):
+            raise ValueError(f"{f.__qualname__}: a streaming endpoint cannot be batched")
         setattr(f, _ENDPOINT_ATTR, True)
         setattr(f, _DEVICE_ATTR, device)
+        setattr(f, _BATCH_ATTR, None if batch_size is None else (batch_size, float(batch_wait)))
         return f
 
     return mark(fn) if fn is not None else mark
@@ -131,11 +152,14 @@ class EndpointInfo:
     signature: inspect.Signature
     device: str | None = None  # where its tensor arguments go before the call
     streams: bool = False  # a generator: called with `.stream()`, POST /v1/stream/{name}
+    batch: tuple[int, float] | None = None  # (batch_size, batch_wait): calls grouped
 
     def describe(self) -> dict[str, Any]:
         out = {"name": self.name, "async": self.is_async, "signature": str(self.signature)}
         if self.streams:
             out["streams"] = True
+        if self.batch is not None:
+            out["batch_size"], out["batch_wait"] = self.batch
         return {**out, "device": self.device} if self.device else out
 
 
@@ -161,7 +185,8 @@ def endpoints_of(cls: type) -> dict[str, EndpointInfo]:
         device = getattr(fn, _DEVICE_ATTR, None)
         is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
         streams = inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
-        found[name] = EndpointInfo(name, is_async, sig, device, streams)
+        batch = getattr(fn, _BATCH_ATTR, None)
+        found[name] = EndpointInfo(name, is_async, sig, device, streams, batch)
     return found
 
 

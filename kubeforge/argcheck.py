@@ -59,10 +59,16 @@ def describe(hint: Any) -> str:
     return hint.__qualname__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
-def checker(endpoint: str, fn: Callable[..., Any], signature: inspect.Signature) -> Check:
+def checker(
+    endpoint: str, fn: Callable[..., Any], signature: inspect.Signature, batched: bool = False
+) -> Check:
     """A function that binds a call's arguments to `signature` and checks each against its
-    hint, raising InvalidArgumentsError (422) that names the first that does not fit."""
+    hint, raising InvalidArgumentsError (422) that names the first that does not fit. A call
+    of a batched endpoint passes one element of each list the method takes: `list[X]` is
+    checked as X."""
     hints = {k: v for k, v in type_hints(fn).items() if k != "return"}
+    if batched:
+        hints = {k: _element(v) for k, v in hints.items()}
     kinds = {p.name: p.kind for p in signature.parameters.values()}
 
     def check(args: list[Any], kwargs: dict[str, Any]) -> None:
@@ -91,3 +97,11 @@ def checker(endpoint: str, fn: Callable[..., Any], signature: inspect.Signature)
                     )
 
     return check
+
+
+def _element(hint: Any) -> Any:
+    """What one call passes where a batched method takes `hint`: X for list[X], else anything."""
+    if typing.get_origin(hint) is list:
+        (element,) = typing.get_args(hint) or (Any,)
+        return element
+    return Any

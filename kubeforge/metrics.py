@@ -183,22 +183,23 @@ class Histogram:
     `histogram_quantile` aggregates across replicas and routers (window percentiles cannot be
     added up; these can)."""
 
-    __slots__ = ("count", "counts", "sum")
+    __slots__ = ("buckets", "count", "counts", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
+    def __init__(self, buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
+        self.buckets = buckets  # upper bounds; batch sizes use BATCH_BUCKETS
+        self.counts = [0] * (len(buckets) + 1)
         self.count = 0
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
         self.count += 1
         self.sum += seconds
 
     def cumulative(self) -> list[tuple[str, int]]:
         """(le, calls at or below it) for every bucket, +Inf last."""
         out, seen = [], 0
-        for bound, n in zip((*DURATION_BUCKETS, math.inf), self.counts, strict=True):
+        for bound, n in zip((*self.buckets, math.inf), self.counts, strict=True):
             seen += n
             out.append(("+Inf" if bound == math.inf else repr(bound), seen))
         return out

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import inspect
 import logging
 import os
 import secrets
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ from kubeforge.errors import (
     DrainingError,
     InvalidArgumentsError,
     KubeforgeError,
+    OverloadedError,
     RemoteError,
     RequestTimeoutError,
     UnknownEndpointError,
@@ -35,6 +38,7 @@ from kubeforge.http.server import HttpServer, Request, Response
 from kubeforge.http.shm import SharedMemory
 from kubeforge.metrics import Histogram
 from kubeforge.replica.admission import Admission
+from kubeforge.replica.batching import Batcher
 from kubeforge.replica.gang import (
     EXIT_RANK_LOST,
     FRAME_SLACK,
@@ -116,9 +120,10 @@ class ReplicaServer:
         # check of a call's arguments against those hints.
         self.allowed = {n: values.Allowed.from_hints(getattr(actor_cls, n)) for n in self.endpoints}
         self.checks = {
-            n: argcheck.checker(n, getattr(actor_cls, n), e.signature)
+            n: argcheck.checker(n, getattr(actor_cls, n), e.signature, e.batch is not None)
             for n, e in self.endpoints.items()
         }
+        self.batchers: dict[str, Batcher] = {}  # batched endpoints, once the actor exists
         self.actor: Any = None
         self.instance = secrets.token_hex(4)
         self.name = config.name or f"{config.host}:{config.port}"
@@ -155,6 +160,11 @@ class ReplicaServer:
         if self.gang is not None:  # before setup(): the other ranks' setup runs alongside
             await self.gang.start(self.config.host, self.config.gang_port)
         self.actor = self.actor_cls(*self.config.args, **self.config.kwargs)
+        for name, info in self.endpoints.items():
+            if info.batch is not None:
+                size, wait = info.batch
+                fn = getattr(self.actor, name)
+                self.batchers[name] = Batcher(name, fn, info.is_async, size, wait, self._batch)
         await self.actor.setup()
         if self.gang is not None:
             await self._wait_for_ranks()
@@ -349,7 +359,10 @@ class ReplicaServer:
         session = SESSION.set(call.sid)
         try:
             info, fmt = call.info, call.fmt
-            if self.gang is None:
+            if info.batch is not None:
+                result = await self._batched(call)
+                result = [result] if call.all_ranks else result
+            elif self.gang is None:
                 result = await self._run(
                     name, info.is_async, call.args, call.kwargs, call.timeout, call.started
                 )
@@ -371,6 +384,42 @@ class ReplicaServer:
         finally:
             SESSION.reset(session)
             self._done(call, ok)
+
+    async def _batched(self, call: _Call) -> Any:
+        """A call that joins its endpoint's next batch, within its own deadline (the batch
+        runs on if the caller gives up)."""
+        name = call.info.name
+        if self.gang is not None:
+            raise BadRequestError(
+                f"endpoint {name!r} is batched, and batching on an SPMD replica (procs or "
+                "hosts > 1) is not supported yet"
+            )
+        batcher = self.batchers[name]
+        if batcher.waiting >= self.config.max_queued_requests + batcher.size:
+            raise OverloadedError(
+                f"replica is at capacity: {batcher.waiting} calls wait for a batch of {name!r} "
+                f"(max_queued_requests={self.config.max_queued_requests})"
+            )
+        args, kwargs = _by_name(call.info.signature, call.args, call.kwargs)
+        limit = asyncio.timeout(call.timeout - (time.monotonic() - call.started))
+        try:
+            async with limit:
+                return await batcher.submit(args, kwargs)
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            raise RequestTimeoutError(
+                f"endpoint {name!r} did not finish within {call.timeout:g}s (batched)",
+                timeout=call.timeout,
+            ) from None
+
+    async def _batch(self, calls: int, run: Callable[[], Awaitable[Any]]) -> Any:
+        """One batch: a single slot of the replica's concurrency, whatever its size."""
+        await self.admission.acquire(self.config.request_timeout)
+        try:
+            return await run()
+        finally:
+            self.admission.release()
 
     async def _stream(self, req: Request, name: str) -> Response:
         """A streaming endpoint's call. The answer's head waits for the first item, so that
@@ -544,6 +593,11 @@ class ReplicaServer:
             "Calls waiting for a slot",
             self.admission.queued,
         )
+        exp.histogram(
+            "kubeforge_replica_batch_size",
+            "Calls per batch of each batched endpoint",
+            [({"endpoint": n}, b.sizes) for n, b in sorted(self.batchers.items())],
+        )
         exp.one("kubeforge_replica_sessions", "gauge", "Live sessions", len(self.sessions.live))
         exp.one(
             "kubeforge_replica_ready", "gauge", "1 when taking calls", int(self._taking_calls())
@@ -585,6 +639,19 @@ def _rank_results(
 
 
 _remote = remote
+
+
+def _by_name(
+    signature: inspect.Signature, args: list[Any], kwargs: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """A call's arguments all by name, defaults filled in: calls that pass them differently
+    (positionally, by name, or not at all) still make one batch. (The check before this bound
+    them already.) Signatures with *args or **kwargs keep them as they came."""
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+        return args, kwargs
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return [], dict(bound.arguments)
 
 
 def _wrong_verb(name: str, streaming: bool) -> str:
