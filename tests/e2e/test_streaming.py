@@ -1,10 +1,12 @@
-"""Streaming endpoints on Kubernetes: a generator's items through the Service's router pod, as
-frames for Python callers and as Server-Sent Events for curl; a caller that leaves cancels the
-generator in its replica pod; `streamIdleTimeout` from the resource reaches the replicas. On
-the process node and on kind alike."""
+"""Streaming and batched endpoints on Kubernetes: a generator's items through the Service's
+router pod, as frames for Python callers and as Server-Sent Events for curl; a caller that
+leaves cancels the generator in its replica pod; `streamIdleTimeout` from the resource reaches
+the replicas; a batched endpoint under 64 concurrent callers. On the process node and on kind
+alike."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -71,3 +73,23 @@ async def test_a_stream_through_the_router_pod(
         assert resp.status == 200 and resp.headers["content-type"] == "text/event-stream"
         body = (await resp.read()).decode()
     assert body == 'data: "sse-0"\n\ndata: "sse-1"\n\nevent: end\ndata: {}\n\n'
+
+
+async def test_a_batched_endpoint_under_load_through_the_router_pod(
+    cluster: Any, namespace: str, operator: Operator
+) -> None:
+    deploy(cluster, namespace, "scorer", 1, gpus=0, actor="examples.batched:Scorer")
+    url, token = router_url(cluster, namespace, "scorer"), _token(cluster, namespace, "scorer")
+    async with ServiceClient(url, token=token) as client:
+        await _until(lambda: _eq(_states(client), ["HEALTHY"]), 30, "the replica is healthy")
+        started = time.monotonic()
+        for _ in range(5):  # 64 callers at once, five times over
+            texts = [f"t{i}" * (i % 7) for i in range(64)]
+            assert await asyncio.gather(*(client.score.route(t) for t in texts)) == [
+                float(len(t)) for t in texts
+            ]
+        took = time.monotonic() - started
+        batches = await client.batch_sizes.route()
+    assert sum(batches) == 320 and max(batches) <= 16
+    assert len(batches) < 320 / 4, batches  # grouped, on average more than 4 calls a batch
+    print(f"320 calls through the router pod in {took:.2f}s as {len(batches)} batches")
