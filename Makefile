@@ -97,6 +97,7 @@ bench: bench-tools k8s-bin
 	$(PY) bench/scale.py --json $(RESULTS)/scale.json
 	$(PY) bench/spmd_calls.py --json $(RESULTS)/spmd_calls.json
 	$(PY) bench/payloads.py --json $(RESULTS)/payloads.json
+	$(PY) bench/streams.py --json $(RESULTS)/streams.json
 	$(PY) bench/operator_memory.py --json $(RESULTS)/operator_memory.json
 	$(PY) bench/operator_scale.py --json $(RESULTS)/operator_scale.json
 	$(PY) bench/plots.py --results $(RESULTS)

@@ -34,6 +34,7 @@ SCRIPTS = [
         300,
     ),
     ("scale.py", ["--quick"], ["replicas", "broadcast", "sessions", "detection"], 300),
+    ("streams.py", ["--quick", "--no-ray"], ["streaming", "batching", "ratios"], 240),
     ("gpu_check.py", ["--cpu"], ["ranks", "all_reduce", "tensors", "model"], 240),
     ("operator_memory.py", ["--services", "2"], ["rss_mib", "ready_s"], 300),
     (
