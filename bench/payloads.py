@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
-import os
 import socket
 import statistics
 import struct
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from figures import add_json_arg, emit  # noqa: E402
+from peers import ray_started  # noqa: E402
 
 from examples.tensors import Tensors  # noqa: E402
 from kubeforge import Service, ServiceClient, ServiceConfig  # noqa: E402
@@ -189,23 +189,6 @@ async def routed(replicas: int) -> AsyncIterator[tuple[ServiceClient, LocalDeplo
 
 
 @asynccontextmanager
-async def ray_started() -> AsyncIterator[Any]:
-    import ray
-
-    ray.init(
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        object_store_memory=8 * 1024**3,
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-@asynccontextmanager
 async def ray_actor(ray: Any) -> AsyncIterator[Echo]:
     @ray.remote(num_cpus=0)
     class RayEcho:
@@ -334,7 +317,7 @@ async def main_async(args: argparse.Namespace) -> int:
             )
             print(f"ray-actor, ray-serve: skipped ({skipped['ray']})", flush=True)
         else:
-            ray = await stack.enter_async_context(ray_started())
+            ray = await stack.enter_async_context(ray_started(object_store_memory=8 * 1024**3))
             echoes["ray-actor"] = await stack.enter_async_context(ray_actor(ray))
             echoes["ray-serve"] = await stack.enter_async_context(ray_serve(ray))
         names = list(echoes)

@@ -33,7 +33,7 @@ PROXIES = ("direct", "kf-router", "kf-router/s", "nginx", "nginx/s", "haproxy", 
 
 def load(folder: Path) -> Results:
     names = ["router_overhead", "router_overhead_pinned", "service_calls", "scale"]
-    names += ["spmd_calls", "operator_memory", "operator_scale", "payloads"]
+    names += ["spmd_calls", "operator_memory", "operator_scale", "payloads", "streams"]
     out: Results = {}
     for name in names:
         path = folder / f"{name}.json"
@@ -311,6 +311,38 @@ def summary(results: Results) -> str:
             "≤ 1.2",
             lambda: f"{m['replica_bytes_per_payload_byte']:.2f}",
         )
+    if "streams" in results:
+        st = results["streams"]
+        kf = st["streaming"]["kf-router"]
+        add(
+            "stream: first item through the router - a call",
+            "≤ 1 ms",
+            lambda: (
+                f"{st['ratios']['kf_first_item_minus_call_ms']:+.2f} ms "
+                f"({kf['first_item_ms']:.2f} vs {kf['plain_call_ms']:.2f} ms)"
+            ),
+        )
+        for peer, key in (
+            ("nginx", "kf_items_per_s_over_nginx"),
+            ("Ray Serve", "kf_items_per_s_over_ray"),
+        ):
+            if st["ratios"].get(key) is not None:
+                add(
+                    f"stream of 1000 items: router / {peer}, items/s",
+                    "—",
+                    lambda key=key: _ratio(st["ratios"][key]),
+                )
+        add(
+            "batched / unbatched, 64 callers (2 ms + 0.05 ms/item)",
+            "> 1.0x",
+            lambda: _ratio(st["ratios"]["kf_batched_over_unbatched"]),
+        )
+        if st["ratios"].get("kf_batched_over_ray_batched") is not None:
+            add(
+                "batched: kubeforge / Ray Serve @serve.batch, calls/s",
+                "≥ 1.0x",
+                lambda: _ratio(st["ratios"]["kf_batched_over_ray_batched"]),
+            )
     lines = ["| figure | target | measured (median of rounds) |", "|---|---|---|"]
     lines += [f"| {f} | {t} | {v} |" for f, t, v in rows]
     return "\n".join(lines) + "\n"

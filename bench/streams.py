@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from figures import add_json_arg, emit  # noqa: E402
+from peers import ray_started  # noqa: E402
 from router_overhead import NGINX_CONF  # noqa: E402
 
 from examples.batched import PER_CALL, PER_ITEM  # noqa: E402
@@ -136,22 +137,6 @@ def frames_over_http(http: aiohttp.ClientSession, url: str) -> Stream:
         return await timed(items())
 
     return run
-
-
-@asynccontextmanager
-async def ray_started() -> AsyncIterator[Any]:
-    import ray
-
-    ray.init(
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 @asynccontextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,10 +11,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubeforge.local import free_port
+from kubeforge.local import LocalDeployment, ReplicaSet, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -170,3 +172,17 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@contextlib.contextmanager
+def deployed(actor: str, replicas: int, *flags: str) -> Iterator[LocalDeployment]:
+    """`kubeforge run`'s deployment of `actor`: replica processes behind a router process,
+    stopped (every process reaped) on the way out."""
+    dep = LocalDeployment(
+        ReplicaSet(actor=actor, replicas=replicas, flags=list(flags)), port=free_port()
+    )
+    dep.start(progress=lambda _m: None)
+    try:
+        yield dep
+    finally:
+        dep.stop()

@@ -14,20 +14,17 @@ import pytest
 from examples.batched import Scorer
 from kubeforge import RemoteError, Service, ServiceClient, ServiceConfig
 from kubeforge.errors import InvalidArgumentsError
-from kubeforge.local import LocalDeployment, ReplicaSet, free_port
+from kubeforge.local import LocalDeployment
 from kubeforge.service_api import ServiceAPI
+from tests.integration.procs import deployed
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def routed() -> Iterator[LocalDeployment]:
-    dep = LocalDeployment(ReplicaSet(actor="examples.batched:Scorer", replicas=1), port=free_port())
-    dep.start(progress=lambda _m: None)
-    try:
+    with deployed("examples.batched:Scorer", 1) as dep:
         yield dep
-    finally:
-        dep.stop()
 
 
 @pytest.fixture(params=["local", "router"])

@@ -30,8 +30,9 @@ from kubeforge import (
     ServiceClient,
     ServiceConfig,
 )
-from kubeforge.local import LocalDeployment, ReplicaSet, free_port
+from kubeforge.local import LocalDeployment
 from kubeforge.service_api import ServiceAPI
+from tests.integration.procs import deployed
 
 pytestmark = pytest.mark.timeout(120)
 IDLE = 1.0  # the replicas' stream idle timeout here
@@ -43,19 +44,9 @@ CANCEL_BOUND = 1.0
 
 @pytest.fixture(scope="module")
 def routed() -> Iterator[LocalDeployment]:
-    dep = LocalDeployment(
-        ReplicaSet(
-            actor="examples.tokens:Tokens",
-            replicas=2,
-            flags=["--stream-idle-timeout", f"{IDLE}s", "--request-timeout", f"{TIMEOUT}s"],
-        ),
-        port=free_port(),
-    )
-    dep.start(progress=lambda _m: None)
-    try:
+    limits = ["--stream-idle-timeout", f"{IDLE}s", "--request-timeout", f"{TIMEOUT}s"]
+    with deployed("examples.tokens:Tokens", 2, *limits) as dep:
         yield dep
-    finally:
-        dep.stop()
 
 
 @pytest.fixture(params=["local", "router"])
