@@ -244,11 +244,24 @@ class BodyStream:
         self._error: BaseException | None = None
         self._paused = False
         self._wake: asyncio.Event = asyncio.Event()
+        self._finished: list[Callable[[bool], None]] = []
 
     @property
     def finished(self) -> bool:
         """All of it arrived, or it failed: nothing more will come."""
         return self._done or self._error is not None
+
+    def when_finished(self, callback: Callable[[bool], None]) -> None:
+        """Call `callback(whole)` once nothing more will come: True when all of it arrived."""
+        if self.finished:
+            callback(self._done)
+        else:
+            self._finished.append(callback)
+
+    def _settled(self) -> None:
+        callbacks, self._finished = self._finished, []
+        for callback in callbacks:
+            callback(self._done)
 
     def __len__(self) -> int:
         if self.length is None:
@@ -274,6 +287,7 @@ class BodyStream:
             return
         self._done = True
         self._wake.set()
+        self._settled()
 
     def fail(self, error: BaseException) -> None:
         if self._done or self._error is not None:
@@ -281,6 +295,7 @@ class BodyStream:
         self._error = error
         self._chunks.clear()
         self._wake.set()
+        self._settled()
 
     # consumer side --------------------------------------------------------------------------
 

@@ -126,5 +126,6 @@ class Batcher:
 
 
 def _as_error(exc: BaseException) -> BaseException:
-    """The error a caller gets: kubeforge's own as they are, the endpoint's as RemoteError."""
-    return exc if isinstance(exc, KubeforgeError) and not exc.retryable else remote(exc)
+    """The error a caller gets: kubeforge's own as they are (a full replica's refusal stays
+    retryable), the endpoint's as RemoteError."""
+    return exc if isinstance(exc, KubeforgeError) else remote(exc)

@@ -415,9 +415,13 @@ class ReplicaServer:
 
     async def _batch(self, calls: int, run: Callable[[], Awaitable[Any]]) -> Any:
         """One batch: a single slot of the replica's concurrency, whatever its size."""
-        await self.admission.acquire(self.config.request_timeout)
+        await self.admission.acquire(self.config.request_timeout)  # a refusal stays retryable
         try:
             return await run()
+        except KubeforgeError as exc:
+            if exc.retryable:  # the method's own (a nested call's): it ran, so not a refusal
+                raise remote(exc) from None
+            raise
         finally:
             self.admission.release()
 

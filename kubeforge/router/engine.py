@@ -471,7 +471,7 @@ class Router:
         started = time.monotonic()
         timeout = self.config.request_timeout if deadline is None else deadline - started
         replica.in_flight += 1
-        ok = False
+        ok: bool | None = False
         try:
             if self.shm is not None:
                 lines, body = await self.shm.request_headers(
@@ -489,9 +489,14 @@ class Router:
             )
             self._shm_reply(replica, resp)
             ok = resp.status < 400
+            if isinstance(resp.body, BodyStream) and resp.body.length is None:
+                # A stream of items: in flight (for placement) until its last item.
+                resp.body.when_finished(lambda whole: self._record(replica, started, whole))
+                ok = None
             return resp
         finally:
-            self._record(replica, started, ok)
+            if ok is not None:
+                self._record(replica, started, ok)
 
     def _shm_reply(self, replica: Replica, resp: ClientResponse) -> None:
         """A reply's body borrowed from the replica's segment, when it lent it."""

@@ -125,6 +125,22 @@ async def test_a_caller_that_leaves_cancels_the_generator_on_its_replica(
     assert (await svc.stats.fanout())[0]["produced"] == produced  # and yields no more
 
 
+async def test_an_open_stream_counts_as_load_on_its_replica(svc: ServiceAPI) -> None:
+    """Least-loaded placement sees a stream until its last item: calls go to the other replica
+    while one replica streams: at once in the router engine (the local Service's), and through
+    a router process after a health poll (the native relay learns the Python path's load with
+    the routing table, pushed after every poll)."""
+    stream = svc.watched.stream(10_000, 0.02)
+    try:
+        streaming_pid = (await anext(stream))["pid"]
+        if isinstance(svc, ServiceClient):
+            await asyncio.sleep(0.5)  # a health poll (0.2 s) and a push
+        for _ in range(5):
+            assert (await svc.stats.route())["pid"] != streaming_pid
+    finally:
+        await stream.aclose()
+
+
 async def test_a_stream_in_a_session_sticks_to_its_replica(svc: ServiceAPI) -> None:
     async with svc.session() as sid:
         pids = set()
