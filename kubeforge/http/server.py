@@ -505,8 +505,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 return  # the caller is gone
         except (StreamError, ConnectionError) as exc:
             # The head promised a length (or a last chunk) it cannot keep: the caller sees a
-            # short body. A caller that stops reading a stream of items leaves this way.
-            level = logging.DEBUG if self.closing and body.length is None else logging.WARNING
+            # short body. A caller that went away (as one that stops reading a stream of items
+            # does) is no fault of ours: only the other causes are warned of.
+            level = logging.DEBUG if self.closing else logging.WARNING
             log.log(level, "answer to %s %s cut short: %s", req.method, req.path, exc)
             self.close()
             return
