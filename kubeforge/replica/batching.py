@@ -12,7 +12,6 @@ caller's error alone, one it raises is every caller's.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 from kubeforge.errors import KubeforgeError, RemoteError
 from kubeforge.metrics import Histogram
+from kubeforge.replica.gang import invoke
 from kubeforge.replica.streaming import remote
 
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0)
@@ -57,8 +57,8 @@ class Batcher:
     is_async: bool
     size: int
     wait: float
-    # Runs one batch: (calls in it, the coroutine that calls the method) -> its results.
-    run: Callable[[int, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+    # Runs one batch (the coroutine that calls the method) -> its results.
+    run: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
     sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     _open: list[_Waiting] = field(default_factory=list)
     _timer: asyncio.TimerHandle | None = None
@@ -91,7 +91,7 @@ class Batcher:
     async def _run(self, batch: list[_Waiting]) -> None:
         try:
             args, kwargs = columns([(w.args, w.kwargs) for w in batch])
-            results = await self.run(len(batch), functools.partial(self._call, args, kwargs))
+            results = await self.run(functools.partial(self._call, args, kwargs))
             if not isinstance(results, list | tuple) or len(results) != len(batch):
                 got = len(results) if isinstance(results, list | tuple) else type(results).__name__
                 raise RemoteError(
@@ -117,12 +117,7 @@ class Batcher:
                 w.done.set_result(result)
 
     async def _call(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        if self.is_async:
-            return await self.fn(*args, **kwargs)
-        run = contextvars.copy_context().run
-        return await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(run, self.fn, *args, **kwargs)
-        )
+        return await invoke(self.fn, self.is_async, args, kwargs)
 
 
 def _as_error(exc: BaseException) -> BaseException:

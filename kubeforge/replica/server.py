@@ -413,7 +413,7 @@ class ReplicaServer:
                 timeout=call.timeout,
             ) from None
 
-    async def _batch(self, calls: int, run: Callable[[], Awaitable[Any]]) -> Any:
+    async def _batch(self, run: Callable[[], Awaitable[Any]]) -> Any:
         """One batch: a single slot of the replica's concurrency, whatever its size."""
         await self.admission.acquire(self.config.request_timeout)  # a refusal stays retryable
         try:
@@ -487,16 +487,16 @@ class ReplicaServer:
                 return await work
         except TimeoutError as exc:
             if not deadline.expired():
-                raise _remote(exc) from None  # the endpoint's own TimeoutError
+                raise remote(exc) from None  # the endpoint's own TimeoutError
             raise RequestTimeoutError(
                 f"endpoint {name!r} did not finish within {timeout:g}s", timeout=timeout
             ) from None
         except KubeforgeError as exc:
             if exc.retryable:  # the endpoint's own (a nested call's): it ran, so not a refusal
-                raise _remote(exc) from None
+                raise remote(exc) from None
             raise
         except Exception as exc:
-            raise _remote(exc) from None
+            raise remote(exc) from None
         finally:
             if is_async:
                 self.admission.release()
@@ -632,7 +632,7 @@ def _rank_results(
         return results if all_ranks else results[0]
     first = outcomes[failed[0]][1]
     if isinstance(first, BaseException):
-        err = _remote(first)
+        err = remote(first)
         kind, message, tb = err.remote_type, err.remote_message, err.traceback
     else:
         kind, message, tb = first["type"], first["message"], first.get("traceback")
@@ -640,9 +640,6 @@ def _rank_results(
     if len(failed) > 1:
         also = f" (ranks {', '.join(map(str, failed))} of {len(outcomes)} failed)"
     raise RemoteError(kind, f"rank {failed[0]} of {len(outcomes)}: {message}{also}", tb)
-
-
-_remote = remote
 
 
 def _by_name(
