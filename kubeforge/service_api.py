@@ -397,6 +397,11 @@ class ReplicaMetrics:
     p50_latency: float = 0.0
     p95_latency: float = 0.0
     p99_latency: float = 0.0
+    batches: dict[str, dict[str, float]] = field(default_factory=dict)  # per batched endpoint
+
+    def get_avg_batch_size(self, endpoint: str) -> float:
+        """Mean calls per batch of a batched endpoint on this replica (0.0 before any)."""
+        return float(self.batches.get(endpoint, {}).get("avg_batch_size", 0.0))
 
     def get_request_rate(self) -> float:
         return self.request_rate

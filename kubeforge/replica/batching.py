@@ -60,6 +60,7 @@ class Batcher:
     # Runs one batch (the coroutine that calls the method) -> its results.
     run: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
     sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    largest: int = 0  # the most calls one batch has held
     _open: list[_Waiting] = field(default_factory=list)
     _timer: asyncio.TimerHandle | None = None
 
@@ -86,6 +87,7 @@ class Batcher:
             self._timer = asyncio.get_running_loop().call_later(self.wait, self._flush)
         if batch:
             self.sizes.observe(len(batch))
+            self.largest = max(self.largest, len(batch))
             asyncio.get_running_loop().create_task(self._run(batch))
 
     async def _run(self, batch: list[_Waiting]) -> None:
@@ -115,6 +117,11 @@ class Batcher:
                 w.done.set_exception(_as_error(result))
             else:
                 w.done.set_result(result)
+
+    def report(self) -> dict[str, int]:
+        """What the replica's health answer says of this endpoint's batches, since start: the
+        router turns it into the summary's batch sizes."""
+        return {"batches": self.sizes.count, "calls": int(self.sizes.sum), "largest": self.largest}
 
     async def _call(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
         return await invoke(self.fn, self.is_async, args, kwargs)

@@ -570,6 +570,11 @@ class ReplicaServer:
             "max_concurrent_requests": self.config.max_concurrent_requests,
             "pid": os.getpid(),
             **({} if self.gang is None else {"ranks": self._ranks()}),
+            **(
+                {"batches": {n: b.report() for n, b in self.batchers.items()}}
+                if self.batchers
+                else {}
+            ),
         }
 
     def _ranks(self) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ class Replica:
     sessions_added: int = 0  # sessions this router placed on it since its last report
     max_concurrent: int = 1
     ranks: int = 1  # processes of an SPMD replica (procs x hosts), from its /healthz
+    batches: dict[str, dict[str, int]] = field(default_factory=dict)  # per batched endpoint
     total_requests: int = 0
     successful_requests: int = 0
     failed_requests: int = 0
@@ -162,6 +163,7 @@ class RoutingTable:
         replica.sessions_added = 0
         replica.max_concurrent = max(1, int(health.get("max_concurrent_requests", 1)))
         replica.ranks = len(health.get("ranks") or ()) or 1
+        replica.batches = batch_counts(health.get("batches"))
         if health.get("ready"):
             self.set_state(replica, ReplicaState.HEALTHY)
         elif health.get("draining"):
@@ -331,3 +333,17 @@ class RoutingTable:
             self.sessions_moved += 1
             log.warning("session %s moved from replica %s to %s", name, lost, target.name)
         return Placement(target, name, lost, fresh=True)
+
+
+def batch_counts(reported: Any) -> dict[str, dict[str, int]]:
+    """A replica's batch counters as its health answer gave them (batches, calls, largest per
+    batched endpoint), keeping only well-formed entries: a report is input, not trusted."""
+    if not isinstance(reported, dict):
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for name, counts in reported.items():
+        if isinstance(name, str) and isinstance(counts, dict):
+            numbers = {k: counts.get(k) for k in ("batches", "calls", "largest")}
+            if all(isinstance(v, int) and v >= 0 for v in numbers.values()):
+                out[name] = numbers  # type: ignore[assignment]
+    return out

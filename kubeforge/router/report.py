@@ -42,6 +42,19 @@ def replica_entry(r: Replica, now: float) -> dict[str, Any]:
         "assigned_sessions": r.sessions,
         "capacity_utilization": min(1.0, active / r.max_concurrent),
         "ranks": r.ranks,
+        "batches": batch_sizes(r.batches),
+    }
+
+
+def batch_sizes(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """Per batched endpoint: batches run, calls they held, the mean and largest batch size
+    (since the replica started, as its Prometheus histogram counts them)."""
+    return {
+        name: {
+            **c,
+            "avg_batch_size": c["calls"] / c["batches"] if c["batches"] else 0.0,
+        }
+        for name, c in sorted(counts.items())
     }
 
 
@@ -66,6 +79,7 @@ def summary(router: Router, now: float) -> dict[str, Any]:
         "sessions_moved": router.table.sessions_moved,
         "retries": router.retries_total,
         "window_seconds": stats.window_s,
+        "batches": _merged_batches(entries),
     }
     return {"service": service, "replicas": {e["index"]: e for e in entries}}
 
@@ -151,6 +165,18 @@ def prometheus(router: Router, now: float) -> bytes:
         router.retries_total,
     )
     return exp.render()
+
+
+def _merged_batches(entries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Every replica's batches of each endpoint, added up (the service row of the summary)."""
+    totals: dict[str, dict[str, int]] = {}
+    for e in entries:
+        for name, c in e["batches"].items():
+            t = totals.setdefault(name, {"batches": 0, "calls": 0, "largest": 0})
+            t["batches"] += c["batches"]
+            t["calls"] += c["calls"]
+            t["largest"] = max(t["largest"], c["largest"])
+    return batch_sizes(totals)
 
 
 def _ordered(router: Router) -> list[Replica]:

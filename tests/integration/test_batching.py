@@ -6,6 +6,7 @@ tier runs on both call paths (native relay and Python)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
@@ -108,3 +109,27 @@ async def test_metrics_report_batch_sizes(routed: LocalDeployment) -> None:
     )
     batches, calls = float(count.split()[-1]), float(total.split()[-1])
     assert calls >= 16 and batches < calls, (batches, calls)
+
+
+async def test_the_metrics_summary_reports_batch_sizes(svc: ServiceAPI) -> None:
+    """get_metrics_summary() (and get_metrics()) carry each replica's batch counts, as its
+    health answer reports them, and the service's totals."""
+
+    async def score_batches() -> dict[str, float]:
+        summary = svc.get_metrics_summary()
+        summary = await summary if inspect.isawaitable(summary) else summary
+        return summary["replicas"][0]["batches"].get("score", {"calls": 0})
+
+    before = (await score_batches())["calls"]
+    await asyncio.gather(*(svc.score.route("m") for _ in range(32)))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while (now := await score_batches())["calls"] < before + 32:  # the next health poll
+        assert loop.time() < deadline, now
+        await asyncio.sleep(0.05)
+    assert 1 < now["avg_batch_size"] <= now["largest"] <= 16, now
+    assert now["batches"] * now["avg_batch_size"] == pytest.approx(now["calls"])
+    metrics = svc.get_metrics()
+    metrics = await metrics if inspect.isawaitable(metrics) else metrics
+    assert metrics.replica_metrics[0].get_avg_batch_size("score") > 1
+    assert metrics.summary["service"]["batches"]["score"]["calls"] >= now["calls"]

@@ -15,6 +15,8 @@ from kubeforge.actor import endpoints_of
 from kubeforge.argcheck import checker
 from kubeforge.errors import InvalidArgumentsError
 from kubeforge.replica.batching import columns
+from kubeforge.router.core import batch_counts
+from kubeforge.router.report import batch_sizes
 
 
 def encoded(items: list[bytes], end: int = streams.END) -> bytes:
@@ -105,3 +107,19 @@ def test_endpoint_options_are_checked_when_the_class_is_defined() -> None:
             yield 1
 
     assert [endpoints_of(C)[n].streams for n in ("gen", "sync_gen")] == [True, True]
+
+
+def test_reported_batch_counts_keep_only_well_formed_entries_and_give_mean_sizes() -> None:
+    reported = {
+        "score": {"batches": 4, "calls": 30, "largest": 16},
+        "idle": {"batches": 0, "calls": 0, "largest": 0},
+        "bad": {"batches": -1, "calls": 2, "largest": 2},
+        "worse": {"batches": "4", "calls": 3, "largest": 1},
+        7: {"batches": 1, "calls": 1, "largest": 1},
+    }
+    counts = batch_counts(reported)
+    assert sorted(counts) == ["idle", "score"]
+    assert batch_counts(["not", "a", "map"]) == {} == batch_counts(None)
+    sizes = batch_sizes(counts)
+    assert sizes["score"]["avg_batch_size"] == 7.5 and sizes["score"]["largest"] == 16
+    assert sizes["idle"]["avg_batch_size"] == 0.0
