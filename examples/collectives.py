@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -76,3 +77,40 @@ class Collectives(Actor):
         if dist.get_rank() == late_rank:
             await asyncio.sleep(seconds)
         return await self.all_reduce(t)
+
+    @endpoint
+    async def running_sums(
+        self, t: torch.Tensor, n: int, fail_rank: int = -1, fail_at: int = -1
+    ) -> AsyncIterator[torch.Tensor]:
+        """A stream whose every item is a collective: item i is `all_reduce(t * (rank + 1))`
+        plus i. Rank `fail_rank` raises after the collective of item `fail_at` instead of
+        yielding it. `stream_log()` tells what each rank's generator did."""
+        me = dist.get_rank()
+        self.steps: list[Any] = []
+        try:
+            for i in range(n):
+                x = t.to(self.device) * (me + 1)
+                await asyncio.to_thread(dist.all_reduce, x)
+                if me == fail_rank and i == fail_at:
+                    raise ValueError(f"rank {me} fails at item {i}")
+                self.steps.append(i)
+                yield x + i
+        finally:
+            self.steps.append("closed")
+
+    @endpoint
+    async def stream_log(self) -> list[Any]:
+        return getattr(self, "steps", [])
+
+    @endpoint(batch_size=8, batch_wait=0.05)
+    async def reduce_each(self, ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A batched endpoint on an SPMD replica: one all_reduce for the whole batch (stacked,
+        reduced, split), each caller's tensor times the sum of (rank + 1)."""
+        self.batches = [*getattr(self, "batches", []), len(ts)]
+        x = torch.stack([t.to(self.device) for t in ts]) * (dist.get_rank() + 1)
+        await asyncio.to_thread(dist.all_reduce, x)
+        return list(x.unbind())
+
+    @endpoint
+    async def batch_log(self) -> list[int]:
+        return getattr(self, "batches", [])

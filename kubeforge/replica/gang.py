@@ -33,6 +33,8 @@ import msgpack
 
 from kubeforge import values, wire
 from kubeforge.actor import SESSION, endpoints_of
+from kubeforge.errors import RemoteError
+from kubeforge.replica.streaming import Items, remote
 from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica.gang")
@@ -153,41 +155,78 @@ class Gang:
     def submit(
         self, kind: str, fields: dict[str, Any], local: Callable[[], Awaitable[Any]]
     ) -> asyncio.Task[list[Outcome]]:
-        """Give the next place in the order to one call: every rank gets it now and runs it
-        after the calls before it; `local` is rank 0's own share. Once submitted, a call runs
-        on every rank even if its caller stops waiting: skipping it on some ranks only would
-        break the order."""
+        """Give the next place in the order to one call: when the calls before it are done,
+        every rank gets it and runs it; `local` is rank 0's own share. Once submitted, a call
+        runs on every rank even if its caller stops waiting: skipping it on some ranks only
+        would break the order. (Frames go out at the call's turn, not before, so that a stream
+        holding the order has no call slip between its steps on the other ranks.)"""
         loop = asyncio.get_running_loop()
-        seq = self._next_seq
-        self._next_seq += 1
-        frame = pack({"t": kind, "seq": seq, **fields})
-        waiting = {r: loop.create_future() for r in self.links}
-        self._waiting[seq] = waiting
-        for link in self.links.values():
-            link.writer.write(frame)
         before, mine = self._tail, loop.create_future()
         self._tail = mine
-        return loop.create_task(self._complete(seq, before, mine, local, waiting))
+        return loop.create_task(self._complete(kind, fields, before, mine, local))
 
     async def _complete(
         self,
-        seq: int,
+        kind: str,
+        fields: dict[str, Any],
         before: asyncio.Future[None] | None,
         mine: asyncio.Future[None],
         local: Callable[[], Awaitable[Any]],
-        waiting: dict[int, asyncio.Future[Outcome]],
     ) -> list[Outcome]:
         try:
             if before is not None:
                 await before
+            seq, waiting = self._send(kind, fields)
             try:
                 own: Outcome = (True, await local())
             except Exception as exc:
                 own = (False, exc)
         finally:
             mine.set_result(None)
+        return [own, *await self._gather(seq, waiting)]
+
+    async def take_turn(self) -> Callable[[], None]:
+        """The order to oneself until the returned function is called: a stream holds it from
+        its opening to its close, so that no call runs between its steps on any rank. A caller
+        that stops waiting passes its place on when its turn comes."""
+        loop = asyncio.get_running_loop()
+        before, mine = self._tail, loop.create_future()
+        self._tail = mine
+
+        def release(_: object = None) -> None:
+            if not mine.done():
+                mine.set_result(None)
+
+        if before is not None:
+            try:
+                await asyncio.shield(before)
+            except asyncio.CancelledError:
+                before.add_done_callback(release)
+                raise
+        return release
+
+    async def exchange(self, kind: str, fields: dict[str, Any]) -> list[Outcome]:
+        """One frame to every other rank and their outcomes in rank order, for the holder of
+        the turn."""
+        seq, waiting = self._send(kind, fields)
+        return await self._gather(seq, waiting)
+
+    def _send(
+        self, kind: str, fields: dict[str, Any]
+    ) -> tuple[int, dict[int, asyncio.Future[Outcome]]]:
+        loop = asyncio.get_running_loop()
+        seq = self._next_seq
+        self._next_seq += 1
+        waiting = {r: loop.create_future() for r in self.links}
+        self._waiting[seq] = waiting
+        frame = pack({"t": kind, "seq": seq, **fields})
+        for link in self.links.values():
+            link.writer.write(frame)
+        return seq, waiting
+
+    async def _gather(self, seq: int, waiting: dict[int, asyncio.Future[Outcome]]) -> list[Outcome]:
         try:
-            return [own, *[await waiting[r] for r in sorted(waiting)]]
+            return [await waiting[r] for r in sorted(waiting)]
         finally:
             self._waiting.pop(seq, None)
 
@@ -329,10 +368,11 @@ async def serve_rank(config: RankConfig, actor_cls: type) -> int:
     writer.write(pack({"t": "ready"}))
     beats = asyncio.get_running_loop().create_task(_beat(writer))
     endpoints = endpoints_of(actor_cls)
+    stream = RankStream()
     try:
         while True:
             message = await read(reader, config.max_frame)
-            reply = pack(await _run_one(actor, endpoints, message))
+            reply = pack(await _run_one(actor, endpoints, message, stream))
             if len(reply) > config.max_frame:  # rank 0 would refuse it: say why instead
                 reply = pack(_too_large(message, len(reply), config.max_frame))
             writer.write(reply)
@@ -341,21 +381,24 @@ async def serve_rank(config: RankConfig, actor_cls: type) -> int:
         return EXIT_RANK_LOST
     finally:
         beats.cancel()
+        await stream.close()
 
 
-async def _run_one(actor: Any, endpoints: dict, message: dict[str, Any]) -> dict[str, Any]:
+async def _run_one(
+    actor: Any, endpoints: dict, message: dict[str, Any], stream: RankStream
+) -> dict[str, Any]:
     reply: dict[str, Any] = {"t": "result", "seq": message.get("seq")}
     try:
-        if message.get("t") == "end_session":
+        kind = message.get("t")
+        if kind == "end_session":
             await actor.on_session_end(message["session"])
+            value = None
+        elif kind in STREAM_FRAMES:
+            reply["value"] = await stream.handle(kind, actor, endpoints, message)
             value = None
         else:
             info = endpoints[message["endpoint"]]
-            fmt = message.get("format", wire.FMT_JSON)
-            allowed = values.Allowed.from_hints(getattr(type(actor), info.name))
-            args, kwargs = wire.parse_call_body(message["body"], fmt, allowed)
-            if info.device is not None:
-                args, kwargs = values.to_device([args, kwargs], info.device)
+            args, kwargs = _arguments(actor, info, message)
             fn = getattr(actor, info.name)
             token = SESSION.set(message.get("session"))
             try:
@@ -376,6 +419,62 @@ async def _run_one(actor: Any, endpoints: dict, message: dict[str, Any]) -> dict
     return reply
 
 
+def _arguments(actor: Any, info: Any, message: dict[str, Any]) -> tuple[list[Any], dict]:
+    """A call's arguments from the body rank 0 received, decoded with the endpoint's classes."""
+    fmt = message.get("format", wire.FMT_JSON)
+    allowed = values.Allowed.from_hints(getattr(type(actor), info.name))
+    args, kwargs = wire.parse_call_body(message["body"], fmt, allowed)
+    if info.device is not None:
+        args, kwargs = values.to_device([args, kwargs], info.device)
+    return args, kwargs
+
+
+STREAM_FRAMES = ("stream", "step", "close")
+
+
+class RankStream:
+    """The streaming call open on a rank other than 0 (one at most: a stream holds the order).
+    Its generator takes one step per item of rank 0's and is closed when rank 0 closes its own,
+    so collectives inside the generator meet step by step, and a caller that leaves early
+    stops every rank at the same item."""
+
+    def __init__(self) -> None:
+        self.items: Items | None = None
+        self.session: str | None = None
+
+    async def handle(
+        self, kind: str, actor: Any, endpoints: dict, message: dict[str, Any]
+    ) -> str | None:
+        if kind == "close":
+            await self.close()
+            return None
+        if kind == "stream":
+            await self.close()
+            info = endpoints[message["endpoint"]]
+            args, kwargs = _arguments(actor, info, message)
+            self.session = message.get("session")
+            self.items = Items(getattr(actor, info.name)(*args, **kwargs), info.is_async)
+            return None
+        if self.items is None:
+            raise GangError("a step of a stream that is not open")
+        token = SESSION.set(self.session)
+        try:
+            await self.items.next()
+            return ITEM
+        except StopAsyncIteration:
+            return END
+        finally:
+            SESSION.reset(token)
+
+    async def close(self) -> None:
+        items, self.items = self.items, None
+        if items is not None:
+            await items.close()
+
+
+ITEM, END = "item", "end"  # what a rank's step of a stream gave
+
+
 def _too_large(message: dict[str, Any], size: int, limit: int) -> dict[str, Any]:
     error = ValueError(f"the result is {size} bytes, over the limit of {limit} between ranks")
     return {"t": "result", "seq": message.get("seq"), "ok": False, "error": error_of(error)}
@@ -385,3 +484,27 @@ async def _beat(writer: asyncio.StreamWriter) -> None:
     while True:
         writer.write(pack({"t": "beat"}))
         await asyncio.sleep(BEAT_EVERY)
+
+
+def rank_results(
+    outcomes: list[Outcome], all_ranks: bool, allowed: values.Allowed | None = None
+) -> Any:
+    """Rank 0's value, or every rank's in rank order; an error on any rank raises, naming it.
+    Other ranks' values in the binary format are decoded here, with the endpoint's classes."""
+    failed = [r for r, (ok, _) in enumerate(outcomes) if not ok]
+    if not failed:
+        results = [
+            values.decode(bytearray(v), allowed) if isinstance(v, EncodedValue) else v
+            for _, v in outcomes
+        ]
+        return results if all_ranks else results[0]
+    first = outcomes[failed[0]][1]
+    if isinstance(first, BaseException):
+        err = remote(first)
+        kind, message, tb = err.remote_type, err.remote_message, err.traceback
+    else:
+        kind, message, tb = first["type"], first["message"], first.get("traceback")
+    also = ""
+    if len(failed) > 1:
+        also = f" (ranks {', '.join(map(str, failed))} of {len(outcomes)} failed)"
+    raise RemoteError(kind, f"rank {failed[0]} of {len(outcomes)}: {message}{also}", tb)

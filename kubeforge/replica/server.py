@@ -42,13 +42,13 @@ from kubeforge.replica.batching import Batcher
 from kubeforge.replica.gang import (
     EXIT_RANK_LOST,
     FRAME_SLACK,
-    EncodedValue,
     Gang,
-    Outcome,
     invoke,
+    rank_results,
 )
+from kubeforge.replica.gang_stream import GangItems
 from kubeforge.replica.streaming import Call as _Call
-from kubeforge.replica.streaming import ItemStream, encode_result, remote
+from kubeforge.replica.streaming import ItemStream, encode_result, local_items, remote
 from kubeforge.settings import DEFAULTS
 
 log = logging.getLogger("kubeforge.replica")
@@ -163,8 +163,10 @@ class ReplicaServer:
         for name, info in self.endpoints.items():
             if info.batch is not None:
                 size, wait = info.batch
-                fn = getattr(self.actor, name)
-                self.batchers[name] = Batcher(name, fn, info.is_async, size, wait, self._batch)
+                fn, is_async = getattr(self.actor, name), info.is_async
+                if self.gang is not None:  # the batch runs on every rank, in the one order
+                    fn, is_async = functools.partial(self._batch_on_ranks, name, fn), True
+                self.batchers[name] = Batcher(name, fn, is_async, size, wait, self._batch)
         await self.actor.setup()
         if self.gang is not None:
             await self._wait_for_ranks()
@@ -283,7 +285,7 @@ class ReplicaServer:
                 outcomes = await self.gang.submit(
                     "end_session", {"session": sid}, lambda: self.actor.on_session_end(sid)
                 )
-                _rank_results(outcomes, False)
+                rank_results(outcomes, False)
         except Exception:
             log.exception("on_session_end(%r) raised", sid)
         return True
@@ -360,8 +362,11 @@ class ReplicaServer:
         try:
             info, fmt = call.info, call.fmt
             if info.batch is not None:
-                result = await self._batched(call)
-                result = [result] if call.all_ranks else result
+                result = await self._batched(call)  # SPMD: every rank's, in rank order
+                if self.gang is None:
+                    result = [result] if call.all_ranks else result
+                elif not call.all_ranks:
+                    result = result[0]
             elif self.gang is None:
                 result = await self._run(
                     name, info.is_async, call.args, call.kwargs, call.timeout, call.started
@@ -389,11 +394,6 @@ class ReplicaServer:
         """A call that joins its endpoint's next batch, within its own deadline (the batch
         runs on if the caller gives up)."""
         name = call.info.name
-        if self.gang is not None:
-            raise BadRequestError(
-                f"endpoint {name!r} is batched, and batching on an SPMD replica (procs or "
-                "hosts > 1) is not supported yet"
-            )
         batcher = self.batchers[name]
         if batcher.waiting >= self.config.max_queued_requests + batcher.size:
             raise OverloadedError(
@@ -412,6 +412,31 @@ class ReplicaServer:
                 f"endpoint {name!r} did not finish within {call.timeout:g}s (batched)",
                 timeout=call.timeout,
             ) from None
+
+    async def _batch_on_ranks(
+        self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> list[Any]:
+        """An SPMD replica's batch: the method runs on every rank with the same lists (sent in
+        the binary format), and each call's result is every rank's, in rank order."""
+        assert self.gang is not None
+        body = wire.call_body(args, kwargs, wire.FMT_BINARY).tobytes()
+        fields = {"endpoint": name, "body": body, "format": wire.FMT_BINARY, "all": True}
+        info = self.endpoints[name]
+        work = self.gang.submit("call", fields, lambda: invoke(fn, info.is_async, args, kwargs))
+        per_rank = rank_results(await asyncio.shield(work), True, self.allowed[name])
+        if not isinstance(per_rank[0], list | tuple):
+            return per_rank[0]  # the batcher's own check says why that is wrong
+        for rank, results in enumerate(per_rank[1:], 1):
+            if not isinstance(results, list | tuple) or len(results) != len(per_rank[0]):
+                raise RemoteError(
+                    "TypeError",
+                    f"batched endpoint {name!r} returned {len(per_rank[0])} results on rank 0 "
+                    f"but not on rank {rank}: every rank must return one result per call",
+                )
+        return [
+            own if isinstance(own, BaseException) else [own, *(r[i] for r in per_rank[1:])]
+            for i, own in enumerate(per_rank[0])
+        ]
 
     async def _batch(self, run: Callable[[], Awaitable[Any]]) -> Any:
         """One batch: a single slot of the replica's concurrency, whatever its size."""
@@ -432,17 +457,16 @@ class ReplicaServer:
         go out as they come, and an error ends the stream in a frame of its own."""
         call = self._admit(req, name, streaming=True)
         try:
-            if self.gang is not None:
-                raise BadRequestError(
-                    f"endpoint {name!r} streams, and streaming on an SPMD replica (procs or "
-                    "hosts > 1) is not supported yet: call a non-streaming endpoint"
-                )
             await self.admission.acquire(call.timeout)
         except BaseException:
             self._done(call, False)
             raise
+        fn = getattr(self.actor, name)
+        gang = self.gang
         run = ItemStream(
-            getattr(self.actor, name),
+            local_items(fn, call)
+            if gang is None
+            else functools.partial(GangItems.open, gang, fn, call, req.body),
             call,
             self.config.stream_idle_timeout,
             lambda ok: (self.admission.release(), self._done(call, ok)),
@@ -540,7 +564,7 @@ class ReplicaServer:
                 f"{timeout:g}s",
                 timeout=timeout,
             ) from None
-        return _rank_results(outcomes, all_ranks, self.allowed[name])
+        return rank_results(outcomes, all_ranks, self.allowed[name])
 
     def _taking_calls(self) -> bool:
         """Ready, not draining, and (SPMD) every rank heard from lately: a rank that stops
@@ -621,30 +645,6 @@ def _rank_lost(why: str) -> None:
     log.error("%s; stopping every rank of this replica so they restart together", why)
     logging.shutdown()
     os._exit(EXIT_RANK_LOST)
-
-
-def _rank_results(
-    outcomes: list[Outcome], all_ranks: bool, allowed: values.Allowed | None = None
-) -> Any:
-    """Rank 0's value, or every rank's in rank order; an error on any rank raises, naming it.
-    Other ranks' values in the binary format are decoded here, with the endpoint's classes."""
-    failed = [r for r, (ok, _) in enumerate(outcomes) if not ok]
-    if not failed:
-        results = [
-            values.decode(bytearray(v), allowed) if isinstance(v, EncodedValue) else v
-            for _, v in outcomes
-        ]
-        return results if all_ranks else results[0]
-    first = outcomes[failed[0]][1]
-    if isinstance(first, BaseException):
-        err = remote(first)
-        kind, message, tb = err.remote_type, err.remote_message, err.traceback
-    else:
-        kind, message, tb = first["type"], first["message"], first.get("traceback")
-    also = ""
-    if len(failed) > 1:
-        also = f" (ranks {', '.join(map(str, failed))} of {len(outcomes)} failed)"
-    raise RemoteError(kind, f"rank {failed[0]} of {len(outcomes)}: {message}{also}", tb)
 
 
 def _by_name(

@@ -15,7 +15,7 @@ import asyncio
 import contextvars
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,7 @@ def _next_or_stop(gen: Any) -> Any:
         return _STOP
 
 
-class _Items:
+class Items:
     """One interface over async and sync generators; a sync one steps in a worker thread, so
     a slow step cannot stall the replica's health checks."""
 
@@ -105,6 +105,18 @@ class _Items:
             await asyncio.get_running_loop().run_in_executor(None, self.gen.close)
 
 
+def local_items(fn: Callable[..., Any], call: Call) -> Callable[[], Awaitable[Items]]:
+    """The generator of a replica of one process, made when the stream starts."""
+
+    async def open_items() -> Items:
+        try:
+            return Items(fn(*call.args, **call.kwargs), call.info.is_async)
+        except TypeError as exc:  # binding happens at call time, before the body runs
+            raise InvalidArgumentsError(f"TypeError: {exc}") from None
+
+    return open_items
+
+
 class ItemStream:
     """The producer side of one streaming call. `start()` resolves when the answer's head
     can go: to None once the first item (or the end) is fed, or to the error a call would
@@ -112,12 +124,12 @@ class ItemStream:
 
     def __init__(
         self,
-        fn: Callable[..., Any],
+        open_items: Callable[[], Awaitable[Any]],
         call: Call,
         idle_timeout: float,
         done: Callable[[bool], Any],
     ) -> None:
-        self.fn = fn
+        self.open_items = open_items  # -> Items (or an SPMD replica's, stepped on every rank)
         self.call = call
         self.idle_timeout = idle_timeout
         self.done = done
@@ -168,12 +180,20 @@ class ItemStream:
         name = call.info.name
         deadline = call.started + call.timeout
         ok = False
-        items: _Items | None = None
+        items: Items | None = None
         try:
+            opening = asyncio.timeout(deadline - time.monotonic())
             try:
-                items = _Items(self.fn(*call.args, **call.kwargs), call.info.is_async)
-            except TypeError as exc:  # binding happens at call time, before the body runs
-                raise InvalidArgumentsError(f"TypeError: {exc}") from None
+                async with opening:
+                    items = await self.open_items()
+            except TimeoutError:
+                if not opening.expired():
+                    raise
+                raise RequestTimeoutError(
+                    f"endpoint {name!r} did not start its stream within {call.timeout:g}s "
+                    "(the calls before it on this SPMD replica took that long)",
+                    timeout=call.timeout,
+                ) from None
             while True:
                 left = deadline - time.monotonic()
                 idle = self.items > 0 and self.idle_timeout < left
