@@ -123,6 +123,8 @@ class Gang:
         self._next_seq = 0
         self._waiting: dict[int, dict[int, asyncio.Future[Outcome]]] = {}
         self._tail: asyncio.Future[None] | None = None
+        # Resolves once every frame that waits for its turn has gone out (see submit).
+        self._gate: asyncio.Future[None] | None = None
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -155,15 +157,21 @@ class Gang:
     def submit(
         self, kind: str, fields: dict[str, Any], local: Callable[[], Awaitable[Any]]
     ) -> asyncio.Task[list[Outcome]]:
-        """Give the next place in the order to one call: when the calls before it are done,
-        every rank gets it and runs it; `local` is rank 0's own share. Once submitted, a call
-        runs on every rank even if its caller stops waiting: skipping it on some ranks only
-        would break the order. (Frames go out at the call's turn, not before, so that a stream
-        holding the order has no call slip between its steps on the other ranks.)"""
+        """Give the next place in the order to one call: every rank gets it and runs it after
+        the calls before it; `local` is rank 0's own share. Once submitted, a call runs on every
+        rank even if its caller stops waiting: skipping it on some ranks only would break the
+        order. The frame goes out at once, so that the other ranks can start early, unless a
+        stream holds the order or waits for it: then at the call's turn, so that no call slips
+        between a stream's steps on the other ranks."""
         loop = asyncio.get_running_loop()
         before, mine = self._tail, loop.create_future()
         self._tail = mine
-        return loop.create_task(self._complete(kind, fields, before, mine, local))
+        sent = None
+        if self._gate is None or self._gate.done():
+            sent = self._send(kind, fields)
+        else:  # frames go out in the order of turns: later calls wait for this one's
+            self._gate = loop.create_future()
+        return loop.create_task(self._complete(kind, fields, before, mine, local, sent, self._gate))
 
     async def _complete(
         self,
@@ -172,18 +180,23 @@ class Gang:
         before: asyncio.Future[None] | None,
         mine: asyncio.Future[None],
         local: Callable[[], Awaitable[Any]],
+        sent: tuple[int, dict[int, asyncio.Future[Outcome]]] | None,
+        gate: asyncio.Future[None] | None,
     ) -> list[Outcome]:
         try:
             if before is not None:
                 await before
-            seq, waiting = self._send(kind, fields)
+            if sent is None:
+                sent = self._send(kind, fields)
+                if gate is not None and not gate.done():
+                    gate.set_result(None)
             try:
                 own: Outcome = (True, await local())
             except Exception as exc:
                 own = (False, exc)
         finally:
             mine.set_result(None)
-        return [own, *await self._gather(seq, waiting)]
+        return [own, *await self._gather(*sent)]
 
     async def take_turn(self) -> Callable[[], None]:
         """The order to oneself until the returned function is called: a stream holds it from
@@ -191,7 +204,7 @@ class Gang:
         that stops waiting passes its place on when its turn comes."""
         loop = asyncio.get_running_loop()
         before, mine = self._tail, loop.create_future()
-        self._tail = mine
+        self._tail = self._gate = mine
 
         def release(_: object = None) -> None:
             if not mine.done():
