@@ -302,8 +302,13 @@ def _operator(ns: argparse.Namespace) -> int:
     from kubeforge.operator import handlers  # noqa: F401 - registers the handlers
 
     namespaces = [] if ns.all_namespaces else (ns.namespace or ["default"])
+    settings = kopf.OperatorSettings()
+    # An operator of named namespaces scans nothing cluster-wide (resource definitions,
+    # namespaces): a namespaced install grants it nothing outside its namespaces.
+    settings.scanning.disabled = not ns.all_namespaces
     _asyncio.run(
         kopf.operator(
+            settings=settings,
             standalone=True,
             clusterwide=ns.all_namespaces,
             namespaces=namespaces,

@@ -8,7 +8,7 @@ import yaml
 
 from kubeforge.contract import GROUP, PLURAL
 
-OPERATOR_RULES: list[dict[str, Any]] = [
+NAMESPACE_RULES: list[dict[str, Any]] = [
     # The resource it reconciles: watched, annotated by kopf (progress), status written.
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
@@ -36,13 +36,19 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
     # What it does, as Events on the Service.
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
-    # kopf discovers the resource's definition.
+]
+
+# Cluster-wide only: kopf watches resource definitions, so that a CRD installed after the
+# operator is found. An operator of named namespaces needs nothing beyond them (it does not
+# scan), so a namespaced install ships NAMESPACE_RULES alone, as a Role in each namespace.
+CLUSTER_RULES: list[dict[str, Any]] = [
     {
         "apiGroups": ["apiextensions.k8s.io"],
         "resources": ["customresourcedefinitions"],
         "verbs": ["list", "watch"],
     },
 ]
+OPERATOR_RULES = [*NAMESPACE_RULES, *CLUSTER_RULES]
 
 NAMESPACE = "kubeforge-system"
 NAME = "kubeforge-operator"
@@ -82,6 +88,8 @@ def deploy_manifest() -> str:
 
 
 def chart_rules() -> str:
-    """The rules block the chart's ClusterRole template includes."""
+    """The rules the chart's templates include: `rules` for its ClusterRole (an operator of
+    every namespace), `namespaceRules` for the Role in each namespace of a namespaced one."""
     header = "# Generated from kubeforge/operator/rbac.py by `make crds`. Do not edit.\n"
-    return header + yaml.safe_dump({"rules": OPERATOR_RULES}, sort_keys=False, width=100)
+    rules = {"rules": OPERATOR_RULES, "namespaceRules": NAMESPACE_RULES}
+    return header + yaml.safe_dump(rules, sort_keys=False, width=100)

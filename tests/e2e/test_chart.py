@@ -13,6 +13,7 @@ import yaml
 
 from kubeforge.crd import CRD_NAME
 from kubeforge.dashboard import dashboard
+from kubeforge.operator.rbac import NAMESPACE_RULES
 from tests.e2e.test_cluster import wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -82,6 +83,18 @@ def test_chart_renders_with_several_values_sets(cluster: Any) -> None:
     ][0]
     assert c["args"][:2] == ["--namespace=team-a", "--namespace=team-b"]
     assert c["image"] == "kubeforge:v9"
+    # Named namespaces: a Role and RoleBinding in each, nothing cluster-wide.
+    assert kinds(scoped) == sorted(
+        ["CustomResourceDefinition", "Deployment", "ServiceAccount"] + ["Role", "RoleBinding"] * 2
+    )
+    roles = {d["metadata"]["namespace"]: d for d in scoped if d["kind"] == "Role"}
+    assert sorted(roles) == ["team-a", "team-b"]
+    assert roles["team-a"]["rules"] == NAMESPACE_RULES
+    assert not any("apiextensions.k8s.io" in r["apiGroups"] for r in roles["team-a"]["rules"])
+    binding = next(d for d in scoped if d["kind"] == "RoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kf-operator", "namespace": "kf-system"}
+    ]
     rules = next(d for d in default if d["kind"] == "ClusterRole")["rules"]
     shipped = yaml.safe_load_all((REPO / "deploy" / "operator-rbac.yaml").read_text())
     assert rules == next(d for d in shipped if d["kind"] == "ClusterRole")["rules"]
@@ -217,3 +230,84 @@ def test_helm_install_runs_the_operator_and_uninstall_cleans_up(
     assert "kf-operator" not in cluster_scoped
     # The CRD stays, as documented: deleting it would delete every Service in the cluster.
     assert cluster.kubectl("get", "crd", "services.kubeforge.dev", check=False).returncode == 0
+
+
+@pytest.mark.process_node
+def test_a_namespaced_install_reconciles_its_namespace_and_has_no_access_elsewhere(
+    cluster: Any, namespace: str
+) -> None:
+    """`operator.namespaces` installs the operator for one namespace with a Role there: it
+    reconciles a Service in that namespace, leaves one elsewhere alone, and its account may do
+    nothing outside the namespace (the API server says so, not the chart)."""
+    release, system, other = "kfns", "kfns-system", f"{namespace}-other"
+    crd = REPO / "crds" / f"{CRD_NAME}.yaml"  # the cluster's admin installs it (crds.create=false)
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    for ns in (system, other):
+        if cluster.kubectl("get", "namespace", ns, check=False).returncode != 0:
+            cluster.kubectl("create", "namespace", ns)
+    helm(
+        cluster,
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        system,
+        "--set",
+        f"operator.namespaces={{{namespace}}}",
+        "--set",
+        "crds.create=false",
+        "--wait",
+        "--timeout",
+        "120s",
+    )
+    account = f"system:serviceaccount:{system}:{release}-operator"
+    try:
+        for ns in (namespace, other):
+            doc = {
+                "apiVersion": "kubeforge.dev/v1alpha1",
+                "kind": "Service",
+                "metadata": {"name": "scoped"},
+                "spec": {"replicas": 1, "actor": "examples.counter:Counter"},
+            }
+            cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+
+        def status(ns: str) -> dict[str, Any]:
+            out = cluster.kubectl("get", "fsvc", "scoped", "-n", ns, "-o", "json").stdout
+            return json.loads(out).get("status", {})
+
+        wait_for(lambda: status(namespace).get("readyReplicas") == 1, 90)
+        # By now the other namespace's Service would long have had pods and a status.
+        assert status(other) == {}
+        pods = cluster.kubectl("get", "pods", "-n", other, "-o", "name").stdout
+        assert pods.strip() == ""
+
+        def can(*argv: str) -> bool:
+            done = cluster.kubectl("auth", "can-i", *argv, f"--as={account}", check=False)
+            return done.stdout.strip() == "yes"
+
+        assert can("create", "pods", "-n", namespace)
+        assert can("patch", "services.kubeforge.dev", "-n", namespace)
+        for argv in (
+            ("create", "pods", "-n", other),
+            ("list", "services.kubeforge.dev", "-n", other),
+            ("list", "pods", "--all-namespaces"),
+            ("list", "customresourcedefinitions"),
+            ("create", "secrets", "-n", system),
+            ("list", "nodes"),
+        ):
+            assert not can(*argv), f"{account} may {' '.join(argv)}"
+        cluster_scoped = cluster.kubectl(
+            "get", "clusterroles,clusterrolebindings", "-o", "name"
+        ).stdout
+        assert f"{release}-operator" not in cluster_scoped
+        pod = cluster.kubectl(
+            "get", "pods", "-n", system, "-l", "app.kubernetes.io/component=operator", "-o", "name"
+        ).stdout.split()[0]
+        logs = cluster.pod_log(system, pod.removeprefix("pod/"))
+        assert "forbidden" not in logs.lower(), logs[-3000:]  # nothing it tried was refused
+    finally:
+        for ns in (namespace, other):  # the operator removes its finalizer before it goes
+            cluster.kubectl("delete", "fsvc", "scoped", "-n", ns, "--timeout=60s", check=False)
+        helm(cluster, "uninstall", release, "-n", system, "--wait", "--timeout", "120s")
+        cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
