@@ -103,6 +103,24 @@ class ControlPlane:
         self.pki = Pki(self.root / "pki")
         self.admin = self.pki.issue("admin", "kubeforge-e2e-admin", "system:masters")
         self.kubeconfig = self.root / "admin.kubeconfig"
+        # Every request a service account makes (operators, routers), one JSON line each: what
+        # the e2e tier's RBAC audit compares with what the accounts are granted.
+        self.audit_log = self.root / "audit.log"
+
+    def _audit_policy(self) -> Path:
+        """Metadata (who, verb, resource, answer) of service accounts' requests; nothing else."""
+        path = self.root / "audit-policy.yaml"
+        policy = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [
+                {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+                {"level": "None"},
+            ],
+        }
+        path.write_text(yaml.safe_dump(policy))
+        return path
 
     # processes ----------------------------------------------------------------------------
 
@@ -239,6 +257,12 @@ class ControlPlane:
                 "--enable-priority-and-fairness=false",
                 "--endpoint-reconciler-type",
                 "none",
+                "--audit-policy-file",
+                str(self._audit_policy()),
+                "--audit-log-path",
+                str(self.audit_log),
+                "--audit-log-format",
+                "json",
             ],
         )
         self._wait(

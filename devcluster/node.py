@@ -2,7 +2,7 @@
 
 Each pod gets its own loopback address (127.0.0.x, passed as KUBEFORGE_BIND_HOST and reported
 as the pod IP), every container's command/args run as a process with the pod's environment,
-httpGet probes decide readiness and liveness, exits are restarted with back-off per
+httpGet probes decide start-up, readiness and liveness, exits are restarted with back-off per
 restartPolicy, and deletion sends SIGTERM, waits the grace period, then SIGKILL. Images are not
 pulled: containers run with this repo's Python environment. Pods with a service account get a
 token from the TokenRequest API in a per-pod kubeconfig (KUBECONFIG), so in-pod clients act as
@@ -434,23 +434,31 @@ class ProcessNode:
     async def _probe(self, run: PodRun, c: Container) -> None:
         spec = c.spec
         readiness, liveness = spec.readiness_probe, spec.liveness_probe
+        startup = spec.startup_probe
         if readiness is None:
             c.ready = True
             await self._report(run)
         start = asyncio.get_running_loop().time()
-        period = (
-            min((p.period_seconds or 10) for p in (readiness, liveness) if p)
-            if (readiness or liveness)
-            else None
-        )
-        if period is None:
+        probes = [p for p in (startup, readiness, liveness) if p]
+        if not probes:
             return
-        period = min(period, 1)  # tests do not wait 10 s for a first look
-        live_fail = 0
+        period = min(min(p.period_seconds or 10 for p in probes), 1)  # tests do not wait 10 s
+        live_fail = startup_fail = 0
         while True:
             await asyncio.sleep(period)
             if self.frozen:
                 continue
+            if startup is not None:  # as the kubelet: the other probes wait until it passes
+                if await self._http_probe(run, spec, startup):
+                    startup, start = None, asyncio.get_running_loop().time()
+                else:
+                    startup_fail += 1
+                    if startup_fail >= (startup.failure_threshold or 3) and c.proc:
+                        log.info("%s/%s: startup probe failed, restarting", run.name, spec.name)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(c.proc.pid, signal.SIGKILL)
+                        return
+                    continue
             elapsed = asyncio.get_running_loop().time() - start
             if readiness is not None and elapsed >= (readiness.initial_delay_seconds or 0):
                 ok = await self._http_probe(run, spec, readiness)

@@ -108,11 +108,40 @@ def _rank_env(spec: ServiceSpec) -> list[dict[str, Any]]:
     ]
 
 
+def probes() -> dict[str, Any]:
+    """The kubelet's probes of a replica or router container. Readiness answers fast either way
+    (a 503 says at once that it takes no calls); liveness restarts a process only after it has
+    not answered for 30 s, and waits until it has bound its port (up to 2 min: importing torch
+    on a busy node takes long). A probe that merely waits for a CPU is no failure: on a node
+    whose cores are all busy (2 cores, 8 torch processes in the kind lane) tighter probes
+    killed replicas that were starting, and took healthy ones out of rotation."""
+    http = {"port": "http"}
+    return {
+        "startupProbe": {
+            "httpGet": {"path": HEALTHZ, **http},
+            "periodSeconds": 1,
+            "timeoutSeconds": 5,
+            "failureThreshold": 120,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": READYZ, **http},
+            "periodSeconds": 2,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": HEALTHZ, **http},
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+    }
+
+
 def replica_container(spec: ServiceSpec, service: str) -> dict[str, Any]:
     resources = json.loads(json.dumps(spec.resources or {}))
     if spec.gpus_per_replica:  # split evenly over the group's pods (the schema says it can be)
         resources.setdefault("limits", {})[GPU] = spec.gpus_per_replica // spec.hosts
-    probe = {"periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 3}
     return {
         "name": "replica",
         "image": spec.image or REPLICA_IMAGE,
@@ -141,12 +170,7 @@ def replica_container(spec: ServiceSpec, service: str) -> dict[str, Any]:
             *spec.env,
         ],
         "ports": [{"name": "http", "containerPort": REPLICA_PORT}],
-        "readinessProbe": {"httpGet": {"path": READYZ, "port": "http"}, **probe},
-        "livenessProbe": {
-            "httpGet": {"path": HEALTHZ, "port": "http"},
-            "initialDelaySeconds": 5,
-            **probe,
-        },
+        **probes(),
         "resources": resources,
         # Actor code may write where it likes (caches, /tmp): the root stays writable here.
         "securityContext": CONTAINER_SECURITY,
@@ -219,7 +243,7 @@ def replica_pod(
     if host:
         spec = json.loads(json.dumps(spec))
         container = spec["containers"][0]
-        for key in ("ports", "readinessProbe", "livenessProbe"):
+        for key in ("ports", "startupProbe", "readinessProbe", "livenessProbe"):
             container.pop(key, None)
         pinned = {ranks.MASTER_ADDR: leader_ip, ranks.HOST_INDEX: str(host)}
         container["env"] = [
@@ -275,8 +299,7 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
             },
         ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
-        "readinessProbe": {"httpGet": {"path": READYZ, "port": "http"}, "periodSeconds": 2},
-        "livenessProbe": {"httpGet": {"path": HEALTHZ, "port": "http"}, "periodSeconds": 5},
+        **probes(),
         "resources": spec.router.resources or {},
         "securityContext": {**CONTAINER_SECURITY, "readOnlyRootFilesystem": True},
     }
@@ -317,9 +340,10 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 ROUTER_RULES = [
-    # Discovery: the Service's replica pods, and the resource's router settings.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch"]},
+    # Discovery: the Service's replica pods (listed, then watched), and the resource's router
+    # settings (watched). Exactly what tests/e2e/test_rbac_audit.py sees routers use.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["watch"]},
     # Live metrics and healthyReplicas into the resource's status (nothing else in it).
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
 ]

@@ -59,6 +59,11 @@ class ExternalCluster:
         subprocess.run([docker, "exec", node, "sh", "-c", script], check=True, timeout=30)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `after_all` (the RBAC audit) run after every other test of the tier."""
+    items.sort(key=lambda item: item.get_closest_marker("after_all") is not None)
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster | ExternalCluster]:
     external = os.environ.get("KUBEFORGE_E2E_KUBECONFIG")

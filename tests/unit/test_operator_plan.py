@@ -220,6 +220,13 @@ def test_replica_pod_manifest() -> None:
     assert c["args"][:2] == ["--actor", "examples.counter:Counter"]
     assert c["resources"]["limits"][GPU] == 1
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Liveness waits for the port (startupProbe: 2 min) and then for 30 s of silence, and no
+    # probe fails a process for waiting on a busy CPU for less than 5 s.
+    startup, live = c["startupProbe"], c["livenessProbe"]
+    assert startup["httpGet"]["path"] == live["httpGet"]["path"] == "/healthz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    assert live["periodSeconds"] * live["failureThreshold"] >= 30
+    assert min(p["timeoutSeconds"] for p in (startup, live, c["readinessProbe"])) >= 5
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["nodeSelector"] == {"gpu": "h100"}
 

@@ -1,0 +1,50 @@
+"""The RBAC audit's reading of audit log lines (tests/e2e/rbac_audit.py)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.e2e.rbac_audit import describe, granted, of_users, used
+
+
+def line(
+    user: str, verb: str, resource: str, group: str = "", sub: str = "", code: int = 200
+) -> str:
+    ref = {"resource": resource, "apiGroup": group, **({"subresource": sub} if sub else {})}
+    if not group:
+        del ref["apiGroup"]  # the core group has none in the log
+    event = {"user": {"username": user}, "verb": verb, "objectRef": ref}
+    return json.dumps({**event, "responseStatus": {"code": code}})
+
+
+def test_requests_are_grouped_by_user_with_subresources_and_discovery_left_out() -> None:
+    lines = [
+        line("system:serviceaccount:a:x-router", "watch", "pods"),
+        line("system:serviceaccount:a:x-router", "patch", "services", "kubeforge.dev", "status"),
+        line("system:serviceaccount:b:y-router", "list", "pods"),
+        json.dumps({"user": {"username": "u"}, "verb": "get", "requestURI": "/apis"}),
+        "",
+    ]
+    by_user = used(lines)
+    assert set(by_user) == {"system:serviceaccount:a:x-router", "system:serviceaccount:b:y-router"}
+    routers = of_users(by_user, r"system:serviceaccount:[^:]+:.+-router")
+    assert routers == {
+        ("", "pods", "watch"),
+        ("", "pods", "list"),
+        ("kubeforge.dev", "services/status", "patch"),
+    }
+    assert describe({("", "pods", "list")}) == ["list pods.core"]
+
+
+def test_rules_expand_to_every_group_resource_and_verb() -> None:
+    rules = [{"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]}]
+    assert granted(rules) == {("", "events", "create"), ("events.k8s.io", "events", "create")}
+
+
+def test_an_apply_that_creates_counts_as_create_too() -> None:
+    op = "system:serviceaccount:kubeforge-system:kubeforge-operator"
+    made = used([line(op, "patch", "deployments", "apps", code=201)])[op]
+    assert made == {("apps", "deployments", "patch"), ("apps", "deployments", "create")}
+    assert used([line(op, "patch", "deployments", "apps")])[op] == {
+        ("apps", "deployments", "patch")
+    }
