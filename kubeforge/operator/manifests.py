@@ -214,7 +214,9 @@ def pod_template(body: dict[str, Any]) -> dict[str, Any]:
     pod_spec["tolerations"] = tolerations
     overlay = (spec.pod_template or {}).get("spec", {})
     # The overlay goes under the fields the operator owns: it cannot replace the container.
-    merged = {**{k: v for k, v in overlay.items() if k != "containers"}, **pod_spec}
+    # A replica never calls the API server: no credentials, unless the overlay asks for them.
+    defaults = {"automountServiceAccountToken": False}
+    merged = {**defaults, **{k: v for k, v in overlay.items() if k != "containers"}, **pod_spec}
     return {"labels": _user_labels(body), "annotations": _user_annotations(body), "spec": merged}
 
 

@@ -228,6 +228,7 @@ def test_replica_pod_manifest() -> None:
     assert live["periodSeconds"] * live["failureThreshold"] >= 30
     assert min(p["timeoutSeconds"] for p in (startup, live, c["readinessProbe"])) >= 5
     assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["automountServiceAccountToken"] is False  # no credentials in a replica
     assert spec["nodeSelector"] == {"gpu": "h100"}
 
 
