@@ -454,10 +454,7 @@ class ProcessNode:
                 else:
                     startup_fail += 1
                     if startup_fail >= (startup.failure_threshold or 3) and c.proc:
-                        log.info("%s/%s: startup probe failed, restarting", run.name, spec.name)
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(c.proc.pid, signal.SIGKILL)
-                        return
+                        return self._kill_for(run, c, "startup")
                     continue
             elapsed = asyncio.get_running_loop().time() - start
             if readiness is not None and elapsed >= (readiness.initial_delay_seconds or 0):
@@ -471,10 +468,14 @@ class ProcessNode:
                 else:
                     live_fail += 1
                     if live_fail >= (liveness.failure_threshold or 3) and c.proc:
-                        log.info("%s/%s: liveness failed, restarting", run.name, spec.name)
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(c.proc.pid, signal.SIGKILL)
-                        return
+                        return self._kill_for(run, c, "liveness")
+
+    def _kill_for(self, run: PodRun, c: Container, probe: str) -> None:
+        """A probe failed too often: the container's processes go, and its runner restarts it."""
+        log.info("%s/%s: %s probe failed, restarting", run.name, c.spec.name, probe)
+        assert c.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(c.proc.pid, signal.SIGKILL)
 
     async def _http_probe(self, run: PodRun, spec: Any, probe: Any) -> bool:
         action = probe.http_get

@@ -154,6 +154,16 @@ def adopt_crd(cluster: Any, release: str, namespace: str) -> None:
     )
 
 
+def apply_counter(cluster: Any, namespace: str, name: str, replicas: int) -> None:
+    doc = {
+        "apiVersion": "kubeforge.dev/v1alpha1",
+        "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "actor": "examples.counter:Counter"},
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+
+
 # Installs a release of its own: on kind, its operator would fight the lane's (test_real_node.py
 # checks the lane's release in a `restricted` namespace instead).
 @pytest.mark.process_node
@@ -183,13 +193,7 @@ def test_helm_install_runs_the_operator_and_uninstall_cleans_up(
             "items"
         ]
         assert [p["status"]["phase"] for p in pods] == ["Running"]
-        doc = {
-            "apiVersion": "kubeforge.dev/v1alpha1",
-            "kind": "Service",
-            "metadata": {"name": "viahelm"},
-            "spec": {"replicas": 2, "actor": "examples.counter:Counter"},
-        }
-        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+        apply_counter(cluster, namespace, "viahelm", 2)
 
         def ready() -> bool:
             """the Service reconciled by the chart's operator is Ready"""
@@ -264,13 +268,7 @@ def test_a_namespaced_install_reconciles_its_namespace_and_has_no_access_elsewhe
     account = f"system:serviceaccount:{system}:{release}-operator"
     try:
         for ns in (namespace, other):
-            doc = {
-                "apiVersion": "kubeforge.dev/v1alpha1",
-                "kind": "Service",
-                "metadata": {"name": "scoped"},
-                "spec": {"replicas": 1, "actor": "examples.counter:Counter"},
-            }
-            cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+            apply_counter(cluster, ns, "scoped", 1)
 
         def status(ns: str) -> dict[str, Any]:
             out = cluster.kubectl("get", "fsvc", "scoped", "-n", ns, "-o", "json").stdout
