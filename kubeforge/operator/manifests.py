@@ -341,14 +341,19 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
     return [deployment, svc]
 
 
-ROUTER_RULES = [
-    # Discovery: the Service's replica pods (listed, then watched), and the resource's router
-    # settings (watched). Exactly what tests/e2e/test_rbac_audit.py sees routers use.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["watch"]},
-    # Live metrics and healthyReplicas into the resource's status (nothing else in it).
-    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
-]
+def router_rules(service: str) -> list[dict[str, Any]]:
+    """What a Service's routers may do, and no more: exactly what tests/e2e/test_rbac_audit.py
+    sees routers use. Their own Service only: its watch names it in a field selector, which
+    RBAC checks against resourceNames as it does a name in the path."""
+    own = {"resourceNames": [service]}
+    return [
+        # Discovery: the replica pods (listed, then watched; pods are selected by label, which
+        # RBAC cannot restrict), and the resource's router settings (watched).
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+        {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["watch"], **own},
+        # Live metrics and healthyReplicas into the resource's status (nothing else in it).
+        {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"], **own},
+    ]
 
 
 def router_identity(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -366,7 +371,7 @@ def router_identity(body: dict[str, Any]) -> list[dict[str, Any]]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": meta,
-            "rules": ROUTER_RULES,
+            "rules": router_rules(service),
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",

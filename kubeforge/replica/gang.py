@@ -11,6 +11,10 @@ Frames are an 8-byte length and a msgpack map; the actor's arguments travel as t
 body bytes, so nothing is decoded twice on rank 0 and nothing is ever unpickled. A rank
 connection that closes means a lost rank: rank 0 then exits so that its launcher restarts the
 whole replica (collectives cannot recover from a missing peer).
+
+A streaming call holds the order from its opening to its close: a `stream` frame makes the
+generator on every rank, each `step` frame advances every rank's by one item, and `close` ends
+them (rank 0's side is gang_stream.py, the other ranks' `RankStream`).
 """
 
 from __future__ import annotations

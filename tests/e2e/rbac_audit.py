@@ -22,9 +22,21 @@ def granted(rules: Iterable[dict[str, Any]]) -> set[Permission]:
     }
 
 
-def used(lines: Iterable[str]) -> dict[str, set[Permission]]:
-    """Per user, every request made on a resource, refused ones included (discovery and other
-    non-resource URLs need no rule and are left out)."""
+def refused(lines: Iterable[str]) -> dict[str, set[Permission]]:
+    """Per user, what RBAC refused and never allowed. A refusal that a later request of the same
+    kind overcame is a race (a pod that started before its RoleBinding); one that never was is
+    a missing grant, or a grant that names other resources (resourceNames)."""
+    lines = list(lines)
+    denied, allowed = used(lines, "forbid"), used(lines, "allow")
+    return {
+        user: left for user, done in denied.items() if (left := done - allowed.get(user, set()))
+    }
+
+
+def used(lines: Iterable[str], decision: str | None = None) -> dict[str, set[Permission]]:
+    """Per user, every request made on a resource, refused ones included, or those with the
+    authorizer's `decision` ("allow", "forbid") alone. Discovery and other non-resource URLs
+    need no rule and are left out."""
     out: dict[str, set[Permission]] = {}
     for line in lines:
         if not line.strip():
@@ -33,11 +45,16 @@ def used(lines: Iterable[str]) -> dict[str, set[Permission]]:
         ref = event.get("objectRef")
         if not ref or "resource" not in ref:
             continue
+        code = event.get("responseStatus", {}).get("code")
+        # The authorizer's own verdict: a 403 from admission (a namespace being deleted) is not.
+        verdict = event.get("annotations", {}).get("authorization.k8s.io/decision")
+        if decision is not None and verdict != decision:
+            continue
         resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
         user = event["user"]["username"]
         done = out.setdefault(user, set())
         done.add((ref.get("apiGroup", ""), resource, event["verb"]))
-        if event["verb"] == "patch" and event.get("responseStatus", {}).get("code") == 201:
+        if event["verb"] == "patch" and code == 201:
             # A server-side apply that made the object: RBAC asked for `create` as well.
             done.add((ref.get("apiGroup", ""), resource, "create"))
     return out

@@ -207,6 +207,19 @@ def test_drifted_or_deleted_children_are_restored_at_once(
 
     wait_for(restored, 10, interval=0.1)
     print(f"children restored after {time.monotonic() - started:.2f}s")
+    # The router's Role reaches its own Service only (the API server's answer, not ours).
+    router = f"--as=system:serviceaccount:{namespace}:{name}"
+
+    def may(verb: str, what: str, *sub: str) -> bool:
+        argv = ["auth", "can-i", verb, what, "-n", namespace, router, *sub]
+        return cluster.kubectl(*argv, check=False).stdout.strip() == "yes"
+
+    assert may("watch", "services.kubeforge.dev/kids")
+    assert may("patch", "services.kubeforge.dev/kids", "--subresource=status")
+    assert not may("watch", "services.kubeforge.dev/other")
+    assert not may("patch", "services.kubeforge.dev/other", "--subresource=status")
+    assert not may("patch", "services.kubeforge.dev/kids")  # its spec is not the router's
+    assert not may("get", "secrets")
 
 
 def test_changed_args_roll_out_one_replica_at_a_time(

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from kubeforge.operator.manifests import ROUTER_RULES
+from kubeforge.operator.manifests import router_rules
 from kubeforge.operator.rbac import NAMESPACE_RULES, OPERATOR_RULES
-from tests.e2e.rbac_audit import describe, granted, of_users, used
+from tests.e2e.rbac_audit import describe, granted, of_users, refused, used
 
 pytestmark = [pytest.mark.process_node, pytest.mark.after_all]
 
@@ -25,13 +25,14 @@ ROUTERS = r"system:serviceaccount:[^:]+:[^:]+-router"
 
 
 def test_the_operator_and_routers_use_exactly_what_they_are_granted(cluster: Any) -> None:
-    by_user = used(cluster.control.audit_log.read_text().splitlines())
+    lines = cluster.control.audit_log.read_text().splitlines()
+    by_user, never_allowed = used(lines), refused(lines)
     operator, routers = of_users(by_user, OPERATOR), of_users(by_user, ROUTERS)
     assert operator and routers, (
         "no request of the operator or of a router in the audit log: this test reads what the "
         "whole e2e tier did, run it with the tier (make e2e)"
     )
-    router_grant = granted(ROUTER_RULES)
+    router_grant = granted(router_rules("any"))  # names aside: what a router may do
     checks = {
         "the operator used what it is not granted": operator - granted(OPERATOR_RULES),
         "the chart's operator used what it is not granted": of_users(by_user, CHART_OPERATOR)
@@ -41,6 +42,8 @@ def test_the_operator_and_routers_use_exactly_what_they_are_granted(cluster: Any
         )
         - granted(NAMESPACE_RULES),
         "a router used what its Role does not grant": routers - router_grant,
+        "RBAC refused the operator, and never allowed it": of_users(never_allowed, OPERATOR),
+        "RBAC refused a router, and never allowed it": of_users(never_allowed, ROUTERS),
         # The operator must hold what it grants routers (RBAC lets nobody grant more than it
         # has), whether or not it uses it itself.
         "the operator is granted what it never used": granted(OPERATOR_RULES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.e2e.rbac_audit import describe, granted, of_users, used
+from tests.e2e.rbac_audit import describe, granted, of_users, refused, used
 
 
 def line(
@@ -14,7 +14,8 @@ def line(
     if not group:
         del ref["apiGroup"]  # the core group has none in the log
     event = {"user": {"username": user}, "verb": verb, "objectRef": ref}
-    return json.dumps({**event, "responseStatus": {"code": code}})
+    verdict = {"authorization.k8s.io/decision": "forbid" if code == 403 else "allow"}
+    return json.dumps({**event, "responseStatus": {"code": code}, "annotations": verdict})
 
 
 def test_requests_are_grouped_by_user_with_subresources_and_discovery_left_out() -> None:
@@ -48,3 +49,18 @@ def test_an_apply_that_creates_counts_as_create_too() -> None:
     assert used([line(op, "patch", "deployments", "apps")])[op] == {
         ("apps", "deployments", "patch")
     }
+
+
+def test_a_refusal_counts_only_when_nothing_of_its_kind_was_ever_allowed() -> None:
+    router = "system:serviceaccount:a:x-router"
+    lines = [
+        line(router, "watch", "services", "kubeforge.dev", code=403),
+        line(router, "list", "pods", code=403),  # before its RoleBinding existed
+        line(router, "list", "pods"),
+    ]
+    assert refused(lines) == {router: {("kubeforge.dev", "services", "watch")}}
+    assert len(used(lines)[router]) == 2
+    # A 403 from admission (a namespace being deleted) is not RBAC's refusal.
+    admission = json.loads(line(router, "create", "events"))
+    admission["responseStatus"]["code"] = 403
+    assert refused([json.dumps(admission)]) == {}
