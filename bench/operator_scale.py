@@ -19,6 +19,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -148,7 +149,8 @@ def main() -> int:
     # 100 Services are 300 pods (2 replicas and a router each): more than a node's usual 110.
     cluster = Cluster(gpus=0, max_pods=400)
     cluster.start(progress=lambda m: print(m, flush=True))
-    log = Path(tempfile.mkdtemp(prefix="kubeforge-bench-")) / "operator.log"
+    workdir = Path(tempfile.mkdtemp(prefix="kubeforge-bench-"))  # removed on the way out
+    log = workdir / "operator.log"
     op: subprocess.Popen[bytes] | None = None
     results: dict[str, object] = {}
     try:
@@ -210,6 +212,7 @@ def main() -> int:
             op.terminate()
             op.wait(15)
         cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
