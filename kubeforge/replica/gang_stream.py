@@ -15,9 +15,9 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from kubeforge.errors import InvalidArgumentsError, RemoteError
+from kubeforge.errors import RemoteError
 from kubeforge.replica.gang import END, Gang, rank_results
-from kubeforge.replica.streaming import Call, Items
+from kubeforge.replica.streaming import Call, Items, local_items
 
 _END = object()
 _closers: set[asyncio.Future[None]] = set()  # closes started by a callback: kept until done
@@ -51,10 +51,7 @@ class GangItems:
         fields = {"endpoint": call.info.name, "body": body, "format": call.fmt, "session": call.sid}
         try:
             outcomes = await gang.exchange("stream", fields)
-            try:
-                local = Items(fn(*call.args, **call.kwargs), call.info.is_async)
-            except TypeError as exc:  # binding happens at call time, before the body runs
-                raise InvalidArgumentsError(f"TypeError: {exc}") from None
+            local = await local_items(fn, call)()  # rank 0's own, made as on any replica
         except BaseException:
             await _finish(gang, release)
             raise
