@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: venv test unit integration e2e e2e-kind images images-test kind-node-image crds k8s-bin cluster-up cluster-down lint bench bench-deps bench-tools bench-smoke clean
+.PHONY: venv test unit integration e2e e2e-kind e2e-repeat images images-test kind-node-image crds k8s-bin cluster-up cluster-down lint bench bench-deps bench-tools bench-smoke clean
 
 # The install builds the router's native relay (relay/, Rust) with cargo: edits there rebuild it.
 $(VENV)/.installed: pyproject.toml kubeforge/contract.toml relay/Cargo.toml relay/Cargo.lock $(wildcard relay/src/*.rs)
@@ -40,6 +40,11 @@ e2e: venv k8s-bin
 # runs and stops it again; leaves no container, network or route behind.
 e2e-kind: venv
 	tests/e2e/kind/lane.sh
+
+# Each e2e tier 5 times in a row from a clean clone of HEAD, with a table of the runs
+# (tests/repeat.sh: RUNS=n, LOAD=1 to keep one core busy meanwhile).
+e2e-repeat:
+	tests/repeat.sh
 
 # kind's node image for the pinned Kubernetes, built without a registry (cached by content).
 kind-node-image:
@@ -93,6 +98,7 @@ RESULTS := bench/results
 bench: bench-tools k8s-bin
 	$(PY) bench/router_overhead.py --connections 4,16,64 --json $(RESULTS)/router_overhead.json
 	$(PY) bench/router_overhead.py --pin --rounds 3 --json $(RESULTS)/router_overhead_pinned.json
+	$(PY) bench/router_overhead.py --tls --connections 16,64 --rounds 3 --json $(RESULTS)/router_overhead_tls.json
 	$(PY) bench/service_calls.py --json $(RESULTS)/service_calls.json
 	$(PY) bench/scale.py --json $(RESULTS)/scale.json
 	$(PY) bench/spmd_calls.py --json $(RESULTS)/spmd_calls.json

@@ -261,6 +261,18 @@ def summary(results: Results) -> str:
             "≤ 2.5x",
             lambda: f"{b['ratio']:.2f}x ({b['call_all_p50_ms']:.2f} vs {b['one_p50_ms']:.2f} ms)",
         )
+        if "floor" in b:  # the same through replicas that run no code: the machine's share
+            f = b["floor"]
+            add(
+                f"call_all to {b['replicas']} floor replicas / one call",
+                "—",
+                lambda: (
+                    f"{f['ratio']:.2f}x ({f['call_all_p50_ms']:.2f} vs {f['one_p50_ms']:.2f} "
+                    f"ms; CPU per call_all: router {f['cpu']['all']['router_cpu_us']:.0f} µs, "
+                    f"each replica {f['cpu']['all']['replicas_cpu_us'] / b['replicas']:.0f} µs "
+                    f"against {b['cpu']['all']['replicas_cpu_us'] / b['replicas']:.0f} µs)"
+                ),
+            )
         ss = s["sessions"]
         add(
             f"routing p50 with {ss['sessions']} sessions / none",

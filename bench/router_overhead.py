@@ -11,6 +11,10 @@ user runs each (the token on, the router's health polling on):
 * kf-router    -- ``python -m kubeforge.router`` over the same replicas;
 * kf-router/s  -- the same router with every call in a session (SESSIONS of them, in turn);
 * nginx/s      -- the same session calls through nginx, sticky by hashing the same header;
+* kf-router+tls, nginx+tls -- with ``--tls``: the same router and nginx over three more
+                  replicas that serve TLS 1.3 with a certificate of a CA made for the run
+                  (kubeforge.tls, as the operator makes one per Service); both verify it and
+                  keep connections alive. The callers' side stays plain, as in a cluster.
 * vllm-router  -- the Rust router from PyPI (``vllm-router``), if installed. It serves these
                   calls through its transparent-proxy fallback (it parses and re-serialises the
                   JSON), a different path from the others: shown for reference, not compared.
@@ -24,7 +28,7 @@ answer or socket error is invalid: its ratios print n/a. ``--pin`` runs the prox
 it takes from the replicas. The peers' versions are printed and in the ``RESULT`` JSON line.
 
 Usage: ``.venv/bin/python bench/router_overhead.py [--duration 10] [--connections 16,64]
-[--rounds 5] [--quick] [--pin] [--threads 1] [--token T | --no-token]``. Needs ``wrk``,
+[--rounds 5] [--quick] [--pin] [--threads 1] [--token T | --no-token] [--tls]``. Needs ``wrk``,
 ``nginx`` and ``haproxy`` on PATH (Debian: ``apt-get install -y wrk nginx-light haproxy``, which
 ``make bench-deps`` does) and optionally ``pip install vllm-router``.
 
@@ -64,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import importlib.metadata
 import importlib.util
 import json
@@ -72,6 +77,7 @@ import re
 import secrets
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -86,6 +92,7 @@ from typing import Any
 
 from figures import CDF_PERCENTILES, add_json_arg, emit, median_curve
 
+from kubeforge import tls
 from kubeforge.local import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,9 +134,32 @@ http {{
             proxy_pass http://replicas;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-        }}
+{proxy_tls}        }}
     }}
 }}
+"""
+
+
+def nginx_conf(tmp: Path, servers: list[str], port: int, proxy_tls: str = "") -> str:
+    """One nginx config for every bench that puts nginx in front of replicas, so a new
+    placeholder cannot leave one of them behind (streams.py once failed on a missing key)."""
+    return NGINX_CONF.format(
+        user="user root;\n" if os.geteuid() == 0 else "",
+        tmp=tmp,
+        servers="\n".join(f"        server {s};" for s in servers),
+        port=port,
+        proxy_tls=proxy_tls,
+    )
+
+
+# nginx to replicas that serve TLS: verified against the run's CA and the Service's name, as
+# the router does; upstream connections kept alive (and TLS sessions reused) as for plain.
+NGINX_TLS = """            proxy_ssl_trusted_certificate {ca};
+            proxy_ssl_verify on;
+            proxy_ssl_name {name};
+            proxy_ssl_server_name on;
+            proxy_ssl_protocols TLSv1.3;
+            proxy_ssl_session_reuse on;
 """
 
 
@@ -192,13 +222,15 @@ class Procs:
         self.env = env
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the proc
         try:
             proc = subprocess.Popen(
                 list(argv),
                 cwd=ROOT,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -236,7 +268,12 @@ class Procs:
             self.stop(name)
 
     def wait_ready(
-        self, name: str, url: str, timeout_s: float, headers: dict[str, str] | None = None
+        self,
+        name: str,
+        url: str,
+        timeout_s: float,
+        headers: dict[str, str] | None = None,
+        context: ssl.SSLContext | None = None,
     ) -> None:
         proc = self.procs[name]
         deadline = time.monotonic() + timeout_s
@@ -249,7 +286,7 @@ class Procs:
                 )
             req = urllib.request.Request(url, headers=headers or {})
             try:
-                with urllib.request.urlopen(req, timeout=1.0) as resp:
+                with urllib.request.urlopen(req, timeout=1.0, context=context) as resp:
                     if resp.status == 200:
                         return
                     last = f"HTTP {resp.status}"
@@ -431,6 +468,62 @@ def measure(
     )
 
 
+def start_tls(
+    procs: Procs,
+    tmp: Path,
+    args: argparse.Namespace,
+    start: Any,
+    nginx_bin: str | None,
+    other_core: list[str],
+    auth: dict[str, str],
+) -> list[tuple[str, list[str]]]:
+    """Three replicas that serve TLS, and the router and nginx in front of them."""
+    pki, name = tmp / "pki", tls.server_name("bench", "local")
+    pki.mkdir()
+    for key, data in tls.issue("bench", "local", datetime.datetime.now(datetime.UTC)).items():
+        (pki / key).write_bytes(data)
+    trust = ssl.create_default_context(cafile=str(pki / tls.KEY_CA))
+    trust.check_hostname = False  # readiness by address; the proxies check the name
+    urls = []
+    for i in range(N_REPLICAS):
+        port = free_port()
+        argv = [sys.executable, "-m", "kubeforge.replica", "--actor", args.actor]
+        argv += ["--port", str(port), "--host", "127.0.0.1"]
+        procs.start(f"tls-replica{i}", [*other_core, *argv], {tls.ENV_DIR: str(pki)})
+        urls.append(f"127.0.0.1:{port}")
+    for i, url in enumerate(urls):
+        procs.wait_ready(
+            f"tls-replica{i}", f"https://{url}/readyz", args.startup_timeout, auth, trust
+        )
+    out = []
+    port = free_port()
+    argv = [sys.executable, "-m", "kubeforge.router", "--port", str(port), "--host", "127.0.0.1"]
+    argv += [a for u in urls for a in ("--replica", f"http://{u}")]
+    argv += ["--tls-server-name", name]
+    procs.env[tls.ENV_DIR] = str(pki)  # the router reads the CA from there (start() has no env)
+    try:
+        url = start("kf-router+tls", [*argv, str(port)], "/readyz")
+    finally:
+        del procs.env[tls.ENV_DIR]
+    if url:
+        out.append(("kf-router+tls", [url]))
+    if nginx_bin is not None:
+        port = free_port()
+        prefix = tmp / "nginx-tls"
+        prefix.mkdir()
+        conf = prefix / "nginx.conf"
+        conf.write_text(
+            nginx_conf(
+                prefix, urls, port, proxy_tls=NGINX_TLS.format(ca=pki / tls.KEY_CA, name=name)
+            ).replace("proxy_pass http://", "proxy_pass https://")
+        )
+        argv_n = [nginx_bin, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"]
+        url = start("nginx+tls", [*argv_n, str(port)], "/readyz")
+        if url:
+            out.append(("nginx+tls", [url]))
+    return out
+
+
 def vllm_router_available() -> bool:
     return (
         importlib.util.find_spec("vllm_router") is not None
@@ -451,6 +544,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, choices=(1, 2), help="wrk threads")
     p.add_argument("--token", default=None, help="the token (default: a random one)")
     p.add_argument("--no-token", action="store_true", help="auth off (not how users run it)")
+    p.add_argument(
+        "--tls", action="store_true", help="also the router and nginx over replicas serving TLS"
+    )
     p.add_argument(
         "--pin", action="store_true", help="proxy on core 0, replicas and wrk on core 1 (taskset)"
     )
@@ -579,7 +675,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return None
 
             servers = [u.removeprefix("http://") for u in replica_urls]
-            user = "user root;\n" if os.geteuid() == 0 else ""
             sessions: list[str] = []
             for name, balance in (("nginx", "least_conn;"), ("nginx/s", HASH_ON_SESSION)):
                 if nginx_bin is None:
@@ -589,14 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prefix = tmp / name.replace("/", "-")
                 prefix.mkdir()
                 conf = prefix / "nginx.conf"
-                conf.write_text(
-                    NGINX_CONF.format(
-                        user=user,
-                        tmp=prefix,
-                        servers="\n".join(f"        server {s};" for s in servers),
-                        port=port,
-                    ).replace("least_conn;", balance)
-                )
+                conf.write_text(nginx_conf(prefix, servers, port).replace("least_conn;", balance))
                 argv_n = [nginx_bin, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"]
                 url = start(name, [*argv_n, str(port)], "/readyz")
                 if url:
@@ -636,6 +724,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         for replica_url in replica_urls:
                             for sid in sessions:
                                 register_session(replica_url, sid, auth)
+            if args.tls:
+                tls_targets = start_tls(procs, tmp, args, start, nginx_bin, other_core, auth)
+                targets += [(n, u, procs.procs[n].pid, script) for n, u in tls_targets]
             if not vllm_router_available():
                 skipped["vllm-router"] = "vllm-router not installed (pip install vllm-router)"
             else:
@@ -771,6 +862,8 @@ def report(
             ),
             "vllm_router_fallback_over_nginx_rps": ratio_of(get("vllm-router", c), get("nginx", c)),
             "router_added_p50_ms": (router.p50_ms - direct.p50_ms if router and direct else None),
+            "router_tls_over_nginx_tls_rps": ratio_of(get("kf-router+tls", c), get("nginx+tls", c)),
+            "router_tls_over_router_rps": ratio_of(get("kf-router+tls", c), router),
         }
         r = ratios[str(c)]
         print(
@@ -781,6 +874,18 @@ def report(
             f"{fmt(r['router_in_sessions_over_nginx_hash_rps'], '.2f')}  "
             f"added p50 {fmt(r['router_added_p50_ms'], '+.2f')} ms"
         )
+        if args.tls:
+            plain, secure = router, get("kf-router+tls", c)
+            cpu = (
+                secure.cpu_us / plain.cpu_us
+                if plain and secure and plain.cpu_us and secure.cpu_us
+                else None
+            )
+            print(
+                f"       TLS: router+tls/router {fmt(r['router_tls_over_router_rps'], '.2f')}  "
+                f"router+tls/nginx+tls {fmt(r['router_tls_over_nginx_tls_rps'], '.2f')}  "
+                f"router CPU per call with TLS {fmt(cpu, '.2f')}x"
+            )
     print("(n/a: a peer is missing, or a point had errors and does not count)")
     out: dict[str, Any] = {
         "request": f"POST {CALL_PATH}",
@@ -790,6 +895,7 @@ def report(
         "wrk_threads": args.threads,
         "auth": bool(args.token),
         "pinned": args.pin,
+        "tls": args.tls,
         "connections": args.conn_list,
         "versions": seen_versions,
         "targets": {

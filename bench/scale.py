@@ -7,7 +7,10 @@ Every figure is printed beside a baseline measured in the same run:
                 and the router's CPU per call (its /proc ticks over the calls it relayed), which
                 should stay flat; the ratio is against 1 replica.
 * broadcast  -- `call_all` to 16 replicas against one call to one replica, both through the
-                router, one at a time on a keep-alive connection: p50 of each and their ratio.
+                router, one at a time on a keep-alive connection: p50 of each and their ratio,
+                and the router's and the replicas' CPU per operation; then the same through
+                16 floor replicas (bench/floor_replica.py: a canned answer, no code), in
+                interleaved rounds: the ratio the machine and the router allow.
 * sessions   -- 100k sessions created through the router: the creation rate, the router's and
                 the replicas' resident memory before and after, and the p50 of calls in a session
                 with 100k live sessions against none.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -34,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +49,15 @@ import aiohttp  # noqa: E402
 import router_overhead as ro  # noqa: E402
 from figures import add_json_arg, emit, percentiles  # noqa: E402
 
-from kubeforge.local import LocalDeployment, ReplicaSet, free_port  # noqa: E402
+from kubeforge.local import (  # noqa: E402
+    LocalDeployment,
+    Processes,
+    ReplicaSet,
+    free_port,
+    free_ports,
+)
+
+FLOOR = ROOT / "bench" / "floor_replica.py"
 
 TOKEN = secrets.token_hex(12)
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -52,10 +65,12 @@ BODY = b'{"args": ["x"], "kwargs": {}}'
 
 
 @contextmanager
-def deployment(replicas: int, poll: str = "200ms") -> Iterator[LocalDeployment]:
+def deployment(
+    replicas: int, poll: str = "200ms", replica_set: Any = None
+) -> Iterator[LocalDeployment]:
     env = {"KUBEFORGE_TOKEN": TOKEN, "KUBEFORGE_LOG_LEVEL": "WARNING"}
     dep = LocalDeployment(
-        ReplicaSet(actor="examples.echo:Echo", replicas=replicas, env=env),
+        replica_set or ReplicaSet(actor="examples.echo:Echo", replicas=replicas, env=env),
         port=free_port(),
         router_flags=["--health-poll-rate", poll],
         env=env,
@@ -126,23 +141,89 @@ def bench_replicas(counts: list[int], duration: int) -> dict[str, Any]:
     return rows
 
 
-def bench_broadcast(replicas: int, calls: int) -> dict[str, Any]:
-    with deployment(replicas) as dep:
-        timed_calls(dep.url, "/v1/call/echo", 20)  # warm the connections
-        timed_calls(dep.url, "/v1/call_all/echo", 20)
-        one_s = sorted(timed_calls(dep.url, "/v1/call/echo", calls))
-        fan_s = sorted(timed_calls(dep.url, "/v1/call_all/echo", calls))
-    one, fan = p50_ms(one_s), p50_ms(fan_s)
-    out = {
-        "replicas": replicas,
-        "one_p50_ms": one,
-        "call_all_p50_ms": fan,
-        "ratio": fan / one,
-        "one_cdf_ms": percentiles([t * 1000 for t in one_s]),
-        "call_all_cdf_ms": percentiles([t * 1000 for t in fan_s]),
-    }
-    print(f"\nbroadcast to {replicas} replicas ({calls} calls each, one at a time)")
-    print(f"  one call p50 {one:.2f} ms, call_all p50 {fan:.2f} ms: {fan / one:.2f}x one call")
+@dataclass
+class FloorSet:
+    """`bench/floor_replica.py` processes in a ReplicaSet's place: canned answers, no code."""
+
+    replicas: int
+    env: dict[str, str]
+    host: str = "127.0.0.1"
+    procs: Processes = field(default_factory=Processes)
+    urls: list[str] = field(default_factory=list)
+
+    def start(self, deadline: float, progress: Any) -> list[str]:
+        for i, port in enumerate(free_ports(self.replicas)):
+            self.urls.append(f"http://{self.host}:{port}")
+            env = {**self.env, "KUBEFORGE_REPLICA_NAME": f"floor-{i}"}
+            self.procs.spawn([str(FLOOR), "--port", str(port)], f"floor-{i}", env)
+        self.procs.wait_ready(self.urls, deadline, "floor replica", progress)
+        return self.urls
+
+    def stop(self, grace: float) -> None:
+        self.procs.stop(grace)
+
+
+def _ticks(pids: list[int]) -> int:
+    """CPU clock ticks (user + system) used so far by these processes and their children."""
+    return sum(sum(ro.tree_cpu_ticks(pid)) for pid in pids)
+
+
+def bench_broadcast(replicas: int, calls: int, rounds: int) -> dict[str, Any]:
+    """One call and `call_all` through the router, to real echo replicas and to floor ones
+    (bench/floor_replica.py), interleaved in `rounds`: the ratio each gets, and the CPU each
+    side spends per operation, which says where the time goes."""
+    env = {"KUBEFORGE_TOKEN": TOKEN, "KUBEFORGE_LOG_LEVEL": "WARNING"}
+    hz = os.sysconf("SC_CLK_TCK")
+    kinds = {"echo": None, "floor": FloorSet(replicas, env)}
+    samples: dict[str, dict[str, list[float]]] = {k: {"one": [], "all": []} for k in kinds}
+    cpu = {k: {op: [0, 0, 0] for op in ("one", "all")} for k in kinds}  # router, replicas, n
+    with contextlib.ExitStack() as stack:
+        deps = {
+            kind: stack.enter_context(deployment(replicas, replica_set=floor))
+            for kind, floor in kinds.items()
+        }
+        for dep in deps.values():
+            timed_calls(dep.url, "/v1/call/echo", 50)  # warm the connections
+            timed_calls(dep.url, "/v1/call_all/echo", 50)
+        for _ in range(rounds):
+            for kind, dep in deps.items():
+                router, reps = dep.router.pids, dep.replica_set.procs.pids
+                for op, path in (("one", "/v1/call/echo"), ("all", "/v1/call_all/echo")):
+                    r0, p0 = _ticks(router), _ticks(reps)
+                    samples[kind][op] += timed_calls(dep.url, path, calls)
+                    acc = cpu[kind][op]
+                    acc[0] += _ticks(router) - r0
+                    acc[1] += _ticks(reps) - p0
+                    acc[2] += calls
+    out: dict[str, Any] = {"replicas": replicas, "rounds": rounds}
+    print(f"\nbroadcast to {replicas} replicas ({rounds} rounds of {calls} calls, one at a time)")
+    for kind in kinds:
+        one, fan = p50_ms(samples[kind]["one"]), p50_ms(samples[kind]["all"])
+        us = {
+            op: {
+                "router_cpu_us": acc[0] / hz / acc[2] * 1e6,
+                "replicas_cpu_us": acc[1] / hz / acc[2] * 1e6,
+            }
+            for op, acc in cpu[kind].items()
+        }
+        row = {
+            "one_p50_ms": one,
+            "call_all_p50_ms": fan,
+            "ratio": fan / one,
+            "one_cdf_ms": percentiles([t * 1000 for t in samples[kind]["one"]]),
+            "call_all_cdf_ms": percentiles([t * 1000 for t in samples[kind]["all"]]),
+            "cpu": us,
+        }
+        print(
+            f"  {kind:>5}: one call p50 {one:.2f} ms, call_all p50 {fan:.2f} ms: "
+            f"{fan / one:.2f}x one call; CPU per call_all: router "
+            f"{us['all']['router_cpu_us']:.0f} µs, replicas {us['all']['replicas_cpu_us']:.0f} "
+            f"µs ({us['all']['replicas_cpu_us'] / replicas:.0f} each)"
+        )
+        if kind == "echo":
+            out.update(row)  # the headline: real replicas
+        else:
+            out["floor"] = row
     return out
 
 
@@ -254,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "replicas": bench_replicas(
             [1, 4] if quick else [1, 2, 4, 8, 16, 32], 1 if quick else ns.duration
         ),
-        "broadcast": bench_broadcast(4 if quick else 16, 20 if quick else 300),
+        "broadcast": bench_broadcast(4 if quick else 16, 20 if quick else 300, 1 if quick else 3),
         "sessions": bench_sessions(500 if quick else 100_000, 20 if quick else 500),
         "detection": bench_detection([0.2] if quick else [0.2, 1.0]),
     }

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
-import os
 import shutil
 import statistics
 import subprocess
@@ -47,7 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from figures import add_json_arg, emit  # noqa: E402
 from peers import ray_started  # noqa: E402
-from router_overhead import NGINX_CONF  # noqa: E402
+from router_overhead import nginx_conf  # noqa: E402
 
 from examples.batched import PER_CALL, PER_ITEM  # noqa: E402
 from kubeforge import ServiceClient, streams  # noqa: E402
@@ -91,12 +90,7 @@ async def nginx_in_front(replica: str) -> AsyncIterator[str]:
     with tempfile.TemporaryDirectory(prefix="kf-streams-nginx-") as tmp:
         port = free_port()
         conf = Path(tmp) / "nginx.conf"
-        text = NGINX_CONF.format(
-            user="user root;\n" if os.geteuid() == 0 else "",
-            tmp=tmp,
-            servers=f"        server {replica.removeprefix('http://')};",
-            port=port,
-        )
+        text = nginx_conf(Path(tmp), [replica.removeprefix("http://")], port)
         conf.write_text(
             text.replace(
                 "proxy_http_version 1.1;",

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,14 @@ class Cluster:
     def kubectl(self, *args: str, check: bool = True, input: str | None = None):
         return self.control.kubectl(*args, check=check, input=input)
 
-    def kill_container(self, namespace: str, pod: str, container: str) -> None:
-        """SIGKILL the container's process (the node restarts it, as a kubelet would)."""
+    def kill_container(self, namespace: str, pod: str, container: str) -> float:
+        """SIGKILL the container's process (the node restarts it, as a kubelet would).
+        Returns when it was killed (time.time())."""
         status = json.loads(self.kubectl("get", "pod", pod, "-n", namespace, "-o", "json").stdout)
         for c in status["status"].get("containerStatuses", []):
             if c["name"] == container:
                 os.kill(int(c["containerID"].split("://")[1]), signal.SIGKILL)
-                return
+                return time.time()
         raise LookupError(f"no running container {container} in pod {namespace}/{pod}")
 
     def pod_log(self, namespace: str, pod: str) -> str:
@@ -75,6 +77,8 @@ class Cluster:
             self.control.root / "pods",
             gpus=self.gpus,
             max_pods=self.max_pods,
+            # Pod addresses: another prefix lets a second cluster run beside this one.
+            ip_prefix=os.environ.get("KUBEFORGE_E2E_POD_PREFIX", "127.0.0."),
         )
         self._thread = threading.Thread(target=loop.run_forever, name="process-node", daemon=True)
         self._thread.start()

@@ -6,7 +6,8 @@ httpGet probes decide start-up, readiness and liveness, exits are restarted with
 restartPolicy, and deletion sends SIGTERM, waits the grace period, then SIGKILL. Images are not
 pulled: containers run with this repo's Python environment. Pods with a service account get a
 token from the TokenRequest API in a per-pod kubeconfig (KUBECONFIG), so in-pod clients act as
-that account and RBAC is really enforced.
+that account and RBAC is really enforced. Secret volumes are written into the pod's work
+directory and kept current (`devcluster.volumes`); env values naming their mount paths point there.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import aiohttp
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from devcluster import volumes
 from devcluster.controlplane import write_kubeconfig
 from kubeforge.contract import LABEL_PREFIX
 
@@ -66,6 +68,9 @@ class PodRun:
     stopping: bool = False
     workdir: Path | None = None
     reports: int = 0  # status reports begun; a retry of an older one gives way to a newer
+    reporting: asyncio.Lock = field(default_factory=asyncio.Lock)  # one report at a time
+    message: str | None = None  # why its containers wait, for the next report
+    volumes: dict[str, tuple[str, Path]] = field(default_factory=dict)  # name: (Secret, dir)
 
 
 class ProcessNode:
@@ -112,6 +117,7 @@ class ProcessNode:
         await self._register()
         self._tasks.append(asyncio.create_task(self._heartbeat()))
         self._tasks.append(asyncio.create_task(self._watch_pods()))
+        self._tasks.append(asyncio.create_task(self._watch_secrets()))
 
     async def freeze(self) -> None:
         """Lose the machine: no heartbeat, no status, no watch, and its processes stop answering
@@ -252,6 +258,40 @@ class ProcessNode:
                 log.exception("pod watch failed; restarting it")
                 await asyncio.sleep(1)
 
+    async def _watch_secrets(self) -> None:
+        """Keep secret volumes current, as the kubelet does (it takes up to a minute or so;
+        this node writes at once)."""
+        while True:
+            try:
+                async with watch.Watch() as w:
+                    async for event in w.stream(
+                        self.core.list_secret_for_all_namespaces, timeout_seconds=300
+                    ):
+                        if event["type"] in ("ADDED", "MODIFIED"):
+                            self._update_volumes(event["object"])
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("secret watch failed; restarting it")
+                await asyncio.sleep(1)
+
+    def _update_volumes(self, secret: Any) -> None:
+        meta = secret.metadata
+        for run in self.pods.values():
+            for name, directory in run.volumes.values():
+                if run.namespace == meta.namespace and name == meta.name:
+                    volumes.write_atomic(directory, _secret_files(secret))
+
+    async def _write_volumes(self, pod: Any, run: PodRun) -> None:
+        for volume in pod.spec.volumes or []:
+            if volume.secret is None:
+                continue
+            name = volume.secret.secret_name
+            secret = await self.core.read_namespaced_secret(name, pod.metadata.namespace)
+            directory = run.workdir / "volumes" / volume.name  # type: ignore[operator]
+            volumes.write_atomic(directory, _secret_files(secret))
+            run.volumes[volume.name] = (name, directory)
+
     async def _on_pod(self, kind: str, pod: Any) -> None:
         uid = pod.metadata.uid
         run = self.pods.get(uid)
@@ -292,6 +332,7 @@ class ProcessNode:
         self.pods[meta.uid] = run
         try:
             run.env_base = await self._pod_env(pod, run)
+            await self._write_volumes(pod, run)
         except Exception as exc:  # a missing secret, say: report it as a kubelet would
             log.warning("pod %s/%s cannot start: %s", meta.namespace, meta.name, exc)
             for c in run.containers.values():
@@ -362,7 +403,12 @@ class ProcessNode:
                 ref = vf.config_map_key_ref
                 cm = await self.core.read_namespaced_config_map(ref.name, pod.metadata.namespace)
                 env[var.name] = (cm.data or {})[ref.key]
-        return env
+        mounts = {
+            m.mount_path: run.volumes[m.name][1]
+            for m in c.volume_mounts or []
+            if m.name in run.volumes
+        }
+        return volumes.remap(env, mounts)
 
     async def _env_source(self, namespace: str, source: Any) -> dict[str, str]:
         if source.config_map_ref is not None:
@@ -484,16 +530,45 @@ class ProcessNode:
         port = action.port
         if isinstance(port, str) and not port.isdigit():
             port = next((p.container_port for p in spec.ports or [] if p.name == port), 0)
-        url = f"http://{run.ip}:{int(port)}{action.path or '/'}"
-        try:
-            async with self._http.get(url) as resp:  # type: ignore[union-attr]
+        scheme = (action.scheme or "HTTP").lower()
+        url = f"{scheme}://{run.ip}:{int(port)}{action.path or '/'}"
+        try:  # as the kubelet: an HTTPS probe does not verify the certificate
+            async with self._http.get(url, ssl=False) as resp:  # type: ignore[union-attr]
                 return 200 <= resp.status < 400
         except (aiohttp.ClientError, TimeoutError):
             return False
 
     async def _report(self, run: PodRun, message: str | None = None) -> None:
+        """Send the pod's status as it is when sent. One report at a time per pod, each built
+        once it holds the lock: two in flight at once could land out of order and leave an
+        older state (not ready, say) as the last word."""
         if self.frozen:
             return
+        if message is not None:
+            run.message = message
+        # A status that never arrives leaves a pod unready for good (a container without probes
+        # reports once): under load, try a few times, unless a newer report waits to go.
+        run.reports += 1
+        seq = run.reports
+        async with run.reporting:
+            for attempt in range(5):
+                if run.reports != seq or self.frozen:
+                    return
+                try:
+                    await self.core.patch_namespaced_pod_status(
+                        run.name, run.namespace, {"status": self._status(run)}
+                    )
+                    return
+                except ApiException as exc:
+                    if exc.status == 404:
+                        return
+                    log.warning("status of %s/%s: %s", run.namespace, run.name, exc.reason)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    log.warning("status of %s/%s: %s", run.namespace, run.name, exc)
+                await asyncio.sleep(0.2 * 2**attempt)
+
+    def _status(self, run: PodRun) -> dict[str, Any]:
+        message = run.message
         statuses = []
         for c in run.containers.values():
             running = c.proc is not None and c.proc.returncode is None and not c.waiting
@@ -549,25 +624,7 @@ class ProcessNode:
             ],
             "containerStatuses": statuses,
         }
-        # A status that never arrives leaves a pod unready for good (a container without probes
-        # reports once): under load, try a few times, unless a newer report has begun.
-        run.reports += 1
-        seq = run.reports
-        for attempt in range(5):
-            if run.reports != seq:
-                return
-            try:
-                await self.core.patch_namespaced_pod_status(
-                    run.name, run.namespace, {"status": status}
-                )
-                return
-            except ApiException as exc:
-                if exc.status == 404:
-                    return
-                log.warning("status of %s/%s: %s", run.namespace, run.name, exc.reason)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("status of %s/%s: %s", run.namespace, run.name, exc)
-            await asyncio.sleep(0.2 * 2**attempt)
+        return status
 
     async def _terminate(self, run: PodRun, pod: Any, grace: int | None) -> None:
         await self._kill_pod(run, grace=run.grace if grace is None else min(grace, run.grace))
@@ -597,15 +654,31 @@ class ProcessNode:
             self.free_ips.append(run.ip)
 
     async def _force_delete(self, pod: Any) -> None:
-        with contextlib.suppress(ApiException):
-            await self.core.delete_namespaced_pod(
-                pod.metadata.name,
-                pod.metadata.namespace,
-                grace_period_seconds=0,
-                body=client.V1DeleteOptions(
-                    grace_period_seconds=0, preconditions={"uid": pod.metadata.uid}
-                ),
-            )
+        """Confirm the pod's end to the API server, as a kubelet does, until it is gone: a
+        confirmation lost under load would leave it Terminating (holding its GPUs) until the
+        pod watch next lists it."""
+        for attempt in range(8):
+            try:
+                await self.core.delete_namespaced_pod(
+                    pod.metadata.name,
+                    pod.metadata.namespace,
+                    grace_period_seconds=0,
+                    body=client.V1DeleteOptions(
+                        grace_period_seconds=0, preconditions={"uid": pod.metadata.uid}
+                    ),
+                )
+                return
+            except ApiException as exc:
+                if exc.status in (404, 409):  # gone, or a new pod under its name
+                    return
+                log.warning("delete of %s: %s", pod.metadata.name, exc.reason)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("delete of %s: %s", pod.metadata.name, exc)
+            await asyncio.sleep(0.2 * 2**attempt)
+
+
+def _secret_files(secret: Any) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
 
 def _field(pod: Any, run: PodRun, path: str) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the pinned Kubernetes control-plane binaries used by the e2e tier
-# (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm, and the
-# prometheus that scrapes the e2e cluster)
+# (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm, the
+# prometheus that scrapes the e2e cluster, and the cert-manager controller with its CRDs)
 # from their Go modules, into a cache outside the repo keyed by all versions:
 #
 #   ${KUBEFORGE_K8S_CACHE:-$HOME/.cache/kubeforge/k8s}/<k8s>-etcd<etcd>-helm<helm>/bin/
@@ -84,10 +84,16 @@ prometheus_release="3.$((10#${BASH_REMATCH[1]})).${BASH_REMATCH[2]}"
 prom_mod=github.com/prometheus/prometheus
 # Tools built from one Go module each (name module version package), versioned apart from the
 # cache key: prometheus always, the kind lane's with --kind.
-module_tools=("prometheus $prom_mod $PROMETHEUS_VERSION $prom_mod/cmd/prometheus")
+: "${CERT_MANAGER_VERSION:?CERT_MANAGER_VERSION not set in $versions_file}"
+cm_mod=github.com/cert-manager/cert-manager
+module_tools=(
+    "prometheus $prom_mod $PROMETHEUS_VERSION $prom_mod/cmd/prometheus"
+    "cert-manager-controller $cm_mod $CERT_MANAGER_VERSION $cm_mod/cmd/controller"
+)
 if (( with_kind )); then
     : "${KIND_VERSION:?}" "${CONTAINERD_VERSION:?}" "${CNI_PLUGINS_VERSION:?}"
-    : "${CRI_TOOLS_VERSION:?}" "${COREDNS_VERSION:?}"
+    : "${CRI_TOOLS_VERSION:?}" "${COREDNS_VERSION:?}" "${KUBE_NETWORK_POLICIES_VERSION:?}"
+    knp_mod=sigs.k8s.io/kube-network-policies
     kube_tools+=("${kind_kube_tools[@]}")
     cd_mod=github.com/containerd/containerd/v2
     cni_mod=github.com/containernetworking/plugins
@@ -102,6 +108,7 @@ if (( with_kind )); then
         "cni-host-local $cni_mod $CNI_PLUGINS_VERSION $cni_mod/plugins/ipam/host-local"
         "cni-portmap $cni_mod $CNI_PLUGINS_VERSION $cni_mod/plugins/meta/portmap"
         "coredns github.com/coredns/coredns $COREDNS_VERSION github.com/coredns/coredns"
+        "kube-network-policies $knp_mod $KUBE_NETWORK_POLICIES_VERSION $knp_mod/cmd/kube-network-policies/standard"
     )
 fi
 all_tools=(etcd "${kube_tools[@]}" helm)
@@ -329,11 +336,20 @@ for spec in "${module_tools[@]}"; do
             ldflags+=" -X sigs.k8s.io/cri-tools/pkg/version.Version=$ver"
             vercmd=--version expect="${ver#v}" ;;
         coredns) vercmd=-version expect="CoreDNS-${ver#v}" ;;
+        kube-network-policies) vercmd=--help expect="Usage: kube-network-policies" ;;
+        cert-manager-controller) vercmd=--help expect="cert-manager" ;;
         *) vercmd=--version expect="" ;;
     esac
     rm -f "$bin/$name"
     GOFLAGS="$GOFLAGS -tags=$tags" \
         build_tool "$name" "$pkg" "$dir" "$ver" "$ldflags" "$vercmd" "$expect"
+    if [[ "$name" == cert-manager-controller ]]; then  # and its CRDs, from the same module
+        src=$(cd "$dir" && go list -m -f '{{.Dir}}' "$mod") || die "no module dir for $mod"
+        rm -rf "$bin/cert-manager-crds"
+        mkdir -p "$bin/cert-manager-crds"
+        cp "$src"/deploy/crds/crd-*.yaml "$bin/cert-manager-crds/"
+        chmod u+w "$bin"/cert-manager-crds/*
+    fi
     echo "$ver" >"$bin/.$name.version"
 done
 

@@ -82,6 +82,58 @@ class RouterSpec(_Model):
     resources: dict[str, Any] | None = Field(None, description="Router container resources.")
 
 
+class NetworkPolicySpec(_Model):
+    """Who may connect to the Service's pods: the operator writes a NetworkPolicy for its
+    replicas and one for its routers (enforced where the cluster's network plugin does so)."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Write the policies; unset: the operator's default (on, unless the "
+        "chart's networkPolicy.enabled is false).",
+    )
+    replica_from: list[dict[str, Any]] = Field(
+        default_factory=list,
+        alias="replicaFrom",
+        description="NetworkPolicyPeers that may reach the replicas' port besides this "
+        "Service's routers (a metrics scraper, say).",
+    )
+    router_from: list[dict[str, Any]] = Field(
+        default_factory=list,
+        alias="routerFrom",
+        description="NetworkPolicyPeers that may reach the router's port; empty: any.",
+    )
+
+
+class IssuerRef(_Model):
+    """A cert-manager issuer, as a cert-manager Certificate names it."""
+
+    name: str = Field(..., min_length=1, description="The Issuer's or ClusterIssuer's name.")
+    kind: Literal["Issuer", "ClusterIssuer"] = Field(
+        "Issuer", description="Issuer (in the Service's namespace) or ClusterIssuer."
+    )
+    group: str = Field("cert-manager.io", min_length=1, description="The issuer's API group.")
+
+
+class TlsSpec(_Model):
+    """TLS between the Service's routers and its replicas (Secret `<name>-tls`): a CA of the
+    Service's own made by the operator, or a certificate cert-manager issues and renews when
+    `issuerRef` names an issuer. Routers verify the replicas' certificate against `ca.crt`."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Serve TLS; unset: the operator's default (on, unless the chart's "
+        "tls.enabled is false).",
+    )
+    issuer_ref: IssuerRef | None = Field(
+        None,
+        alias="issuerRef",
+        description="Have cert-manager issue (and renew) the replicas' certificate from this "
+        "issuer, which must put the CA in ca.crt (a CA or self-signed issuer does); unset: the "
+        "operator's own CA.",
+    )
+
+
+_ISSUER = "(has(self.tls) && has(self.tls.issuerRef))"
 _SPEC_RULES = [
     {
         "rule": "duration(self.healthPollRate) >= duration('10ms')",
@@ -108,6 +160,15 @@ _SPEC_RULES = [
         "message": "gpusPerReplica must be a multiple of procs x hosts: every rank gets the "
         "same number of GPUs",
         "fieldPath": ".gpusPerReplica",
+    },
+    {
+        # Routers trust the CA they started with; a certificate from another issuer would
+        # fail their check until they restarted.
+        "rule": f"{_ISSUER} == {_ISSUER.replace('self', 'oldSelf')} && (!{_ISSUER} || "
+        "self.tls.issuerRef == oldSelf.tls.issuerRef)",
+        "message": "tls.issuerRef is fixed when the Service is created: make a new Service to "
+        "have its certificate issued another way",
+        "fieldPath": ".tls.issuerRef",
     },
 ]
 
@@ -208,6 +269,10 @@ class ServiceSpec(_Model):
     scheduler_name: NonEmpty | None = Field(None, alias="schedulerName")
     pod_template: dict[str, Any] | None = Field(None, alias="podTemplate")
     router: RouterSpec = Field(default_factory=RouterSpec)
+    network_policy: NetworkPolicySpec = Field(
+        default_factory=NetworkPolicySpec, alias="networkPolicy"
+    )
+    tls: TlsSpec = Field(default_factory=TlsSpec)
     autoscaling: AutoscalingSpec | None = Field(
         None, description="Follow the load; without it, replicas is yours (kubectl scale, HPA)."
     )
@@ -232,7 +297,8 @@ class ServiceSpec(_Model):
     def _gpus_split_evenly(self) -> ServiceSpec:
         """The CEL rule on gpusPerReplica, for manifests that never meet the API server."""
         if self.gpus_per_replica % self.world_size:
-            raise ValueError(_SPEC_RULES[-1]["message"])
+            rule = next(r for r in _SPEC_RULES if r["fieldPath"] == ".gpusPerReplica")
+            raise ValueError(rule["message"])
         return self
 
     @property
@@ -307,6 +373,9 @@ class ReplicaMetrics(BaseModel):
     in_flight: int = Field(0, alias="inFlight")
     queue_depth: int = Field(0, alias="queueDepth")
     sessions: int = 0
+    token_digest: str = Field(
+        "", alias="tokenDigest", description="Fingerprint of the tokens the replica has loaded."
+    )
 
 
 class Traffic(BaseModel):
@@ -349,6 +418,9 @@ class RouterShare(Traffic):
 
     replicas: dict[str, RouterReplicaShare] = Field(
         default_factory=dict, description="Per replica pod name."
+    )
+    token_digest: str = Field(
+        "", alias="tokenDigest", description="Fingerprint of the tokens the router has loaded."
     )
     last_update_time: str | None = Field(None, alias="lastUpdateTime")
 

@@ -71,6 +71,13 @@ def checker(
         hints = {k: _element(v) for k, v in hints.items()}
     kinds = {p.name: p.kind for p in signature.parameters.values()}
 
+    def refuse(name: str, hint: Any, item: Any) -> typing.NoReturn:
+        raise InvalidArgumentsError(
+            f"argument {name!r} of {endpoint} must be {describe(hint)}, "
+            f"got {type(item).__qualname__}",
+            argument=name,
+        )
+
     def check(args: list[Any], kwargs: dict[str, Any]) -> None:
         try:
             bound = signature.bind(*args, **kwargs)
@@ -90,13 +97,37 @@ def checker(
             )
             for item in items:
                 if not matches(item, hint):
-                    raise InvalidArgumentsError(
-                        f"argument {name!r} of {endpoint} must be {describe(hint)}, "
-                        f"got {type(item).__qualname__}",
-                        argument=name,
-                    )
+                    refuse(name, hint, item)
 
-    return check
+    params = list(signature.parameters.values())
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+        return check
+    # The common case, on every call: plain parameters passed by position. They bind as
+    # `signature.bind` would bind them (a required one never follows one with a default), so
+    # only their hints are checked here; anything else takes the full check above.
+    required = sum(p.default is inspect.Parameter.empty for p in params)
+    hinted = [
+        (i, p.name, hints[p.name])
+        for i, p in enumerate(params)
+        if p.name in hints and not _always(hints[p.name])
+    ]
+
+    def check_positional(args: list[Any], kwargs: dict[str, Any]) -> None:
+        if kwargs or not required <= len(args) <= len(params):
+            check(args, kwargs)
+            return
+        for i, name, hint in hinted:
+            if i < len(args) and not matches(args[i], hint):
+                refuse(name, hint, args[i])
+
+    return check_positional
+
+
+def _always(hint: Any) -> bool:
+    """A hint every value fits (`matches` would say True for any)."""
+    return (
+        hint is Any or hint is object or isinstance(hint, str | typing.TypeVar | typing.ForwardRef)
+    )
 
 
 def _element(hint: Any) -> Any:

@@ -241,17 +241,11 @@ def service_table(body: dict[str, Any]) -> str:
 
 async def _fetch_service(target: str, namespace: str | None) -> dict[str, Any]:
     """The Service resource `fsvc/NAME`, with the kubeconfig's credentials (and namespace)."""
-    from kubernetes_asyncio import config
     from kubernetes_asyncio.client import CustomObjectsApi
 
     from kubeforge.kube import api_client
 
-    if namespace is None:
-        try:
-            contexts = await config.list_kube_config_contexts()
-            namespace = (contexts[1] or {}).get("context", {}).get("namespace") or "default"
-        except (config.ConfigException, OSError):
-            namespace = "default"
+    namespace = await _namespace_of(namespace)
     api = await api_client()
     try:
         return await CustomObjectsApi(api).get_namespaced_custom_object(
@@ -294,18 +288,63 @@ def _status(ns: argparse.Namespace) -> int:
         return 0
 
 
+async def _namespace_of(namespace: str | None) -> str:
+    """The namespace asked for, else the kubeconfig's current one, else "default"."""
+    from kubernetes_asyncio import config
+
+    if namespace is not None:
+        return namespace
+    try:
+        contexts = await config.list_kube_config_contexts()
+        return (contexts[1] or {}).get("context", {}).get("namespace") or "default"
+    except (config.ConfigException, OSError):
+        return "default"
+
+
+def _rotate_token(ns: argparse.Namespace) -> int:
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    from kubeforge.rotate import rotate
+    from kubeforge.tokens import RotationError
+
+    name = ns.service.split("/", 1)[1] if "/" in ns.service else ns.service
+
+    async def go() -> None:
+        namespace = await _namespace_of(ns.namespace)
+        await rotate(
+            name, namespace, ns.token, ns.grace, ns.timeout, lambda s: print(s, flush=True)
+        )
+
+    try:
+        asyncio.run(go())
+    except ApiException as exc:
+        print(f"kubeforge: {exc.status} {exc.reason}", file=sys.stderr)
+        return 1
+    except (RotationError, TimeoutError, OSError) as exc:
+        print(f"kubeforge: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "kubeforge: stopped; both tokens are still accepted: run again to go on",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
 def _operator(ns: argparse.Namespace) -> int:
     import asyncio as _asyncio
 
     import kopf
 
-    from kubeforge.operator import handlers  # noqa: F401 - registers the handlers
+    from kubeforge.operator import handlers  # registers the handlers
 
     namespaces = [] if ns.all_namespaces else (ns.namespace or ["default"])
     settings = kopf.OperatorSettings()
     # An operator of named namespaces scans nothing cluster-wide (resource definitions,
     # namespaces): a namespaced install grants it nothing outside its namespaces.
     settings.scanning.disabled = not ns.all_namespaces
+    handlers.defaults(network_policy=ns.network_policy, tls=ns.tls)
     _asyncio.run(
         kopf.operator(
             settings=settings,
@@ -365,10 +404,37 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--token", default=token)
     s.set_defaults(func=_status)
 
+    t = sub.add_parser(
+        "rotate-token", help="give a Service on a cluster a new token, refusing no call"
+    )
+    t.add_argument("service", help="NAME or fsvc/NAME (read with your kubeconfig)")
+    t.add_argument("-n", "--namespace", help="default: the kubeconfig's")
+    t.add_argument("--token", help="the new token (default: a random one)")
+    t.add_argument(
+        "--grace",
+        type=duration,
+        default=300.0,
+        help="how long callers keep the old token once the new one is in the Secret",
+    )
+    t.add_argument("--timeout", type=duration, default=600.0, help="for the pods to load each step")
+    t.set_defaults(func=_rotate_token)
+
     o = sub.add_parser("operator", help="run the kopf operator that reconciles Services")
     o.add_argument("-A", "--all-namespaces", action="store_true")
     o.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeat)")
     o.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8081/healthz")
+    o.add_argument(
+        "--no-network-policy",
+        dest="network_policy",
+        action="store_false",
+        help="write no NetworkPolicies for Services that do not ask (spec.networkPolicy.enabled)",
+    )
+    o.add_argument(
+        "--no-tls",
+        dest="tls",
+        action="store_false",
+        help="plain HTTP to replicas for Services that do not say (spec.tls.enabled)",
+    )
     o.set_defaults(func=_operator)
 
     d = sub.add_parser("crd", help="print the Service CustomResourceDefinition (YAML)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 from kubernetes_asyncio import client, config
@@ -12,6 +13,18 @@ from kubernetes_asyncio.client.exceptions import ApiException
 # drops a stream midway: the caller waits a moment and tries again. A router must outlive an
 # API server restart with its watches and status writes intact (tests/e2e/test_faults.py).
 API_UNAVAILABLE = (ApiException, OSError, aiohttp.ClientError, asyncio.TimeoutError, ValueError)
+
+
+def api_message(exc: ApiException) -> str:
+    """The API server's own words for a refusal (the Status body's message), for logs: the raw
+    body is bytes, whose repr escapes the quotes that name the user, verb and resource."""
+    body = exc.body
+    try:
+        text = body.decode() if isinstance(body, bytes) else str(body or "")
+        message = json.loads(text).get("message") if text.startswith("{") else text
+    except (ValueError, AttributeError):
+        message = None
+    return f"{exc.status} {exc.reason}: {message or ''}".rstrip(": ")
 
 
 async def api_client() -> client.ApiClient:

@@ -8,7 +8,6 @@ lists) and msgpack. Errors are always JSON. Pickle is never used.
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any
 
@@ -35,6 +34,7 @@ from kubeforge.errors import (
     UnknownEndpointError,
 )
 from kubeforge.http.server import Request, Response
+from kubeforge.tokens import Tokens
 
 
 def endpoint_of(path: str, prefix: str) -> str:
@@ -194,17 +194,12 @@ def http_error(status: int, message: str) -> Response:
     return Response(status, encode({"error": {"type": kind, "message": message}}))
 
 
-def bearer(token: str | None) -> bytes | None:
-    """The exact Authorization header value that `check_token` accepts."""
-    return f"Bearer {token}".encode() if token else None
-
-
-def check_token(req: Request, expected: bytes | None) -> None:
-    """401 unless the request carries the expected bearer token (constant-time compare)."""
-    if expected is None:
+def check_token(req: Request, tokens: Tokens) -> None:
+    """401 unless the request carries a token `tokens` accepts (constant-time compare)."""
+    if not tokens.accept:
         return
     got = req.headers.get(H_AUTH)
     if got is None:
         raise UnauthorizedError("missing 'Authorization: Bearer <token>' header")
-    if not hmac.compare_digest(got, expected):
+    if not tokens.allows(got):
         raise UnauthorizedError("wrong token")

@@ -41,6 +41,7 @@ ctx=$(mktemp -d -t kubeforge-kind-node.XXXXXX)
 trap 'rm -rf "$ctx"' EXIT
 mkdir -p "$ctx/bin" "$ctx/cni" "$ctx/files" "$ctx/one"
 cp "$bin"/{kubelet,kubeadm,kubectl,containerd,containerd-shim-runc-v2,ctr,crictl} "$ctx/bin/"
+cp "$bin/kube-network-policies" "$ctx/bin/"
 for plugin in ptp loopback host-local portmap; do cp "$bin/cni-$plugin" "$ctx/cni/$plugin"; done
 cp "$here"/Dockerfile "$ctx/"
 cp "$here"/files/* "$ctx/files/"

@@ -16,6 +16,7 @@ import httptools
 
 from kubeforge.http.server import ONE_BUFFER, BodyBuffer, body_length, body_parts
 from kubeforge.http.stream import BodyStream, StreamError, pipe, write_paced
+from kubeforge.tls import ClientTls
 
 
 class UpstreamError(Exception):
@@ -251,9 +252,17 @@ class Upstream:
     of one timer per request: a timer costs more than the rest of a relayed call's bookkeeping.
     """
 
-    def __init__(self, host: str, port: int, max_idle: int = 256) -> None:
+    def __init__(
+        self, host: str, port: int, max_idle: int = 256, tls: ClientTls | None = None
+    ) -> None:
+        """`tls`: the context and the name the server must prove (else plain TCP)."""
         self.host = host
         self.port = port
+        self.secure: dict[str, Any] = (
+            {"ssl": tls.context, "server_hostname": tls.name, "ssl_handshake_timeout": 10}
+            if tls
+            else {}
+        )
         self.max_idle = max_idle
         self.idle: deque[_Connection] = deque()
         self.busy: set[_Connection] = set()
@@ -271,7 +280,7 @@ class Upstream:
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port
+                    lambda: _Connection(self), self.host, self.port, **self.secure
                 )
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -161,6 +162,9 @@ _ONCE = frozenset({H_SESSION})
 # A streamed body is read in chunks this large, each passed on whole (pooled: written again
 # once every connection it was passed to has sent it).
 STREAM_CHUNK = 1 << 20
+# How long a connection that answered before its request's body ended goes on reading (and
+# dropping) that body, so that the caller still writing it gets the answer.
+LINGER = 2.0
 
 
 class HttpProtocol(asyncio.BufferedProtocol):
@@ -212,6 +216,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._can_write.set()
         self._body_len = 0
         self._too_large = False
+        self._dropping = False  # the rest of a streamed body is read and dropped
         # Head size: chunks that arrive wholly inside one head are counted (llhttp itself keeps
         # no limit); the chunk a head starts in is not, and is bounded by the read size.
         self._in_head = False
@@ -303,6 +308,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         """The peer half-closed: answer what it already sent, then close."""
+        if self.closing:
+            return False  # lingering after the last answer: the caller is done too
         if self._stream is not None:  # mid-body: what was passed on of it will not be whole
             got, length = self._body_len, len(self._stream)
             self._stream.fail(StreamError(f"the caller's body ended at {got} of {length} bytes"))
@@ -424,8 +431,21 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def _start_stream(self, length: int) -> None:
         """A large body: its request goes to the handler now, its body follows as it comes."""
-        self._stream = BodyStream(length, self._pause_body, self._resume_body, self.close)
+        self._stream = BodyStream(length, self._pause_body, self._resume_body, self._drop_body)
         self._deliver(self._request(self._stream))
+
+    def _drop_body(self) -> None:
+        """The streamed body's reader gave up (its replica stopped reading, or the deadline
+        passed): its rest is read and dropped, and the connection closes after its answer. A
+        caller still writing its body then reads that answer; closing with unread bytes would
+        make the kernel send a reset, which can reach the caller before the answer does."""
+        if self._stream is None:
+            return
+        self._stream.fail(StreamError("the body's reader went away"))
+        self._direct = False  # reads go to the scratch buffer and are dropped
+        self._finishing = True
+        self._dropping = True
+        self._resume_body()  # a body paused for its slow reader is drained now
 
     def _pause_body(self) -> None:
         if self.transport is not None and not self._reading_paused:
@@ -471,6 +491,10 @@ class HttpProtocol(asyncio.BufferedProtocol):
             if isinstance(resp, Response) and isinstance(resp.body, BodyStream):
                 resp.body.cancel("the caller is gone")
             return
+        if self._stream is not None and req.body is self._stream:
+            self._drop_body()  # answered before its body arrived: the rest is not wanted
+        if self._dropping:
+            req.keep_alive = False  # this answer is the connection's last
         if isinstance(resp, bytes):
             self.transport.write(resp)
         elif isinstance(resp.body, BodyStream):
@@ -520,7 +544,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         """`req` is answered: close, or start the next request read meanwhile."""
         assert self.transport is not None
         if not req.keep_alive:
-            self.close()
+            self._close_now()
             return
         self.current = None
         if self.pending:
@@ -551,16 +575,18 @@ class HttpProtocol(asyncio.BufferedProtocol):
             self._close_now()
 
     def _close_now(self) -> None:
-        if self._last is None or self.transport is None or self.closing:
+        if self.transport is None or self.closing:
             self.close()
             return
-        self.transport.write(render(self.on_error(*self._last), keep_alive=False))
-        if self._too_large and self.transport.can_write_eof():
+        if self._last is not None:
+            self.transport.write(render(self.on_error(*self._last), keep_alive=False))
+        if (self._too_large or self._dropping) and self.transport.can_write_eof():
             # Keep reading (and dropping) the body for a moment: closing with unread data makes
-            # the kernel send RST, and a client still writing its body would lose the 413.
+            # the kernel send RST, and a client still writing its body would lose the answer.
+            # The caller's own close (EOF) ends the wait early.
             self.transport.write_eof()
             self.closing = True
-            asyncio.get_running_loop().call_later(2.0, self.close)
+            asyncio.get_running_loop().call_later(LINGER, self.close)
             return
         self.close()
 
@@ -604,9 +630,10 @@ class HttpServer:
             self.stream_above,
         )
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._protocol, host, port, backlog=1024)
+        secure = {"ssl": tls, "ssl_handshake_timeout": 10} if tls is not None else {}
+        self.server = await loop.create_server(self._protocol, host, port, backlog=1024, **secure)
         return self.server.sockets[0].getsockname()[1]
 
     def adopt(self, sock: socket.socket, read_before: bytes) -> None:

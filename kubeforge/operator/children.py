@@ -20,6 +20,7 @@ KINDS = [
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("apps/v1", "Deployment"),
     ("v1", "Service"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 ]
 
 
@@ -48,10 +49,18 @@ def fingerprint(obj: dict[str, Any]) -> str:
         owned["selector"] = spec.get("selector")
         owned["ports"] = _ports(spec.get("ports"))
         owned["type"] = spec.get("type", "ClusterIP")
+    elif kind == "NetworkPolicy":
+        owned["spec"] = {k: spec.get(k) for k in ("podSelector", "policyTypes", "ingress")}
     elif kind == "Deployment":
         owned["hash"] = (meta.get("annotations") or {}).get(A_ROUTER_HASH)
         owned["replicas"] = spec.get("replicas")
     return json.dumps(owned, sort_keys=True)
+
+
+def unwanted(desired: list[dict[str, Any]], live: dict[tuple[str, str], str], kind: str) -> list:
+    """Names of live children of `kind` that are no longer desired (a policy turned off)."""
+    keep = {obj["metadata"]["name"] for obj in desired if obj["kind"] == kind}
+    return sorted(name for k, name in live if k == kind and name not in keep)
 
 
 def drifted(desired: list[dict[str, Any]], live: dict[tuple[str, str], str]) -> list[dict]:

@@ -14,8 +14,8 @@ ambiguous lookup.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
+import json
 import logging
 import secrets
 import time
@@ -26,9 +26,10 @@ import kopf
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from kubeforge import tls
 from kubeforge.api import ServiceSpec
 from kubeforge.contract import GROUP, L_COMPONENT, L_SERVICE, PLURAL, VERSION
-from kubeforge.kube import api_client
+from kubeforge.kube import api_client, api_message
 from kubeforge.operator import children as ch
 from kubeforge.operator import manifests as m
 from kubeforge.operator.autoscale import Load, Why, decide
@@ -56,9 +57,21 @@ class World:
     dirty: set[Key] = field(default_factory=set)
     rechecks: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)  # one per Service
     loads: dict[Key, Load] = field(default_factory=dict)  # the autoscaler's samples
+    # Whether a Service that does not say gets NetworkPolicies and TLS (`kubeforge operator
+    # --no-network-policy / --no-tls`, the chart's networkPolicy.enabled and tls.enabled).
+    network_policy: bool = True
+    tls: bool = True
+    tls_secrets: set[Key] = field(default_factory=set)  # TLS Secret known to exist
+    certificates: dict[Key, str] = field(default_factory=dict)  # cert-manager's, as applied
 
 
 _world = World()
+
+
+def defaults(network_policy: bool, tls: bool) -> None:
+    """What Services that do not say get (set before the operator runs)."""
+    _world.network_policy = network_policy
+    _world.tls = tls
 
 
 @kopf.on.startup()
@@ -91,6 +104,8 @@ async def on_service(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
         for table in (_world.services, _world.pods, _world.children, _world.locks, _world.loads):
             table.pop(key, None)  # type: ignore[attr-defined]
         _world.tokens.discard(key)
+        _world.tls_secrets.discard(key)
+        _world.certificates.pop(key, None)
         if (timer := _world.rechecks.pop(key, None)) is not None:
             timer.cancel()
         return
@@ -126,6 +141,7 @@ for _group_version, _plural in (
     ("rbac.authorization.k8s.io/v1", "rolebindings"),
     ("apps/v1", "deployments"),
     ("v1", "services"),
+    ("networking.k8s.io/v1", "networkpolicies"),
 ):
     kopf.on.event(*_group_version.split("/"), _plural, labels={L_SERVICE: kopf.PRESENT})(on_child)
 
@@ -133,7 +149,9 @@ for _group_version, _plural in (
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SAFETY_EVERY, initial_delay=SAFETY_EVERY)
 async def safety_net(body: kopf.Body, **_: Any) -> None:
     key = (body.metadata.namespace, body.metadata.name)
-    _world.tokens.discard(key)  # looked at again: the Secret may have been deleted
+    _world.tokens.discard(key)  # looked at again: the Secrets may have been deleted
+    _world.tls_secrets.discard(key)
+    _world.certificates.pop(key, None)
     _schedule(key)
 
 
@@ -161,7 +179,7 @@ async def _reconcile_loop(key: Key, lock: asyncio.Lock) -> None:
                 if _terminating(exc):
                     log.info("namespace %s is being deleted: %s left to go with it", *key)
                     return
-                log.warning("reconcile of %s/%s: %s %s %s", *key, exc.status, exc.reason, exc.body)
+                log.warning("reconcile of %s/%s: %s", *key, api_message(exc))
                 await asyncio.sleep(1)
                 _world.dirty.add(key)
             except Exception:
@@ -218,6 +236,7 @@ async def _apply(obj: dict[str, Any]) -> None:
         "Role": (client.RbacAuthorizationV1Api, "patch_namespaced_role"),
         "RoleBinding": (client.RbacAuthorizationV1Api, "patch_namespaced_role_binding"),
         "Deployment": (client.AppsV1Api, "patch_namespaced_deployment"),
+        "NetworkPolicy": (client.NetworkingV1Api, "patch_namespaced_network_policy"),
     }[obj["kind"]]
     await getattr(api(_api), method)(
         name, namespace, obj, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY
@@ -225,22 +244,11 @@ async def _apply(obj: dict[str, Any]) -> None:
 
 
 async def _ensure_token(raw: dict[str, Any], key: Key) -> None:
-    """The router<->replica token Secret, created once: never replaced, so the token a running
-    router and its replicas share never changes under them."""
+    """The router<->replica token Secret, created once and never replaced: only a rotation
+    (`kubeforge rotate-token`) changes it, in steps the running pods follow."""
     if key in _world.tokens:
         return
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": {
-            "name": m.token_secret_name(key[1]),
-            "namespace": key[0],
-            "labels": {L_SERVICE: key[1], L_COMPONENT: "token"},
-            "ownerReferences": [m.owner_reference(raw)],
-        },
-        "data": {"token": base64.b64encode(secrets.token_hex(24).encode()).decode()},
-    }
+    secret = m.token_secret(raw, secrets.token_hex(24), secrets.token_hex(24))
     try:
         await client.CoreV1Api(_api).create_namespaced_secret(key[0], secret)
     except ApiException as exc:
@@ -249,12 +257,70 @@ async def _ensure_token(raw: dict[str, Any], key: Key) -> None:
     _world.tokens.add(key)
 
 
+async def _ensure_tls(raw: dict[str, Any], key: Key) -> None:
+    """The Service's CA and serving certificate, made once (before its pods, which mount it);
+    or, when the spec names an issuer, the Secret and the Certificate cert-manager issues
+    into it."""
+    certificate = m.tls_certificate(raw)
+    if certificate is not None:
+        await _ensure_certificate(raw, key, certificate)
+    if key in _world.tls_secrets:
+        return
+    if certificate is not None:
+        files = tls.PENDING
+    else:
+        now = datetime.datetime.now(datetime.UTC)
+        files = await asyncio.to_thread(tls.issue, key[1], key[0], now)
+    try:
+        await client.CoreV1Api(_api).create_namespaced_secret(key[0], m.tls_secret(raw, files))
+    except ApiException as exc:
+        if exc.status != 409:  # there already: kept as it is
+            raise
+    _world.tls_secrets.add(key)
+
+
+async def _ensure_certificate(raw: dict[str, Any], key: Key, certificate: dict[str, Any]) -> None:
+    """Apply the Certificate when it changed since the last time (or the operator started)."""
+    fingerprint = json.dumps(certificate, sort_keys=True)
+    if _world.certificates.get(key) == fingerprint:
+        return
+    group, version = m.CERTIFICATE_API.split("/")
+    try:
+        await client.CustomObjectsApi(_api).patch_namespaced_custom_object(
+            group,
+            version,
+            key[0],
+            "certificates",
+            certificate["metadata"]["name"],
+            certificate,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type=APPLY,
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        # No such resource: cert-manager is not installed. Said once, and again after each
+        # pass of the safety net, which tries again (cert-manager may have come meanwhile).
+        if _world.certificates.get(key) != "missing":
+            _world.certificates[key] = "missing"
+            message = (
+                "spec.tls.issuerRef names a cert-manager issuer, but this cluster has no "
+                f"{m.CERTIFICATE_API} Certificate resource: install cert-manager, or remove "
+                "issuerRef (by making the Service anew) to use the operator's own CA"
+            )
+            log.warning("%s/%s: %s", *key, message)
+            await _event(raw, "CertManagerMissing", message, "Warning")
+        return
+    _world.certificates[key] = fingerprint
+
+
 def _terminating(exc: ApiException) -> bool:
     """Refused because the namespace is being deleted: nothing there needs doing any more."""
     return exc.status == 403 and "being terminated" in str(exc.body)
 
 
-async def _event(raw: dict[str, Any], reason: str, message: str) -> None:
+async def _event(raw: dict[str, Any], reason: str, message: str, kind: str = "Normal") -> None:
     """An Event on the Service (what `kubectl describe` shows), best effort."""
     meta = raw["metadata"]
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -269,7 +335,7 @@ async def _event(raw: dict[str, Any], reason: str, message: str) -> None:
         },
         "reason": reason,
         "message": message,
-        "type": "Normal",
+        "type": kind,
         "source": {"component": FIELD_MANAGER},
         "firstTimestamp": now,
         "lastTimestamp": now,
@@ -279,7 +345,9 @@ async def _event(raw: dict[str, Any], reason: str, message: str) -> None:
         await client.CoreV1Api(_api).create_namespaced_event(meta["namespace"], event)
     except ApiException as exc:
         if not _terminating(exc):
-            log.warning("event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+            log.warning(
+                "event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], api_message(exc)
+            )
 
 
 async def _delete_pod(core: client.CoreV1Api, namespace: str, name: str, **options: Any) -> None:
@@ -360,12 +428,26 @@ async def reconcile(key: Key) -> None:
     if raw is None or (raw.get("metadata") or {}).get("deletionTimestamp"):
         return
     namespace, name = key
-    await _ensure_token(raw, key)
-    deployment, router_service = m.router_objects(raw)
-    wanted = [*m.router_identity(raw), deployment, router_service]
-    for child in ch.drifted(wanted, _world.children.get(key, {})):
+    # What the manifests see: the spec with the operator's defaults filled in. `raw` stays the
+    # watched object, which the passes below update until the watch says so.
+    body = m.resolve_defaults(raw, _world.tls)
+    await _ensure_token(body, key)
+    if m.tls_on(ServiceSpec.model_validate(body["spec"])):
+        await _ensure_tls(body, key)
+    deployment, router_service = m.router_objects(body)
+    policies = m.network_policies(body, _world.network_policy)
+    wanted = [*m.router_identity(body), deployment, router_service, *policies]
+    live = _world.children.get(key, {})
+    for child in ch.drifted(wanted, live):
         log.info("applying %s %s/%s", child["kind"], namespace, child["metadata"]["name"])
         await _apply(child)
+    for policy in ch.unwanted(wanted, live, "NetworkPolicy"):  # turned off in the spec
+        log.info("deleting NetworkPolicy %s/%s", namespace, policy)
+        try:
+            await client.NetworkingV1Api(_api).delete_namespaced_network_policy(policy, namespace)
+        except ApiException as exc:
+            if exc.status != 404:  # gone already: its watch event says so
+                raise
 
     views = list(_world.pods.get(key, {}).values())
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -375,7 +457,7 @@ async def reconcile(key: Key) -> None:
     decided = plan(
         Observed(
             desired=spec.get("replicas", 1),
-            template_hash=m.template_hash(m.pod_template(raw)),
+            template_hash=m.template_hash(m.pod_template(body)),
             pods=views,
             generation=(raw.get("metadata") or {}).get("generation", 0),
             selector=m.selector(name),
@@ -398,8 +480,8 @@ async def reconcile(key: Key) -> None:
             waits = [w for w in (decided.recheck_in, scaled.recheck_in) if w is not None]
             decided.recheck_in = min(waits)
     core = client.CoreV1Api(_api)
-    pods = [m.replica_pod(raw, index) for index in decided.create]
-    pods += [m.replica_pod(raw, j.index, j.host, j.leader_ip) for j in decided.join]
+    pods = [m.replica_pod(body, index) for index in decided.create]
+    pods += [m.replica_pod(body, j.index, j.host, j.leader_ip) for j in decided.join]
     for pod in pods:
         try:
             await core.create_namespaced_pod(namespace, pod)

@@ -3,12 +3,13 @@ and the token Secret. Pure functions of the Service resource."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 from typing import Any
 
-from kubeforge import ranks
+from kubeforge import ranks, tls, tokens
 from kubeforge.api import ServiceSpec
 from kubeforge.contract import A_ROUTER_HASH as ROUTER_HASH
 from kubeforge.contract import (
@@ -63,6 +64,118 @@ def token_secret_name(service: str) -> str:
     return f"{service}-token"
 
 
+def owned_meta(body: dict[str, Any], name: str, component: str) -> dict[str, Any]:
+    """Metadata of an object the Service owns (deleted with it), labelled with the Service and
+    what the object is to it."""
+    return {
+        "name": name,
+        "namespace": body["metadata"]["namespace"],
+        "labels": {L_SERVICE: body["metadata"]["name"], L_COMPONENT: component},
+        "ownerReferences": [owner_reference(body)],
+    }
+
+
+def _secret(body: dict[str, Any], name: str, role: str, data: dict[str, bytes]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": owned_meta(body, name, role),
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+    }
+
+
+def token_secret(body: dict[str, Any], token: str, session_key: str) -> dict[str, Any]:
+    """The Service's token Secret, as the operator first creates it (`kubeforge.tokens`)."""
+    data = {tokens.KEY_TOKEN: token.encode(), tokens.KEY_SESSION: session_key.encode()}
+    return _secret(body, token_secret_name(body["metadata"]["name"]), "token", data)
+
+
+_TOKEN_VOLUME = "kubeforge-token"
+
+
+def token_volume(service: str) -> dict[str, Any]:
+    """The token Secret as files: the kubelet rewrites them when the Secret changes, and the
+    router and replicas reload them, so a rotation needs no restart (`kubeforge.tokens`)."""
+    return {"name": _TOKEN_VOLUME, "secret": {"secretName": token_secret_name(service)}}
+
+
+TOKEN_MOUNT = {"name": _TOKEN_VOLUME, "mountPath": tokens.MOUNT_PATH, "readOnly": True}
+TOKEN_ENV = {"name": tokens.ENV_DIR, "value": tokens.MOUNT_PATH}
+
+
+def tls_secret_name(service: str) -> str:
+    return f"{service}-tls"
+
+
+def tls_secret(body: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+    """The Service's CA and serving certificate (`kubeforge.tls.issue`), as first created;
+    with `tls.PENDING`, the Secret cert-manager fills in (made by the operator, so that it is
+    the Service's and goes with it, and every key mounts while the first certificate is
+    issued)."""
+    return _secret(body, tls_secret_name(body["metadata"]["name"]), "tls", files)
+
+
+CERTIFICATE_API = "cert-manager.io/v1"
+
+
+def tls_certificate(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The cert-manager Certificate for the replicas' serving certificate, when the spec
+    names an issuer: the same name and the same Secret as the operator's own would have."""
+    spec = ServiceSpec.model_validate(body["spec"])
+    ref = spec.tls.issuer_ref
+    if not tls_on(spec) or ref is None:
+        return None
+    service, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    return {
+        "apiVersion": CERTIFICATE_API,
+        "kind": "Certificate",
+        "metadata": owned_meta(body, tls_secret_name(service), "tls"),
+        "spec": {
+            "secretName": tls_secret_name(service),
+            "dnsNames": [tls.server_name(service, namespace)],
+            "usages": ["server auth", "digital signature"],
+            # A new key with every certificate, as the operator's own CA does.
+            "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+            "issuerRef": ref.model_dump(),
+        },
+    }
+
+
+def tls_on(spec: ServiceSpec) -> bool:
+    """After `resolve_defaults`, the spec says; unresolved, TLS is off (the operator's
+    default)."""
+    return spec.tls.enabled is True
+
+
+def replica_port_name(spec: ServiceSpec) -> str:
+    return "https" if tls_on(spec) else "http"
+
+
+def resolve_defaults(body: dict[str, Any], tls_default: bool) -> dict[str, Any]:
+    """`body` with the operator's defaults written into what the spec leaves unset, so the pod
+    template (and its hash) says what runs."""
+    spec = body.get("spec") or {}
+    asked = spec.get("tls") or {}
+    if asked.get("enabled") is not None:
+        return body
+    on = tls_default or bool(asked.get("issuerRef"))  # naming an issuer asks for TLS
+    return {**body, "spec": {**spec, "tls": {**asked, "enabled": on}}}
+
+
+_TLS_VOLUME = "kubeforge-tls"
+TLS_MOUNT = {"name": _TLS_VOLUME, "mountPath": tls.MOUNT_PATH, "readOnly": True}
+TLS_ENV = {"name": tls.ENV_DIR, "value": tls.MOUNT_PATH}
+
+
+def tls_volume(service: str, ca_only: bool = False) -> dict[str, Any]:
+    """The `<name>-tls` Secret: all of it for replicas, its CA alone for routers."""
+    secret: dict[str, Any] = {"secretName": tls_secret_name(service)}
+    if ca_only:
+        secret["items"] = [{"key": tls.KEY_CA, "path": tls.KEY_CA}]
+    return {"name": _TLS_VOLUME, "secret": secret}
+
+
 def selector(service: str) -> str:
     """status.selector: the replica pods of this Service (used by the scale subresource)."""
     return f"{L_SERVICE}={service},{L_COMPONENT}=replica"
@@ -108,14 +221,14 @@ def _rank_env(spec: ServiceSpec) -> list[dict[str, Any]]:
     ]
 
 
-def probes() -> dict[str, Any]:
+def probes(port: str = "http") -> dict[str, Any]:
     """The kubelet's probes of a replica or router container. Readiness answers fast either way
     (a 503 says at once that it takes no calls); liveness restarts a process only after it has
     not answered for 30 s, and waits until it has bound its port (up to 2 min: importing torch
     on a busy node takes long). A probe that merely waits for a CPU is no failure: on a node
     whose cores are all busy (2 cores, 8 torch processes in the kind lane) tighter probes
     killed replicas that were starting, and took healthy ones out of rotation."""
-    http = {"port": "http"}
+    http = {"port": port, "scheme": port.upper()}
     return {
         "startupProbe": {
             "httpGet": {"path": HEALTHZ, **http},
@@ -142,6 +255,7 @@ def replica_container(spec: ServiceSpec, service: str) -> dict[str, Any]:
     resources = json.loads(json.dumps(spec.resources or {}))
     if spec.gpus_per_replica:  # split evenly over the group's pods (the schema says it can be)
         resources.setdefault("limits", {})[GPU] = spec.gpus_per_replica // spec.hosts
+    port = replica_port_name(spec)
     return {
         "name": "replica",
         "image": spec.image or REPLICA_IMAGE,
@@ -162,15 +276,15 @@ def replica_container(spec: ServiceSpec, service: str) -> dict[str, Any]:
                 "name": "KUBEFORGE_REPLICA_NAME",
                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
             },
-            {
-                "name": "KUBEFORGE_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": token_secret_name(service), "key": "token"}},
-            },
+            TOKEN_ENV,
+            *([TLS_ENV] if tls_on(spec) else []),
             *_rank_env(spec),
             *spec.env,
         ],
-        "ports": [{"name": "http", "containerPort": REPLICA_PORT}],
-        **probes(),
+        # Named by what it speaks, so that a scraper (the chart's PodMonitor) picks the scheme.
+        "ports": [{"name": port, "containerPort": REPLICA_PORT}],
+        "volumeMounts": [TOKEN_MOUNT, *([TLS_MOUNT] if tls_on(spec) else [])],
+        **probes(port),
         "resources": resources,
         # Actor code may write where it likes (caches, /tmp): the root stays writable here.
         "securityContext": CONTAINER_SECURITY,
@@ -216,6 +330,8 @@ def pod_template(body: dict[str, Any]) -> dict[str, Any]:
     # The overlay goes under the fields the operator owns: it cannot replace the container.
     # A replica never calls the API server: no credentials, unless the overlay asks for them.
     defaults = {"automountServiceAccountToken": False}
+    ours = [token_volume(service), *([tls_volume(service)] if tls_on(spec) else [])]
+    pod_spec["volumes"] = [*overlay.get("volumes", []), *ours]
     merged = {**defaults, **{k: v for k, v in overlay.items() if k != "containers"}, **pod_spec}
     return {"labels": _user_labels(body), "annotations": _user_annotations(body), "spec": merged}
 
@@ -291,16 +407,15 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
             *spec.router_flags(),
         ],
         "env": [
-            {
-                "name": "KUBEFORGE_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": token_secret_name(service), "key": "token"}},
-            },
+            TOKEN_ENV,
+            *([TLS_ENV] if tls_on(spec) else []),
             {  # names this router's share of the metrics in status.routers
                 "name": "KUBEFORGE_ROUTER_NAME",
                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
             },
         ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
+        "volumeMounts": [TOKEN_MOUNT, *([TLS_MOUNT] if tls_on(spec) else [])],
         **probes(),
         "resources": spec.router.resources or {},
         "securityContext": {**CONTAINER_SECURITY, "readOnlyRootFilesystem": True},
@@ -318,6 +433,10 @@ def router_objects(body: dict[str, Any]) -> list[dict[str, Any]]:
                     "serviceAccountName": router_name(service),
                     "securityContext": POD_SECURITY,
                     "containers": [container],
+                    "volumes": [
+                        token_volume(service),
+                        *([tls_volume(service, ca_only=True)] if tls_on(spec) else []),
+                    ],
                 },
             },
         },
@@ -392,3 +511,56 @@ def router_identity(body: dict[str, Any]) -> list[dict[str, Any]]:
 def endpoint(body: dict[str, Any]) -> str:
     meta = body["metadata"]
     return f"http://{router_name(meta['name'])}.{meta['namespace']}.svc:{ROUTER_PORT}"
+
+
+def network_policy_names(service: str) -> tuple[str, str]:
+    """The Service's two NetworkPolicies: its replicas', its routers'."""
+    return f"{service}-replicas", f"{service}-router"
+
+
+def network_policies(body: dict[str, Any], on_by_default: bool = True) -> list[dict[str, Any]]:
+    """Who may connect to the Service's pods; [] when its policies are off.
+
+    Replicas: the replica port from this Service's routers (and `replicaFrom`), any port from
+    the Service's other replica pods (a replica of several hosts: its gang and collectives).
+    Routers: the router port from `routerFrom`, else from anywhere. Egress stays open: actors
+    fetch weights and datasets from wherever they live.
+    """
+    spec = ServiceSpec.model_validate(body["spec"])
+    wanted = spec.network_policy
+    if not (on_by_default if wanted.enabled is None else wanted.enabled):
+        return []
+    service = body["metadata"]["name"]
+    replicas_name, router_policy = network_policy_names(service)
+
+    def pods(component: str) -> dict[str, Any]:
+        return {"matchLabels": {L_SERVICE: service, L_COMPONENT: component}}
+
+    def policy(name: str, component: str, ingress: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": owned_meta(body, name, component),
+            "spec": {
+                "podSelector": pods(component),
+                "policyTypes": ["Ingress"],
+                "ingress": ingress,
+            },
+        }
+
+    replica_port = [{"protocol": "TCP", "port": REPLICA_PORT}]
+    from_routers = [{"podSelector": pods("router")}, *wanted.replica_from]
+    router_rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": ROUTER_PORT}]}
+    if wanted.router_from:
+        router_rule["from"] = wanted.router_from
+    return [
+        policy(
+            replicas_name,
+            "replica",
+            [
+                {"from": from_routers, "ports": replica_port},
+                {"from": [{"podSelector": pods("replica")}]},
+            ],
+        ),
+        policy(router_policy, "router", [router_rule]),
+    ]

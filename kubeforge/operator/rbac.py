@@ -28,9 +28,15 @@ NAMESPACE_RULES: list[dict[str, Any]] = [
             ("", ["services", "serviceaccounts"]),
             ("apps", ["deployments"]),
             ("rbac.authorization.k8s.io", ["roles", "rolebindings"]),
+            ("networking.k8s.io", ["networkpolicies"]),
         )
     ),
+    # A Service's NetworkPolicies go when its spec turns them off.
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["delete"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    # The Certificate cert-manager issues a Service's TLS from, when its spec names an issuer
+    # (server-side apply: patch, and create when missing).
+    {"apiGroups": ["cert-manager.io"], "resources": ["certificates"], "verbs": ["create", "patch"]},
     # What it does, as Events on the Service.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]

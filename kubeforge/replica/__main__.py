@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Any
 
-from kubeforge import _runtime, ranks, spawn_guard, values
+from kubeforge import _runtime, ranks, spawn_guard, tls, tokens, values
 from kubeforge.actor import load_actor_class
 from kubeforge.errors import UnguardedMainError
 from kubeforge.replica.gang import EXIT_SETUP_FAILED, FRAME_SLACK, RankConfig, serve_rank
@@ -138,7 +138,7 @@ def _serve_rank(ns: argparse.Namespace, actor_cls: type) -> None:
         rank=me.rank,
         world_size=me.world_size,
         leader=(os.environ[ranks.MASTER_ADDR], ns.gang_port),
-        token=os.environ.get("KUBEFORGE_TOKEN") or None,
+        token=tokens.from_environ()[0].send,
         max_frame=ns.max_body + FRAME_SLACK,
     )
     sys.exit(asyncio.run(serve_rank(config, actor_cls)))
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(
             "kubeforge.replica: --max-concurrent-requests must be >= 1, --max-queued-requests >= 0"
         )
+    initial, token_dir = tokens.from_environ()
     config = ReplicaConfig(
         actor=ns.actor,
         args=ns.args,
@@ -206,15 +207,23 @@ def main(argv: list[str] | None = None) -> None:
         drain_grace=ns.drain_grace,
         max_body=ns.max_body,
         share_memory=ns.share_memory,
-        token=os.environ.get("KUBEFORGE_TOKEN") or None,
+        tokens=initial,
+        tls=tls.directory(),
         world_size=me.world_size,
         gang_port=ns.gang_port,
     )
+    if config.tls is not None:
+        tls.wait_issued(config.tls, (tls.KEY_CERT, tls.KEY_KEY))
     server = ReplicaServer(config, actor_cls)
+    following: list[asyncio.Task[None]] = []
 
     async def start() -> None:
+        if token_dir is not None:  # a rotation reaches us through the mounted Secret
+            following.append(asyncio.create_task(tokens.follow(token_dir, initial, server.use)))
         try:
             port = await server.start()
+            if config.tls is not None and server.tls is not None:  # a renewal reaches us too
+                following.append(asyncio.create_task(tls.follow(config.tls, server.tls)))
         except Exception:
             if not ns.rank_process:
                 raise

@@ -14,10 +14,12 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kubeforge import argcheck, openapi, prom, streams, values, wire
@@ -37,6 +39,7 @@ from kubeforge.errors import (
 from kubeforge.http.server import HttpServer, Request, Response
 from kubeforge.http.shm import SharedMemory
 from kubeforge.metrics import Histogram
+from kubeforge.replica import eager
 from kubeforge.replica.admission import Admission
 from kubeforge.replica.batching import Batcher
 from kubeforge.replica.gang import (
@@ -50,6 +53,8 @@ from kubeforge.replica.gang_stream import GangItems
 from kubeforge.replica.streaming import Call as _Call
 from kubeforge.replica.streaming import ItemStream, encode_result, local_items, remote
 from kubeforge.settings import DEFAULTS
+from kubeforge.tls import server_context
+from kubeforge.tokens import Tokens
 
 log = logging.getLogger("kubeforge.replica")
 
@@ -71,7 +76,8 @@ class ReplicaConfig:
     session_ttl: float = DEFAULTS.session_ttl
     drain_grace: float = DEFAULTS.drain_grace
     max_body: int = DEFAULTS.max_body
-    token: str | None = None
+    tokens: Tokens = field(default_factory=Tokens)  # what it accepts; reloadable
+    tls: Path | None = None  # the mounted `<name>-tls` Secret: serve TLS (kubeforge.tls)
     world_size: int = 1  # ranks of an SPMD replica; this server is rank 0 of them
     share_memory: bool = False  # lend and borrow large bodies (callers on this host only)
     gang_port: int = DEFAULTS.gang_port
@@ -136,24 +142,30 @@ class ReplicaServer:
         self.http = HttpServer(self.handle, config.max_body, on_error=wire.http_error)
         # Large bodies lent through shared memory, with a local Service (--share-memory).
         self.shm = SharedMemory(config.max_body) if config.share_memory else None
-        self._auth = wire.bearer(config.token)
+        self.tokens = config.tokens
         self._tasks: set[asyncio.Task[Any]] = set()
         self._openapi = wire.encode(openapi.document("kubeforge replica", self.endpoints, False))
         self.gang: Gang | None = None
+        self.tls: ssl.SSLContext | None = None  # what it serves with, renewals loaded into it
         if config.world_size > 1:
             self.gang = Gang(
                 config.world_size,
                 config.actor,
-                config.token,
+                lambda token: self.tokens.accepts_token(token),
                 _rank_lost,
                 max_frame=config.max_body + FRAME_SLACK,
             )
+
+    def use(self, tokens: Tokens) -> None:
+        """Accept these tokens from now on (a rotation; see `kubeforge.tokens`)."""
+        self.tokens = tokens
 
     # lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> int:
         """Bind first (so probes answer and say 'not ready'), then build the actor."""
-        port = await self.http.start(self.config.host, self.config.port)
+        self.tls = None if self.config.tls is None else server_context(self.config.tls)
+        port = await self.http.start(self.config.host, self.config.port, self.tls)
         self.config.port = port
         if not self.config.name:
             self.name = f"{self.config.host}:{port}"
@@ -249,7 +261,7 @@ class ReplicaServer:
             if path == "/metrics" and req.method == "GET":
                 return Response(200, self.prometheus(), prom.CONTENT_TYPE)
             if path.startswith(wire.SESSIONS_PATH + "/"):
-                wire.check_token(req, self._auth)
+                wire.check_token(req, self.tokens)
                 return await self._session(req, path[len(wire.SESSIONS_PATH) + 1 :])
             if path == "/v1/endpoints" and req.method == "GET":
                 return Response(200, wire.encode([e.describe() for e in self.endpoints.values()]))
@@ -292,7 +304,7 @@ class ReplicaServer:
 
     def _admit(self, req: Request, name: str, streaming: bool) -> _Call:
         """What every call and stream checks first: token, state, endpoint, verb, arguments."""
-        wire.check_token(req, self._auth)
+        wire.check_token(req, self.tokens)
         if self.draining:
             raise DrainingError("replica is shutting down")
         info = self.endpoints.get(name)
@@ -492,25 +504,30 @@ class ReplicaServer:
         await self.admission.acquire(timeout)
         if is_async:
             try:
-                work = fn(*args, **kwargs)
+                coro = fn(*args, **kwargs)
             except TypeError as exc:  # binding happens at call time, before the body runs
                 self.admission.release()
                 raise InvalidArgumentsError(f"TypeError: {exc}") from None
-        else:
-            # A thread cannot be cancelled: on timeout the caller gets its error at once, while
-            # the slot stays taken until the thread really returns.
-            run = contextvars.copy_context().run  # current_session() in the thread too
-            thread = asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(run, fn, *args, **kwargs)
-            )
-            thread.add_done_callback(lambda _f: self.admission.release())
-            work = asyncio.shield(thread)
-        deadline = asyncio.timeout(timeout - (time.monotonic() - started))
+        deadline = None
         try:
+            if is_async:
+                work: Awaitable[Any] = eager.first_step(coro)  # Done: it never waited
+            else:
+                # A thread cannot be cancelled: on timeout the caller gets its error at once,
+                # while the slot stays taken until the thread really returns.
+                run = contextvars.copy_context().run  # current_session() in the thread too
+                thread = asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(run, fn, *args, **kwargs)
+                )
+                thread.add_done_callback(lambda _f: self.admission.release())
+                work = asyncio.shield(thread)
+            deadline = asyncio.timeout(timeout - (time.monotonic() - started))
             async with deadline:
                 return await work
+        except eager.Done as done:
+            return done.value
         except TimeoutError as exc:
-            if not deadline.expired():
+            if deadline is None or not deadline.expired():
                 raise remote(exc) from None  # the endpoint's own TimeoutError
             raise RequestTimeoutError(
                 f"endpoint {name!r} did not finish within {timeout:g}s", timeout=timeout
@@ -593,6 +610,7 @@ class ReplicaServer:
             "sessions": len(self.sessions.live),
             "max_concurrent_requests": self.config.max_concurrent_requests,
             "pid": os.getpid(),
+            "token_digest": self.tokens.digest,
             **({} if self.gang is None else {"ranks": self._ranks()}),
             **(
                 {"batches": {n: b.report() for n, b in self.batchers.items()}}

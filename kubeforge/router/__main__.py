@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 
-from kubeforge import _runtime
+from kubeforge import _runtime, tls, tokens
 from kubeforge.router.discovery import StaticDiscovery
 from kubeforge.router.engine import RouterConfig
 from kubeforge.router.server import RouterServer
@@ -53,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
         help="re-sends of a call that failed without an answer (0: never)",
     )
     p.add_argument("--max-body", type=int, default=DEFAULTS.max_body, help="bytes")
+    p.add_argument(
+        "--tls-server-name",
+        help="with $KUBEFORGE_TLS_DIR: the name replicas must prove (default: the --service's)",
+    )
     return p
 
 
@@ -76,6 +80,13 @@ def main(argv: list[str] | None = None) -> None:
             discovery = StaticDiscovery(ns.replica)
         except ValueError as exc:
             sys.exit(f"kubeforge.router: {exc}")
+    initial, token_dir = tokens.from_environ()
+    tls_dir, upstream_tls = tls.directory(), None
+    if tls_dir is not None:  # replicas serve TLS with the Service's certificate
+        name = ns.tls_server_name or (ns.service and tls.server_name(ns.service, ns.namespace))
+        if not name:
+            sys.exit("kubeforge.router: with KUBEFORGE_TLS_DIR, give --tls-server-name")
+        upstream_tls = tls.client(tls_dir, name)
     config = RouterConfig(
         host=_runtime.bind_host(ns.host),
         port=ns.port,
@@ -84,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         request_timeout=ns.request_timeout,
         retries=ns.retries,
         max_body=ns.max_body,
-        token=os.environ.get("KUBEFORGE_TOKEN") or None,
+        tokens=initial,
+        tls=upstream_tls,
     )
     server = RouterServer(config, discovery)  # type: ignore[arg-type]
 
@@ -92,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
 
     async def start() -> None:
         port = await server.start()
+        if token_dir is not None:  # a rotation reaches us through the mounted Secret
+            follow = tokens.follow(token_dir, initial, server.router.use)
+            tasks.append(asyncio.get_running_loop().create_task(follow))
         if ns.service:
             from kubeforge.router.status_writer import StatusWriter
 

@@ -22,6 +22,8 @@ from kubeforge.router.sessions import SessionCodec
 log = logging.getLogger("kubeforge.router")
 
 _ALIAS_MEMORY = 100_000
+# Health polls in a row that may time out before a HEALTHY replica leaves rotation (`report`).
+FORGIVEN_SLOW_POLLS = 1
 
 
 class ReplicaState(enum.StrEnum):
@@ -48,6 +50,8 @@ class Replica:
     sessions_added: int = 0  # sessions this router placed on it since its last report
     max_concurrent: int = 1
     ranks: int = 1  # processes of an SPMD replica (procs x hosts), from its /healthz
+    token_digest: str = ""  # the tokens it has loaded, from its /healthz (a rotation waits)
+    slow_polls: int = 0  # health polls in a row that timed out while it was HEALTHY
     batches: dict[str, dict[str, int]] = field(default_factory=dict)  # per batched endpoint
     total_requests: int = 0
     successful_requests: int = 0
@@ -141,11 +145,30 @@ class RoutingTable:
             self._refresh()
         replica.reason = reason
 
-    def report(self, replica: Replica, health: dict[str, Any] | None, error: str = "") -> None:
-        """Apply one health poll: the replica's /healthz body, or None when the poll failed."""
+    def report(
+        self,
+        replica: Replica,
+        health: dict[str, Any] | None,
+        error: str = "",
+        timed_out: bool = False,
+    ) -> None:
+        """Apply one health poll: the replica's /healthz body, or None when the poll failed.
+
+        A HEALTHY replica whose poll only timed out stays in rotation for FORGIVEN_SLOW_POLLS
+        polls: on a busy machine one slow answer is no failure, and leaving rotation moves
+        every session it holds. A refused or cut connection (a dead process) counts at once."""
         if health is None:
+            if (
+                timed_out
+                and replica.state is ReplicaState.HEALTHY
+                and replica.slow_polls < FORGIVEN_SLOW_POLLS
+            ):
+                replica.slow_polls += 1
+                return
+            replica.slow_polls = 0
             self.set_state(replica, ReplicaState.UNHEALTHY, error or "health check failed")
             return
+        replica.slow_polls = 0
         instance = str(health.get("instance", ""))
         if replica.instance is not None and instance != replica.instance:
             log.warning(
@@ -164,6 +187,7 @@ class RoutingTable:
         replica.max_concurrent = max(1, int(health.get("max_concurrent_requests", 1)))
         replica.ranks = len(health.get("ranks") or ()) or 1
         replica.batches = batch_counts(health.get("batches"))
+        replica.token_digest = str(health.get("token_digest", ""))
         if health.get("ready"):
             self.set_state(replica, ReplicaState.HEALTHY)
         elif health.get("draining"):

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -49,6 +49,8 @@ from kubeforge.router.native import NativeRelay
 from kubeforge.router.retry import Outcome
 from kubeforge.router.sessions import SessionCodec, check_name
 from kubeforge.settings import DEFAULTS, router_request_timeout
+from kubeforge.tls import ClientTls
+from kubeforge.tokens import Tokens
 
 log = logging.getLogger("kubeforge.router")
 
@@ -137,7 +139,9 @@ class RouterConfig:
     retries: int = DEFAULTS.retries  # re-sends of a call, as `retry.decide` allows them
     retry_backoff: float = DEFAULTS.retry_backoff
     max_body: int = DEFAULTS.max_body
-    token: str | None = None
+    tokens: Tokens = field(default_factory=Tokens)  # what it accepts and sends; reloadable
+    # TLS to the replicas: the Service CA's context and the name replicas prove (kubeforge.tls).
+    tls: ClientTls | None = None
     metrics_window: float = DEFAULTS.metrics_window
     # Replies larger than this stream through (the router server: contract.STREAM_BODY); None
     # receives them whole (the local Service, whose caller decodes them in place).
@@ -150,7 +154,7 @@ class Router:
     def __init__(self, config: RouterConfig, discovery: Discovery) -> None:
         self.config = config
         self.discovery = discovery
-        self.table = RoutingTable(SessionCodec(config.token))
+        self.table = RoutingTable(SessionCodec(config.tokens.session_key))
         self.upstreams: dict[int, Upstream] = {}
         self.retries_total = 0
         # The Service resource's spec.replicas when the router follows one (for /metrics:
@@ -159,12 +163,17 @@ class Router:
         self._in_flight_sum = 0  # this router's open calls, summed ten times a second
         self._in_flight_samples = 0
         self.polled_once = False
-        self._auth = wire.bearer(config.token)
-        self._auth_line = b"authorization: " + self._auth + b"\r\n" if self._auth else b""
+        self.tokens = config.tokens
         self._tasks: list[asyncio.Task[Any]] = []
         self.native: NativeRelay | None = None
         self.shm = SharedMemory(config.max_body) if config.share_memory else None
         self._shm_peers: dict[int, int] = {}  # replica index -> its pid, once it has answered
+
+    def use(self, tokens: Tokens) -> None:
+        """Accept and send these tokens from now on (a rotation; see `kubeforge.tokens`)."""
+        self.tokens = tokens
+        if self.native is not None:
+            self.native.use(tokens)
 
     def attach(self, native: NativeRelay) -> None:
         """Let the native relay take the common calls; it follows every change of the table."""
@@ -182,7 +191,7 @@ class Router:
         old = self.upstreams.pop(index, None)
         if old is not None:
             old.close()
-        self.upstreams[index] = Upstream(host, port)
+        self.upstreams[index] = Upstream(host, port, tls=self.config.tls)
         self.table.add(
             Replica(index, name, url, SlidingWindow(time.monotonic(), self.config.metrics_window))
         )
@@ -270,7 +279,8 @@ class Router:
             TimeoutError,
         ) as exc:
             if replica.index in self.table.replicas:
-                self.table.report(replica, None, str(exc))
+                slow = isinstance(exc, UpstreamTimeout | TimeoutError)
+                self.table.report(replica, None, str(exc), timed_out=slow)
             return
         if replica.index in self.table.replicas:
             self.table.report(replica, health)
@@ -441,7 +451,7 @@ class Router:
         """The header lines a call carries on to its replica: token, body type, the ranks
         whose results it wants, deadline (as the caller sent it, or what is `left` of it for a
         re-send)."""
-        extra = self._auth_line
+        extra = self.tokens.line
         ctype = headers.get(wire.H_CONTENT_TYPE)
         if ctype:
             extra += b"content-type: " + ctype + b"\r\n"
@@ -527,8 +537,8 @@ class Router:
         if not wire.is_endpoint_name(req.path[len(wire.CALL_PREFIX) :]):
             return False  # `handle` refuses it: the path goes into our request line
         headers = req.headers
-        if self._auth is not None and headers.get(wire.H_AUTH) != self._auth:
-            return False  # `call` answers 401 (with a constant-time compare)
+        if not self.tokens.allows(headers.get(wire.H_AUTH)):
+            return False  # `call` answers 401
         extra = self._forwarded(headers)
         sid = headers.get(wire.H_SESSION)
         table = self.table
@@ -665,7 +675,7 @@ class Router:
         async def holds(replica: Replica) -> bool:
             try:
                 resp = await self.upstreams[replica.index].request(
-                    b"GET", _session_path(name), self._auth_line, b"", self.config.health_timeout
+                    b"GET", _session_path(name), self.tokens.line, b"", self.config.health_timeout
                 )
             except UpstreamError:
                 return False
@@ -678,7 +688,7 @@ class Router:
         resp = await self.upstreams[replica.index].request(
             b"POST",
             _session_path(session_id),
-            self._auth_line,
+            self.tokens.line,
             b"",
             self.config.health_timeout,
         )
@@ -724,7 +734,7 @@ class Router:
             resp = await self.upstreams[replica.index].request(
                 b"DELETE",
                 _session_path(target),
-                self._auth_line,
+                self.tokens.line,
                 b"",
                 self.config.request_timeout,
             )

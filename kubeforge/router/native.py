@@ -27,6 +27,7 @@ from kubeforge.router.discovery import split_url
 
 if TYPE_CHECKING:
     from kubeforge.router.engine import Router
+    from kubeforge.tokens import Tokens
 
 try:
     from kubeforge import _relay  # type: ignore[attr-defined]
@@ -64,12 +65,14 @@ class NativeRelay:
             _ipv4_first(host, port),
             port,
             backend_port,
-            cfg.token,
+            list(router.tokens.accept),
+            router.tokens.send,
             secret,
             router.table.codec.key,
             cfg.request_timeout,
             cfg.health_timeout,  # to connect: a replica that cannot accept in this long is down
             cfg.max_body,
+            None if cfg.tls is None else (cfg.tls.ca, cfg.tls.name),
         )
         self.port: int = self._relay.port
 
@@ -101,6 +104,9 @@ class NativeRelay:
             replica = replicas.get(index)
             if replica is not None:
                 replica.relayed = count
+
+    def use(self, tokens: Tokens) -> None:
+        self._relay.set_tokens(list(tokens.accept), tokens.send)
 
     def set_request_timeout(self, seconds: float) -> None:
         self._relay.set_request_timeout(seconds)

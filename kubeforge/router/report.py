@@ -43,6 +43,7 @@ def replica_entry(r: Replica, now: float) -> dict[str, Any]:
         "capacity_utilization": min(1.0, active / r.max_concurrent),
         "ranks": r.ranks,
         "batches": batch_sizes(r.batches),
+        "token_digest": r.token_digest,
     }
 
 
@@ -80,6 +81,7 @@ def summary(router: Router, now: float) -> dict[str, Any]:
         "retries": router.retries_total,
         "window_seconds": stats.window_s,
         "batches": _merged_batches(entries),
+        "token_digest": router.tokens.digest,
     }
     return {"service": service, "replicas": {e["index"]: e for e in entries}}
 

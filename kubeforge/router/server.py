@@ -37,7 +37,6 @@ class RouterServer:
             fast=None if self.native else self.router.relay,
             stream_above=contract.STREAM_BODY,
         )
-        self._auth = wire.bearer(config.token)
         self._secret = secrets.token_hex(16).encode()
         self._relay: native.NativeRelay | None = None
         self._openapi = wire.encode(openapi.document("kubeforge router", None, True))
@@ -89,7 +88,7 @@ class RouterServer:
                 # Here only when a relay (native or `Router.relay`) passed the call on: a bad
                 # token, a session that must move, no pooled connection yet, or, from the native
                 # relay, an attempt that failed (`resume` continues it).
-                wire.check_token(req, self._auth)
+                wire.check_token(req, self.router.tokens)
                 wire.endpoint_of(path, wire.CALL_PREFIX)
                 failed = self._relay_failure(req)
                 if failed is None:
@@ -101,11 +100,11 @@ class RouterServer:
             if path.startswith(wire.STREAM_PREFIX) and req.method == "POST":
                 # Streams always take the engine's path (the relays pass them on): placed and
                 # sent again like a call until the replica answers with its first item.
-                wire.check_token(req, self._auth)
+                wire.check_token(req, self.router.tokens)
                 wire.endpoint_of(path, wire.STREAM_PREFIX)
                 return await self.router.call(path, req.body, req.headers)
             if path.startswith("/v1/"):
-                wire.check_token(req, self._auth)
+                wire.check_token(req, self.router.tokens)
                 return await self._control(req, path)
             if path == contract.HEALTHZ and req.method == "GET":
                 healthy = len(self.router.table.healthy)

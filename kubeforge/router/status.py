@@ -28,6 +28,7 @@ _ZERO = {
     "p95LatencyMs": 0.0,
     "p99LatencyMs": 0.0,
     "inFlight": 0,
+    "tokenDigest": "",
     "replicas": {},
 }
 
@@ -50,6 +51,7 @@ def share(summary: Mapping[str, Any], in_flight: float | None = None) -> dict[st
         "p95LatencyMs": _ms(service["p95_latency"]),
         "p99LatencyMs": _ms(service["p99_latency"]),
         "inFlight": in_flight,
+        "tokenDigest": service.get("token_digest", ""),
         "replicas": {
             r["name"]: {
                 "requestRate": round(r["request_rate"], 2),
@@ -134,6 +136,7 @@ def status_patch(
                 **_replica_figures(r["name"], ordered),
                 "queueDepth": r["queue_depth"],
                 "sessions": r["assigned_sessions"],
+                "tokenDigest": r.get("token_digest", ""),
             }
             for r in replicas
         ],

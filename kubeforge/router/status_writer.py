@@ -18,7 +18,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubeforge.contract import GROUP, PLURAL, VERSION
-from kubeforge.kube import API_UNAVAILABLE, api_client
+from kubeforge.kube import API_UNAVAILABLE, api_client, api_message
 from kubeforge.router import report, status
 from kubeforge.router.engine import Router
 
@@ -88,12 +88,7 @@ class StatusWriter:
                     self.last = patch
                     self.writes += 1
                 except ApiException as exc:
-                    log.warning(
-                        "status write failed: %s %s %s",
-                        exc.status,
-                        exc.reason,
-                        str(exc.body or "")[:300],
-                    )
+                    log.warning("status write failed: %s", api_message(exc)[:300])
                 except API_UNAVAILABLE as exc:
                     log.warning("status write failed: %s: %s", type(exc).__name__, exc)
         finally:

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::http::{
     parse_request, parse_response, refusal, Request, RequestHead, ResponseHead, MAX_HEAD,
 };
+use crate::upstream::{Tls, Upstream};
 use crate::{names, wire, Shared};
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -108,32 +109,34 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
     let session = slice(raw, head.session);
     let target = {
         let mut state = shared.state.lock().unwrap();
-        let auth = shared.settings.auth.as_deref();
-        if auth.is_some_and(|want| !same(slice(raw, head.auth).unwrap_or(b""), want)) {
+        if !state.tokens.allows(slice(raw, head.auth).unwrap_or(b"")) {
             None // the Python server answers 401
         } else {
             let index = match session {
                 None => state.pick(),
                 Some(sid) => state.sticky(&shared.settings.session_key, sid),
             };
-            index.and_then(|i| {
-                let r = state.slot(i)?;
-                r.in_flight += 1;
-                let pooled = std::iter::from_fn(|| r.idle.pop()).find(still_open);
-                Some((i, r.addr, r.host_header.clone(), pooled))
-            })
+            index
+                .and_then(|i| {
+                    let r = state.slot(i)?;
+                    r.in_flight += 1;
+                    let pooled = std::iter::from_fn(|| r.idle.pop()).find(Upstream::still_open);
+                    Some((i, r.addr, r.host_header.clone(), pooled))
+                })
+                .map(|picked| (picked, state.tokens.line.clone()))
         }
     };
-    let Some((index, addr, host, pooled)) = target else {
+    let Some(((index, addr, host, pooled), auth_line)) = target else {
         return delegate(shared, raw, head, None).await;
     };
 
-    let request = upstream_head(shared, raw, head, &host, session);
+    let request = upstream_head(&auth_line, raw, head, &host, session);
     let body = &raw[head.head_len..head.head_len + head.content_length];
     let started = Instant::now();
     let timeout = shared.request_timeout();
     let connect = shared.settings.connect_timeout;
-    let sent = exchange(pooled, addr, (&request, body), connect);
+    let tls = shared.settings.tls.as_ref();
+    let sent = exchange(pooled, addr, tls, (&request, body), connect);
     let outcome = tokio::time::timeout(timeout, sent).await;
     let seconds = started.elapsed().as_secs_f64();
     let (report, held) = match outcome {
@@ -190,7 +193,7 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
 /// The head of the call as the replica gets it (the body follows unchanged): same path;
 /// token, type, deadline, ranks asked for and session.
 fn upstream_head(
-    shared: &Shared,
+    auth_line: &[u8],
     raw: &[u8],
     head: &RequestHead,
     host: &str,
@@ -204,7 +207,7 @@ fn upstream_head(
     out.extend_from_slice(b"\r\ncontent-length: ");
     out.extend_from_slice(head.content_length.to_string().as_bytes());
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&shared.settings.upstream_auth);
+    out.extend_from_slice(auth_line);
     for (name, value) in [
         ("content-type", slice(raw, head.content_type)),
         (names::HEADERS_TIMEOUT, slice(raw, head.timeout)),
@@ -225,27 +228,24 @@ fn upstream_head(
 struct Exchanged {
     bytes: Vec<u8>, // the response exactly as received, nothing after it
     head: ResponseHead,
-    conn: TcpStream,
+    conn: Upstream,
     reusable: bool, // keep-alive, and nothing arrived beyond the response
 }
 
 /// Send one request (its head, then its body) and read its complete response.
 async fn exchange(
-    pooled: Option<TcpStream>,
+    pooled: Option<Upstream>,
     addr: SocketAddr,
+    tls: Option<&Tls>,
     (head, body): (&[u8], &[u8]),
     connect_timeout: Duration,
 ) -> Result<Exchanged, Failure> {
     let mut conn = match pooled {
         Some(conn) => conn,
-        None => {
-            let conn = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| Failure::Connect)?
-                .map_err(|_| Failure::Connect)?;
-            let _ = conn.set_nodelay(true);
-            conn
-        }
+        None => tokio::time::timeout(connect_timeout, Upstream::connect(addr, tls))
+            .await
+            .map_err(|_| Failure::Connect)?
+            .map_err(|_| Failure::Connect)?,
     };
     // A small request goes out in one write (one segment); a large body is written from where
     // it was received, never copied behind its head.
@@ -294,11 +294,6 @@ async fn exchange(
     }
 }
 
-/// Constant-time comparison, for the caller's token.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Pass a request to the Python server, marked as coming from this relay, with what went
 /// wrong when a relayed attempt failed. The caller's own `x-kubeforge-relay-*` headers are
 /// dropped so no one can speak for the relay.
@@ -341,17 +336,17 @@ async fn delegate(
     let timeout = shared.request_timeout() + SERVER_SLACK;
     let pooled = {
         let mut state = shared.state.lock().unwrap();
-        std::iter::from_fn(|| state.backend_idle.pop()).find(still_open)
+        std::iter::from_fn(|| state.backend_idle.pop()).find(Upstream::still_open)
     };
     let attempt = async {
         // A pooled connection the server closed meanwhile never got the request: then once
         // more on a fresh one.
         match pooled {
-            Some(conn) => match exchange(Some(conn), backend, request, connect).await {
-                Err(Failure::Connect) => exchange(None, backend, request, connect).await,
+            Some(conn) => match exchange(Some(conn), backend, None, request, connect).await {
+                Err(Failure::Connect) => exchange(None, backend, None, request, connect).await,
                 other => other,
             },
-            None => exchange(None, backend, request, connect).await,
+            None => exchange(None, backend, None, request, connect).await,
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -419,12 +414,6 @@ fn head_too_large() -> Vec<u8> {
         &message,
         false,
     )
-}
-
-/// A pooled connection still usable: no EOF, reset or stray bytes arrived while it was idle.
-pub fn still_open(conn: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(conn.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Give the connection to the Python server: its socket, and the bytes read from it so far.

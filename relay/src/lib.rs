@@ -17,6 +17,7 @@
 mod conn;
 mod http;
 mod state;
+mod upstream;
 #[cfg(test)]
 mod vectors;
 mod wire;
@@ -42,7 +43,7 @@ use pyo3::types::PyBytes;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use state::{Sample, Settings, State};
+use state::{Sample, Settings, State, Tokens};
 
 pub struct Shared {
     pub settings: Settings,
@@ -100,19 +101,27 @@ fn ip(host: &str) -> PyResult<IpAddr> {
 impl Relay {
     /// Bind `host:port` now (so a busy port fails here) and start relaying in a thread.
     #[new]
-    #[pyo3(signature = (host, port, backend_port, token, secret, session_key, request_timeout, connect_timeout, max_body))]
+    #[pyo3(signature = (host, port, backend_port, accept, send, secret, session_key, request_timeout, connect_timeout, max_body, tls=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: &str,
         port: u16,
         backend_port: u16,
-        token: Option<String>,
+        accept: Vec<String>,
+        send: Option<String>,
         secret: String,
         session_key: String,
         request_timeout: f64,
         connect_timeout: f64,
         max_body: usize,
+        tls: Option<(Vec<u8>, String)>,
     ) -> PyResult<Self> {
+        let tls = match tls {
+            Some((ca, name)) => {
+                Some(upstream::Tls::new(&ca, &name).map_err(PyValueError::new_err)?)
+            }
+            None => None,
+        };
         let request_timeout = seconds(request_timeout, "request_timeout")?;
         let connect_timeout = seconds(connect_timeout, "connect_timeout")?;
         let listener = StdListener::bind((ip(host)?, port))
@@ -132,13 +141,13 @@ impl Relay {
         let shared = Arc::new(Shared {
             settings: Settings::new(
                 backend,
-                token,
                 &secret,
                 session_key,
+                tls,
                 max_body,
                 connect_timeout,
             ),
-            state: Mutex::new(State::new()),
+            state: Mutex::new(State::new(Tokens::new(accept, send))),
             busy: AtomicUsize::new(0),
             request_timeout_us: AtomicU64::new(micros(request_timeout)),
             handed: Mutex::new(Vec::new()),
@@ -184,6 +193,12 @@ impl Relay {
             .into_iter()
             .map(|(fd, read)| (fd.into_raw_fd(), PyBytes::new(py, &read)))
             .collect()
+    }
+
+    /// Take the tokens a rotation brought: the ones accepted from callers, the one sent on.
+    #[pyo3(signature = (accept, send))]
+    fn set_tokens(&self, accept: Vec<String>, send: Option<String>) {
+        self.shared.state.lock().unwrap().tokens = Tokens::new(accept, send);
     }
 
     /// Follow a changed request timeout (the Service resource's `requestTimeout`).

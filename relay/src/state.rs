@@ -5,13 +5,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::names;
+use crate::upstream::{Tls, Upstream};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use tokio::net::TcpStream;
-
-use crate::names;
 
 /// Samples kept when Python does not drain them (it does, every health poll).
 const MAX_SAMPLES: usize = 1 << 20;
@@ -28,7 +28,7 @@ pub struct Replica {
     pub external: i64,
     /// Calls this relay has open to it now.
     pub in_flight: i64,
-    pub idle: Vec<TcpStream>,
+    pub idle: Vec<Upstream>,
 }
 
 /// One relayed call: replica index, seconds from send to answer, and whether it succeeded.
@@ -37,10 +37,9 @@ pub type Sample = (u32, f64, bool);
 /// What never changes while the relay runs.
 pub struct Settings {
     pub backend: SocketAddr,
-    pub auth: Option<Vec<u8>>, // the exact `Authorization` value a caller must send
-    pub upstream_auth: Vec<u8>, // the header line the relay adds towards replicas
-    pub secret_line: Vec<u8>,  // the header line that tells Python a request came from here
+    pub secret_line: Vec<u8>, // the header line that tells Python a request came from here
     pub session_key: Vec<u8>,
+    pub tls: Option<Tls>, // to replicas (the backend, on loopback, is always plain)
     pub max_body: usize,
     pub connect_timeout: Duration,
 }
@@ -48,39 +47,74 @@ pub struct Settings {
 impl Settings {
     pub fn new(
         backend: SocketAddr,
-        token: Option<String>,
         secret: &str,
         session_key: String,
+        tls: Option<Tls>,
         max_body: usize,
         connect_timeout: Duration,
     ) -> Self {
         Settings {
             backend,
-            auth: token.as_ref().map(|t| format!("Bearer {t}").into_bytes()),
-            upstream_auth: match &token {
-                Some(t) => format!("authorization: Bearer {t}\r\n").into_bytes(),
-                None => Vec::new(),
-            },
             secret_line: format!("{}: {secret}\r\n", names::HEADERS_RELAY_SECRET).into_bytes(),
             session_key: session_key.into_bytes(),
+            tls,
             max_body,
             connect_timeout,
         }
     }
 }
 
+/// The shared token as Python last gave it (`set_tokens`: a rotation changes it while the relay
+/// runs). Python decides which tokens count; the relay only compares.
+pub struct Tokens {
+    accept: Vec<Vec<u8>>, // the exact `Authorization` values a caller may send; none: no check
+    pub line: Arc<[u8]>,  // the header line the relay adds towards replicas
+}
+
+impl Tokens {
+    pub fn new(accept: Vec<String>, send: Option<String>) -> Self {
+        Tokens {
+            accept: accept
+                .iter()
+                .map(|t| format!("Bearer {t}").into_bytes())
+                .collect(),
+            line: match send {
+                Some(t) => format!("authorization: Bearer {t}\r\n").into_bytes().into(),
+                None => Arc::from(&b""[..]),
+            },
+        }
+    }
+
+    /// Whether a caller's `Authorization` value is accepted: every candidate is compared, each
+    /// in constant time.
+    pub fn allows(&self, got: &[u8]) -> bool {
+        self.accept.is_empty()
+            || self
+                .accept
+                .iter()
+                .fold(false, |ok, want| ok | same(got, want))
+    }
+}
+
+/// Constant-time comparison, for the caller's token.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 pub struct State {
+    pub tokens: Tokens,
     pub replicas: Vec<Replica>, // in index order
     pub samples: Vec<Sample>,
-    pub backend_idle: Vec<TcpStream>,
+    pub backend_idle: Vec<Upstream>,
     pub calls_relayed: u64, // calls answered by a replica through the relay
     pub calls_handed_over: u64, // calls passed to the Python server (decisions, failures)
     turn: usize,
 }
 
 impl State {
-    pub fn new() -> Self {
+    pub fn new(tokens: Tokens) -> Self {
         State {
+            tokens,
             replicas: Vec::new(),
             samples: Vec::new(),
             backend_idle: Vec::new(),
@@ -158,11 +192,11 @@ impl State {
         }
     }
 
-    pub fn take_idle(&mut self, index: u32) -> Option<TcpStream> {
+    pub fn take_idle(&mut self, index: u32) -> Option<Upstream> {
         self.slot(index)?.idle.pop()
     }
 
-    pub fn put_idle(&mut self, index: u32, addr: SocketAddr, conn: TcpStream) {
+    pub fn put_idle(&mut self, index: u32, addr: SocketAddr, conn: Upstream) {
         if let Some(r) = self.slot(index) {
             if r.addr == addr && r.idle.len() < MAX_IDLE {
                 r.idle.push(conn);
@@ -210,7 +244,7 @@ mod tests {
     }
 
     fn table(rows: &[(u32, bool, i64)]) -> State {
-        let mut state = State::new();
+        let mut state = State::new(Tokens::new(Vec::new(), None));
         state.set_replicas(
             rows.iter()
                 .map(|&(i, healthy, load)| {
@@ -228,7 +262,7 @@ mod tests {
             assert_eq!(state.pick(), Some(2));
         }
         assert_eq!(table(&[(0, false, 0)]).pick(), None);
-        assert_eq!(State::new().pick(), None);
+        assert_eq!(State::new(Tokens::new(Vec::new(), None)).pick(), None);
     }
 
     #[test]

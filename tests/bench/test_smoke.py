@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = [
     (
         "router_overhead.py",
-        ["--quick", "--duration", "1", "--connections", "16", "--token", "smoke"],
+        ["--quick", "--duration", "1", "--connections", "16", "--token", "smoke", "--tls"],
         [],
         240,
     ),

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,8 +45,10 @@ class ExternalCluster:
     def pod_log(self, namespace: str, pod: str) -> str:
         return self.kubectl("logs", "-n", namespace, pod, "--all-containers", check=False).stdout
 
-    def kill_container(self, namespace: str, pod: str, container: str) -> None:
-        """SIGKILL the container's main process on the node, as the OOM killer would."""
+    def kill_container(self, namespace: str, pod: str, container: str) -> float:
+        """SIGKILL the container's main process on the node, as the OOM killer would. Returns
+        when it was killed (time.time(): the node shares this machine's clock), which is later
+        than the call by however long docker exec and crictl took."""
         node = os.environ.get("KUBEFORGE_E2E_NODE")
         if not node:
             pytest.fail("killing a container needs the kind node's name in KUBEFORGE_E2E_NODE")
@@ -53,10 +56,18 @@ class ExternalCluster:
             f"id=$(crictl ps -q --label io.kubernetes.pod.namespace={namespace} "
             f"--label io.kubernetes.pod.name={pod} "
             f"--label io.kubernetes.container.name={container}); "
-            "kill -9 $(crictl inspect --output go-template --template '{{.info.pid}}' $id)"
+            "pid=$(crictl inspect --output go-template --template '{{.info.pid}}' $id); "
+            "date +%s.%N; kill -9 $pid"
         )
         docker = os.environ.get("KUBEFORGE_REAL_DOCKER", "docker")
-        subprocess.run([docker, "exec", node, "sh", "-c", script], check=True, timeout=30)
+        done = subprocess.run(
+            [docker, "exec", node, "sh", "-c", script],
+            check=True,
+            timeout=30,
+            capture_output=True,
+            text=True,
+        )
+        return float(done.stdout.split()[-1])
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -83,6 +94,12 @@ def namespace(cluster: Cluster | ExternalCluster, request: pytest.FixtureRequest
     base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower().removeprefix("test_"))
     name = f"e2e-{base[:40].strip('-')}-{uuid.uuid4().hex[:5]}"
     cluster.kubectl("create", "namespace", name)
+    # Pods are refused until the controller manager has made the namespace's default
+    # ServiceAccount (admission looks it up): on a busy machine that takes a while.
+    deadline = time.monotonic() + 60
+    while cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode:
+        assert time.monotonic() < deadline, f"namespace {name} got no default ServiceAccount"
+        time.sleep(0.2)
     try:
         yield name
     finally:
@@ -173,7 +190,7 @@ def _granted(cluster: Any, line: str) -> bool:
     user). Then the refusal was the API server's, not a missing rule: right after the tests
     restart etcd or the API server, its RBAC authorizer answers from caches that are not
     synced yet and refuses requests its rules allow, for a moment."""
-    m = _REFUSAL.search(line)
+    m = _REFUSAL.search(re.sub(r'\\+"', '"', line))  # quotes escaped once or twice, too
     if m is None:
         return False
     user, verb, resource, group, namespace = m.groups()
@@ -186,23 +203,28 @@ def _granted(cluster: Any, line: str) -> bool:
     return cluster.kubectl(*argv, check=False).stdout.strip() == "yes"
 
 
+def wait_gpus_free(cluster: Any) -> None:
+    """Until no pod of an earlier test holds a GPU (they may still be terminating)."""
+    from tests.e2e.test_cluster import wait_for
+
+    def gpus_free() -> bool:
+        pods = json.loads(cluster.kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
+        return not any("nvidia.com/gpu" in json.dumps(p["spec"]) for p in pods)
+
+    wait_for(gpus_free, 90)
+
+
 @pytest.fixture(scope="module")
 def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     """An operator for the module's tests: on the process-node cluster a process of this
     machine, on kind the chart's. Fails the module if its RBAC was ever refused."""
-    from tests.e2e.test_cluster import wait_for
 
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / f"{CRD_NAME}.yaml")
     )
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
 
-    def gpus_free() -> bool:
-        """no pod of an earlier test holds a GPU"""
-        pods = json.loads(cluster.kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
-        return not any("nvidia.com/gpu" in json.dumps(p["spec"]) for p in pods)
-
-    wait_for(gpus_free, 60)
+    wait_gpus_free(cluster)
     op: Operator
     if isinstance(cluster, ExternalCluster):
         installed = os.environ.get("KUBEFORGE_E2E_OPERATOR")

@@ -111,8 +111,15 @@ async def test_the_count_follows_the_load_without_a_failed_call(
         # Without load, sessions spread over the 3 replicas (ties go to the fewest sessions);
         # the scale-down will take two of them away. The router must first see the load gone:
         # replicas report theirs on its health polls, a moment after the last call ends.
-        deadline = time.monotonic() + 10
-        while any(r["in_flight"] or r["queue_depth"] for r in await client.replicas()):
+        # It places sessions on the replicas it knows as healthy, and learns of a new one from
+        # its own pod watch, which may come after the operator counted the pod Ready.
+        deadline = time.monotonic() + 30
+
+        def settled(replicas: list[dict[str, Any]]) -> bool:
+            idle = not any(r["in_flight"] or r["queue_depth"] for r in replicas)
+            return idle and [r["state"] for r in replicas] == ["HEALTHY"] * 3
+
+        while not settled(await client.replicas()):
             assert time.monotonic() < deadline, await client.replicas()
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)  # two more polls: the replicas' own reports say idle too

@@ -60,8 +60,12 @@ def test_chart_renders_with_several_values_sets(cluster: Any) -> None:
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "Deployment",
+        "NetworkPolicy",
         "ServiceAccount",
     ]
+    # The operator's own policy admits nothing (its probes come from the node).
+    policy = next(d for d in default if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["ingress"] == [] and policy["spec"]["policyTypes"] == ["Ingress"]
     crd = next(d for d in default if d["kind"] == "CustomResourceDefinition")
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     deployment = next(d for d in default if d["kind"] == "Deployment")
@@ -74,7 +78,14 @@ def test_chart_renders_with_several_values_sets(cluster: Any) -> None:
     bare = render(
         cluster, "rbac.create=false", "serviceAccount.create=false", "serviceAccount.name=mine"
     )
-    assert kinds(bare) == ["CustomResourceDefinition", "Deployment"]
+    assert kinds(bare) == ["CustomResourceDefinition", "Deployment", "NetworkPolicy"]
+    # Network policies and TLS for Services that do not say: the operator's flags.
+    flags = render(cluster, "networkPolicy.enabled=false", "tls.enabled=false")
+    assert "NetworkPolicy" not in kinds(flags)
+    args = next(d for d in flags if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
+    assert "--no-network-policy" in args and "--no-tls" in args
     spec = next(d for d in bare if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     assert spec["serviceAccountName"] == "mine"
     scoped = render(cluster, "operator.namespaces={team-a,team-b}", "image.tag=v9")
@@ -85,7 +96,8 @@ def test_chart_renders_with_several_values_sets(cluster: Any) -> None:
     assert c["image"] == "kubeforge:v9"
     # Named namespaces: a Role and RoleBinding in each, nothing cluster-wide.
     assert kinds(scoped) == sorted(
-        ["CustomResourceDefinition", "Deployment", "ServiceAccount"] + ["Role", "RoleBinding"] * 2
+        ["CustomResourceDefinition", "Deployment", "NetworkPolicy", "ServiceAccount"]
+        + ["Role", "RoleBinding"] * 2
     )
     roles = {d["metadata"]["namespace"]: d for d in scoped if d["kind"] == "Role"}
     assert sorted(roles) == ["team-a", "team-b"]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from devcluster.services import service_endpoints
-from tests.e2e.conftest import ExternalCluster
+from tests.e2e.conftest import ExternalCluster, wait_gpus_free
 
 # The process node's own behaviour (pods as processes on loopback, images it never pulls); on
 # kind the kubelet's is checked by test_real_node.py.
@@ -134,6 +134,7 @@ def gpu_pod(name: str, gpus: int) -> dict[str, Any]:
 
 
 def test_gpu_capacity_is_enforced_by_the_scheduler(cluster: Any, namespace: str) -> None:
+    wait_gpus_free(cluster)  # an earlier module's GPU pods may still be terminating
     apply(cluster, namespace, gpu_pod("gpu-a", 3))
     waited = cluster.kubectl(
         "wait", "-n", namespace, "--for=condition=Ready", "pod/gpu-a", "--timeout=60s", check=False

@@ -121,6 +121,12 @@ INVALID = [
         | {k: v for k, v in COUNTER.items() if k != "spec"},
         "gpusPerReplica must be a multiple of procs x hosts",
     ),
+    (
+        "issuer of an unknown kind",
+        _with("spec.tls", {"issuerRef": {"name": "ca", "kind": "Authority"}}),
+        "spec.tls.issuerRef.kind",
+    ),
+    ("issuer without a name", _with("spec.tls", {"issuerRef": {}}), "spec.tls.issuerRef.name"),
 ]
 
 
@@ -159,3 +165,36 @@ def test_valid_manifest_defaults_scale_and_columns(cluster: Any, crd: str, names
     # Core v1 wins the plain name; the group-qualified name and the short name reach ours.
     core = cluster.kubectl("get", "services", "-n", namespace, "-o", "name").stdout
     assert "service/counter" not in core.split()  # (an operator may have made counter-router)
+
+
+def test_the_tls_issuer_is_fixed_once_the_service_exists(
+    cluster: Any, crd: str, namespace: str
+) -> None:
+    """Routers trust the CA they started with: another issuer's certificate would fail their
+    check, so the API server refuses the change (and any other edit still goes through)."""
+    apply = lambda doc: cluster.kubectl(  # noqa: E731
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False
+    )
+    assert apply(COUNTER).returncode == 0
+    added = apply(_with("spec.tls", {"issuerRef": {"name": "ca"}}))
+    assert added.returncode != 0 and "tls.issuerRef is fixed" in added.stderr, added.stderr
+    cluster.kubectl("delete", "fsvc", "-n", namespace, COUNTER["metadata"]["name"])
+    issued = _with("spec.tls", {"issuerRef": {"name": "ca"}})
+    assert apply(issued).returncode == 0
+    for changed in (
+        {"issuerRef": {"name": "other"}},
+        {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}},
+        {"enabled": True},  # dropped
+    ):
+        out = apply(_with("spec.tls", changed))
+        assert out.returncode != 0 and "tls.issuerRef is fixed" in out.stderr, (changed, out)
+    scaled = _with("spec.tls", {"issuerRef": {"name": "ca"}, "enabled": True})
+    scaled["spec"]["replicas"] = 3
+    assert apply(scaled).returncode == 0
+    spec = json.loads(
+        cluster.kubectl(
+            "get", "fsvc", "-n", namespace, COUNTER["metadata"]["name"], "-o", "json"
+        ).stdout
+    )["spec"]
+    assert spec["replicas"] == 3
+    assert spec["tls"]["issuerRef"] == {"name": "ca", "kind": "Issuer", "group": "cert-manager.io"}

@@ -276,11 +276,8 @@ async def test_service_client_through_the_router_on_kubernetes(
         "deployment/tf-router",
         "--timeout=90s",
     )
-    router = next(
-        p
-        for p in replica_pods(cluster, namespace, "tf")
-        if p["metadata"]["labels"]["kubeforge.dev/component"] == "router"
-    )
+    wait_for(lambda: len(_router_pods(cluster, namespace, "tf")) == 1, 90)
+    router = _router_pods(cluster, namespace, "tf")[0]
     url = f"http://{router['status']['podIP']}:8080"
     secret = json.loads(
         cluster.kubectl("get", "secret", "tf-token", "-n", namespace, "-o", "json").stdout
@@ -352,7 +349,12 @@ async def _router_follows_request_timeout(
     cluster.kubectl("patch", "fsvc", "tf", "-n", namespace, "--type=merge", "-p", patch)
 
     async def followed() -> bool:
-        return (await settings())["request_timeout"] == router_request_timeout(420.0)
+        # The changed flags also roll the Deployment: this pod is replaced once the new one is
+        # Ready, so an answer may fail meanwhile; it must have followed before that.
+        try:
+            return (await settings())["request_timeout"] == router_request_timeout(420.0)
+        except aiohttp.ClientError:
+            return False
 
     await _until(followed, 10, "the running router did not follow requestTimeout: 7m")
     deployment = json.loads(
@@ -424,8 +426,10 @@ async def test_kill9_replica_process_behind_the_kubernetes_router(
 
         workers = [asyncio.create_task(load()) for _ in range(2)]
         await asyncio.sleep(0.3)
-        killed = time.monotonic()
-        cluster.kill_container(namespace, victim["metadata"]["name"], "replica")
+        # From the moment of the kill (docker exec and crictl take a while before it, on kind).
+        killed = await asyncio.to_thread(
+            cluster.kill_container, namespace, victim["metadata"]["name"], "replica"
+        )
 
         async def out_of_rotation() -> bool:
             return not any(
@@ -434,7 +438,7 @@ async def test_kill9_replica_process_behind_the_kubernetes_router(
             )
 
         await _until(out_of_rotation, 5, "left rotation")
-        left_after = time.monotonic() - killed
+        left_after = time.time() - killed
         # The process node restarts the container; the router takes it back.
         await _until(lambda: _eq(states(), ["HEALTHY"] * 3), 60, "rejoined")
         stop.set()

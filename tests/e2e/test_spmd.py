@@ -43,10 +43,23 @@ def replicas_of(cluster: Any, ns: str, name: str) -> list[dict[str, Any]]:
     )
 
 
-async def healthz(pod: dict[str, Any]) -> dict[str, Any]:
-    url = f"http://{pod['status']['podIP']}:8000/healthz"
-    async with aiohttp.ClientSession() as http, http.get(url) as resp:
-        return await resp.json()
+async def healthz(cluster: Any, ns: str, pod: dict[str, Any]) -> dict[str, Any]:
+    """The replica's own /healthz, in the scheme its port is named for (TLS is on by default;
+    its certificate is for its routers, so it is not verified here). On kind, from inside the
+    pod: its NetworkPolicy lets only its routers connect from elsewhere."""
+    scheme = pod["spec"]["containers"][0]["ports"][0]["name"]
+    if isinstance(cluster, ExternalCluster):
+        read = (
+            "import ssl, urllib.request as u; "
+            f"print(u.urlopen('{scheme}://127.0.0.1:8000/healthz', "
+            "context=ssl._create_unverified_context()).read().decode())"
+        )
+        name = pod["metadata"]["name"]
+        out = cluster.kubectl("exec", "-n", ns, name, "-c", "replica", "--", "python", "-c", read)
+        return dict(json.loads(out.stdout))
+    url = f"{scheme}://{pod['status']['podIP']}:8000/healthz"
+    async with aiohttp.ClientSession() as http, http.get(url, ssl=False) as resp:
+        return dict(await resp.json())
 
 
 def kill9(cluster: Any, ns: str, pod: str, pid: int) -> None:
@@ -98,7 +111,7 @@ async def test_procs_2_ranks_share_a_pod_and_restart_together(
 
         # kill -9 of rank 1: the replica leaves rotation, restarts both ranks, rejoins; calls
         # without a session see no error, the session is re-pinned.
-        ranks = (await healthz(holder))["ranks"]
+        ranks = (await healthz(cluster, namespace, holder))["ranks"]
         errors: list[BaseException] = []
         stop = asyncio.Event()
 
@@ -128,7 +141,7 @@ async def test_procs_2_ranks_share_a_pod_and_restart_together(
         await asyncio.gather(*workers)
         assert errors == []
         assert left <= 0.2 + 1.0, left
-        after = (await healthz(holder))["ranks"]
+        after = (await healthz(cluster, namespace, holder))["ranks"]
         assert {r["pid"] for r in after}.isdisjoint({r["pid"] for r in ranks})
         assert await client.incr(sid) == {"rank": 0, "calls": 1} or sid in client._moved
         print(f"rank 1 killed: out of rotation after {left:.2f}s, rejoined after {rejoined:.1f}s")

@@ -178,8 +178,12 @@ def pid_alive(pid: int) -> bool:
 def deployed(actor: str, replicas: int, *flags: str) -> Iterator[LocalDeployment]:
     """`kubeforge run`'s deployment of `actor`: replica processes behind a router process,
     stopped (every process reaped) on the way out."""
+    # An SPMD replica gets rendezvous ports of its own (ranks > 1), not torch's default 29500,
+    # which any other SPMD process on the machine may hold.
+    ranks = int(flags[flags.index("--procs") + 1]) if "--procs" in flags else 1
     dep = LocalDeployment(
-        ReplicaSet(actor=actor, replicas=replicas, flags=list(flags)), port=free_port()
+        ReplicaSet(actor=actor, replicas=replicas, flags=list(flags), ranks=ranks),
+        port=free_port(),
     )
     dep.start(progress=lambda _m: None)
     try:

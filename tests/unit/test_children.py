@@ -71,3 +71,69 @@ def test_a_changed_router_setting_changes_the_deployment_fingerprint() -> None:
     before = ch.fingerprint(router_objects(BODY)[0])
     faster = {**BODY, "spec": {**BODY["spec"], "healthPollRate": "50ms"}}
     assert ch.fingerprint(router_objects(faster)[0]) != before
+
+
+def test_replicas_take_connections_from_their_routers_and_their_group_only() -> None:
+    from kubeforge.operator.manifests import network_policies
+
+    replicas, router = network_policies(BODY)
+    assert replicas["spec"]["podSelector"]["matchLabels"] == {
+        "kubeforge.dev/service": "svc",
+        "kubeforge.dev/component": "replica",
+    }
+    calls, group = replicas["spec"]["ingress"]
+    assert calls["from"] == [
+        {
+            "podSelector": {
+                "matchLabels": {"kubeforge.dev/service": "svc", "kubeforge.dev/component": "router"}
+            }
+        }
+    ]
+    assert calls["ports"] == [{"protocol": "TCP", "port": 8000}]  # the replica port
+    assert group == {
+        "from": [
+            {
+                "podSelector": {
+                    "matchLabels": {
+                        "kubeforge.dev/service": "svc",
+                        "kubeforge.dev/component": "replica",
+                    }
+                }
+            }
+        ]
+    }
+    assert router["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]
+    assert {p["spec"]["policyTypes"][0] for p in (replicas, router)} == {"Ingress"}
+
+
+def test_network_policies_follow_the_spec_then_the_operators_default() -> None:
+    from kubeforge.operator.manifests import network_policies
+
+    scraper = {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}
+    clients = {"podSelector": {"matchLabels": {"role": "trainer"}}}
+    body = copy.deepcopy(BODY)
+    body["spec"]["networkPolicy"] = {"replicaFrom": [scraper], "routerFrom": [clients]}
+    assert network_policies(body, on_by_default=False) == []  # unset: the operator's default
+    assert len(network_policies(body)) == 2
+    body["spec"]["networkPolicy"]["enabled"] = True
+    replicas, router = network_policies(body, on_by_default=False)
+    assert scraper in replicas["spec"]["ingress"][0]["from"]
+    assert router["spec"]["ingress"][0]["from"] == [clients]
+    body["spec"]["networkPolicy"]["enabled"] = False
+    assert network_policies(body) == []
+
+
+def test_a_policy_turned_off_is_deleted_and_a_stored_one_is_not_reapplied() -> None:
+    from kubeforge.operator.manifests import network_policies
+
+    wanted = [*_wanted(), *network_policies(BODY)]
+    live = {(o["kind"], o["metadata"]["name"]): ch.fingerprint(_as_stored(o)) for o in wanted}
+    assert ch.drifted(wanted, live) == []
+    assert ch.unwanted(wanted, live, "NetworkPolicy") == []
+    off = _wanted()
+    assert ch.unwanted(off, live, "NetworkPolicy") == ["svc-replicas", "svc-router"]
+    edited = dict(live)
+    edited[("NetworkPolicy", "svc-replicas")] = ch.fingerprint(
+        {**network_policies(BODY)[0], "spec": {"podSelector": {}, "ingress": [{}]}}
+    )
+    assert [o["metadata"]["name"] for o in ch.drifted(wanted, edited)] == ["svc-replicas"]

@@ -134,6 +134,20 @@ def test_starting_replica_gets_no_traffic() -> None:
         t.pick()
 
 
+def test_one_slow_health_poll_is_forgiven_a_second_is_not() -> None:
+    t = table_with(1)
+    r = t.replicas[0]
+    t.report(r, None, "health check timed out", timed_out=True)
+    assert r.state is ReplicaState.HEALTHY  # a busy machine, not a dead replica
+    t.report(r, _health("inst0"))
+    t.report(r, None, "health check timed out", timed_out=True)
+    assert r.state is ReplicaState.HEALTHY  # the answer in between reset the count
+    t.report(r, None, "health check timed out", timed_out=True)
+    assert r.state is ReplicaState.UNHEALTHY and "timed out" in r.reason
+    t.report(r, None, "health check timed out", timed_out=True)  # not HEALTHY: no grace
+    assert r.state is ReplicaState.UNHEALTHY
+
+
 def test_exclude_and_no_healthy_left() -> None:
     t = table_with(2)
     assert t.pick(frozenset({0})).index == 1
