@@ -64,3 +64,40 @@ def test_a_refusal_counts_only_when_nothing_of_its_kind_was_ever_allowed() -> No
     admission = json.loads(line(router, "create", "events"))
     admission["responseStatus"]["code"] = 403
     assert refused([json.dumps(admission)]) == {}
+
+
+def rbac(verb: str, resource: str, namespace: str, name: str = "", code: int = 200) -> str:
+    """A controller's request on a Role or RoleBinding, as the audit log has it."""
+    event = json.loads(line("system:serviceaccount:kube-system:gc", verb, resource, code=code))
+    event["objectRef"].update(apiGroup="rbac.authorization.k8s.io", namespace=namespace)
+    event["objectRef"].update({"name": name} if name else {})
+    return json.dumps(event)
+
+
+def test_a_refusal_after_the_accounts_own_rbac_objects_went_is_teardown() -> None:
+    router = "system:serviceaccount:a:x-router"
+    status = ("kubeforge.dev", "services/status", "patch")
+    patch = line(router, "patch", "services", "kubeforge.dev", "status", code=403)
+    # The garbage collector took x's RoleBinding with the Service: the patch that follows is
+    # the router's teardown, not a missing grant.
+    assert refused([rbac("delete", "rolebindings", "a", "x-router"), patch]) == {}
+    # Another account's objects going changes nothing for x's router.
+    assert refused([rbac("delete", "rolebindings", "a", "y-router"), patch]) == {router: {status}}
+    # Made again (the operator's apply makes it with a 201): refusals count again.
+    again = [
+        rbac("delete", "roles", "a", "x-router"),
+        rbac("patch", "roles", "a", "x-router", code=201),
+        patch,
+    ]
+    assert refused(again) == {router: {status}}
+    # A namespace's deletion takes every Role in it at once; a refused delete takes none.
+    assert refused([rbac("deletecollection", "roles", "a"), patch]) == {}
+    assert refused([rbac("deletecollection", "roles", "b"), patch]) == {router: {status}}
+    refused_gc = refused([rbac("delete", "roles", "a", "x-router", code=403), patch])
+    assert refused_gc[router] == {status}
+    swept_then_made = [
+        rbac("deletecollection", "roles", "a"),
+        rbac("create", "roles", "a", "x-router", code=201),
+        patch,
+    ]
+    assert refused(swept_then_made) == {router: {status}}
