@@ -37,6 +37,14 @@ def refused(lines: Iterable[str]) -> dict[str, set[Permission]]:
     }
 
 
+def in_teardown(lines: Iterable[str]) -> dict[str, set[Permission]]:
+    """Per user, what RBAC refused while the account's own Role or RoleBinding was deleted:
+    what `refused` leaves out, for the audit to show."""
+    lines = [line for line in lines if line.strip()]
+    gone = [line for line, unbound in zip(lines, _unbound(lines), strict=True) if unbound]
+    return used(gone, "forbid")
+
+
 _ACCOUNT = re.compile(r"system:serviceaccount:([^:]+):([^:]+)")
 _RBAC_OBJECTS = {"roles", "rolebindings"}
 

@@ -14,7 +14,7 @@ import pytest
 
 from kubeforge.operator.manifests import router_rules
 from kubeforge.operator.rbac import NAMESPACE_RULES, OPERATOR_RULES
-from tests.e2e.rbac_audit import describe, granted, of_users, refused, used
+from tests.e2e.rbac_audit import describe, granted, in_teardown, of_users, refused, used
 
 pytestmark = [pytest.mark.process_node, pytest.mark.after_all]
 
@@ -58,3 +58,5 @@ def test_the_operator_and_routers_use_exactly_what_they_are_granted(cluster: Any
         f"audit: the operator made {len(operator)} kinds of request, routers {len(routers)}; "
         "each granted, each grant used"
     )
+    for user, found in sorted(in_teardown(lines).items()):
+        print(f"refused after {user}'s Role went (its teardown): {', '.join(describe(found))}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.e2e.rbac_audit import describe, granted, of_users, refused, used
+from tests.e2e.rbac_audit import describe, granted, in_teardown, of_users, refused, used
 
 
 def line(
@@ -101,3 +101,6 @@ def test_a_refusal_after_the_accounts_own_rbac_objects_went_is_teardown() -> Non
         patch,
     ]
     assert refused(swept_then_made) == {router: {status}}
+    assert in_teardown([rbac("delete", "rolebindings", "a", "x-router"), patch]) == {
+        router: {status}
+    }
