@@ -5,7 +5,7 @@
 #
 # Usage: tests/repeat.sh [TIER...]   (default: e2e e2e-kind; RUNS=n to change the count)
 # With LOAD=1 a parallel process keeps one core busy meanwhile (flakes that only CPU
-# contention brings out).
+# contention brings out). KEEP_LOGS=1 keeps the logs of passing runs too (beside the clone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-5}
@@ -43,7 +43,7 @@ for tier in "${tiers[@]}"; do
         which=$(grep -E '^(FAILED|ERROR) tests/' "$log" | cut -d' ' -f2 | paste -sd, - || true)
         printf '%-10s %-4s %-6s %8s  %s\n' "$tier" "$i" "$result" "$secs" "${which:--}" | tee -a "$results" >&2
         [ "$result" = pass ] || echo "repeat: log kept at $log" >&2
-        [ "$result" = pass ] && rm -f "$log"
+        [ "$result" = pass ] && [ "${KEEP_LOGS:-0}" != 1 ] && rm -f "$log"
     done
 done
 cat "$results"
