@@ -101,6 +101,21 @@ class SlidingWindow:
         key = _bucket_of(latency)
         slot.hist[key] = slot.hist.get(key, 0) + 1
 
+    def record_tally(
+        self, now: float, count: int, errors: int, latency_sum: float, hist: list[tuple[int, int]]
+    ) -> None:
+        """`count` calls that ended by `now`, tallied on this window's scale elsewhere (the
+        native relay: see `SCALE`): what recording each would have done, in one step."""
+        epoch = int(now / self.bucket_s)
+        slot = self.slots[epoch % len(self.slots)]
+        if slot.epoch != epoch:
+            slot.reset(epoch)
+        slot.count += count
+        slot.errors += errors
+        slot.latency_sum += latency_sum
+        for key, n in hist:
+            slot.hist[key] = slot.hist.get(key, 0) + n
+
     def _live(self, now: float) -> list[_Slot]:
         newest = int(now / self.bucket_s)
         oldest = newest - len(self.slots) + 1
@@ -178,6 +193,11 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 
 
+# The scale a tally elsewhere must count on to fold into these windows and histograms: the
+# native relay tallies its calls on it (relay/src/tally.rs), Python keeps the arithmetic.
+SCALE = (_SUB, DURATION_BUCKETS)
+
+
 class Histogram:
     """Call durations since the process started, in fixed buckets: what Prometheus's
     `histogram_quantile` aggregates across replicas and routers (window percentiles cannot be
@@ -195,6 +215,13 @@ class Histogram:
         self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
         self.count += 1
         self.sum += seconds
+
+    def observe_tally(self, counts: list[int], total: float) -> None:
+        """Calls counted per bucket elsewhere (the native relay), `total` seconds together."""
+        for i, n in enumerate(counts):
+            self.counts[i] += n
+        self.count += sum(counts)
+        self.sum += total
 
     def cumulative(self) -> list[tuple[str, int]]:
         """(le, calls at or below it) for every bucket, +Inf last."""

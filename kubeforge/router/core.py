@@ -69,6 +69,22 @@ class Replica:
         else:
             self.failed_requests += 1
 
+    def record_tally(
+        self,
+        now: float,
+        count: int,
+        errors: int,
+        latency_sum: float,
+        hist: list[tuple[int, int]],
+        durations: list[int],
+    ) -> None:
+        """Calls the native relay finished, tallied on metrics.SCALE: as `record` for each."""
+        self.window.record_tally(now, count, errors, latency_sum, hist)
+        self.durations.observe_tally(durations, latency_sum)
+        self.total_requests += count
+        self.successful_requests += count - errors
+        self.failed_requests += errors
+
     @property
     def load(self) -> int:
         return self.in_flight + self.relayed + self.external

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from kubeforge import metrics
 from kubeforge.router.core import ReplicaState
 from kubeforge.router.discovery import split_url
 
@@ -72,6 +73,7 @@ class NativeRelay:
             cfg.request_timeout,
             cfg.health_timeout,  # to connect: a replica that cannot accept in this long is down
             cfg.max_body,
+            metrics.SCALE,
             None if cfg.tls is None else (cfg.tls.ca, cfg.tls.name),
         )
         self.port: int = self._relay.port
@@ -91,15 +93,15 @@ class NativeRelay:
         self._relay.set_replicas(rows)
 
     def collect(self) -> None:
-        """Fold the relay's samples and in-flight counts into the routing table's replicas."""
-        samples, in_flight = self._relay.drain()
+        """Fold the relay's tallies and in-flight counts into the routing table's replicas."""
+        tallies, in_flight = self._relay.drain()
         replicas = self.router.table.replicas
-        # Samples are at most one health-poll period old; they count as taken now.
+        # Calls tallied since the last drain (a tenth of a second) count as ended now.
         now = time.monotonic()
-        for index, seconds, ok in samples:
+        for index, *tally in tallies:
             replica = replicas.get(index)
             if replica is not None:
-                replica.record(now, seconds, ok)
+                replica.record_tally(now, *tally)
         for index, count in in_flight:
             replica = replicas.get(index)
             if replica is not None:

@@ -5,8 +5,9 @@
 //! without a decision: a call without a session to the least-loaded healthy replica, a call in
 //! a session to its own healthy replica. Every other request, and every relayed call that
 //! failed, goes to the router's Python server on a loopback port, marked with a per-process
-//! secret; Python then answers exactly as it would without the relay. Latency samples and
-//! in-flight counts come back through `drain`, so Python keeps the one metrics implementation.
+//! secret; Python then answers exactly as it would without the relay. Per-replica tallies of
+//! relayed calls (counted on Python's scale, see tally.rs) and in-flight counts come back
+//! through `drain`, so Python keeps the one metrics implementation.
 //! A connection the relay does not serve itself (a large body that streams, a request it does
 //! not parse) is handed over whole: its socket goes to the Python server with the bytes read so
 //! far, so no byte crosses an extra hop.
@@ -17,6 +18,7 @@
 mod conn;
 mod http;
 mod state;
+mod tally;
 mod upstream;
 #[cfg(test)]
 mod vectors;
@@ -28,6 +30,7 @@ mod names {
     include!(concat!(env!("OUT_DIR"), "/names.rs"));
 }
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -43,7 +46,8 @@ use pyo3::types::PyBytes;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use state::{Sample, Settings, State, Tokens};
+use state::{Settings, State, Tokens};
+use tally::{Scale, Tally};
 
 pub struct Shared {
     pub settings: Settings,
@@ -68,6 +72,34 @@ impl Shared {
         // Full means Python has wake-ups pending already: it takes every connection on each.
         let _ = (&self.wake).write(&[1]);
     }
+}
+
+/// A replica's tally as Python receives it (`Relay.drain`).
+type Drained = (u32, u64, u64, f64, Vec<(i64, u64)>, Vec<u64>);
+
+fn drained(tallies: BTreeMap<u32, Tally>) -> Vec<Drained> {
+    tallies
+        .into_iter()
+        .map(|(index, t)| {
+            let hist = t.hist.into_iter().collect();
+            (index, t.count, t.errors, t.latency_sum, hist, t.durations)
+        })
+        .collect()
+}
+
+/// Samples (index, seconds, ok) tallied as the relay tallies its calls, drained: for the test
+/// that folding a tally gives Python's windows what folding its samples one by one would.
+#[pyfunction]
+fn tally_samples(samples: Vec<(u32, f64, bool)>, scale: (u32, Vec<f64>)) -> Vec<Drained> {
+    let scale = Scale {
+        sub: scale.0,
+        bounds: scale.1,
+    };
+    let mut tallies: BTreeMap<u32, Tally> = BTreeMap::new();
+    for (index, seconds, ok) in samples {
+        tallies.entry(index).or_default().add(&scale, seconds, ok);
+    }
+    drained(tallies)
 }
 
 fn micros(value: Duration) -> u64 {
@@ -101,7 +133,7 @@ fn ip(host: &str) -> PyResult<IpAddr> {
 impl Relay {
     /// Bind `host:port` now (so a busy port fails here) and start relaying in a thread.
     #[new]
-    #[pyo3(signature = (host, port, backend_port, accept, send, secret, session_key, request_timeout, connect_timeout, max_body, tls=None))]
+    #[pyo3(signature = (host, port, backend_port, accept, send, secret, session_key, request_timeout, connect_timeout, max_body, scale, tls=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: &str,
@@ -114,6 +146,7 @@ impl Relay {
         request_timeout: f64,
         connect_timeout: f64,
         max_body: usize,
+        scale: (u32, Vec<f64>),
         tls: Option<(Vec<u8>, String)>,
     ) -> PyResult<Self> {
         let tls = match tls {
@@ -147,7 +180,13 @@ impl Relay {
                 max_body,
                 connect_timeout,
             ),
-            state: Mutex::new(State::new(Tokens::new(accept, send))),
+            state: Mutex::new(State::new(
+                Tokens::new(accept, send),
+                Scale {
+                    sub: scale.0,
+                    bounds: scale.1,
+                },
+            )),
             busy: AtomicUsize::new(0),
             request_timeout_us: AtomicU64::new(micros(request_timeout)),
             handed: Mutex::new(Vec::new()),
@@ -226,16 +265,18 @@ impl Relay {
         Ok(())
     }
 
-    /// Samples since the last drain, (index, seconds, ok), and the calls in flight per index.
-    fn drain(&self) -> (Vec<Sample>, Vec<(u32, i64)>) {
+    /// Each replica's tally of relayed calls since the last drain, (index, calls, errors,
+    /// latency sum, [(log bucket, calls)], [calls per duration bucket]), and the calls in
+    /// flight per index.
+    fn drain(&self) -> (Vec<Drained>, Vec<(u32, i64)>) {
         let mut state = self.shared.state.lock().unwrap();
-        let samples = std::mem::take(&mut state.samples);
+        let tallies = drained(std::mem::take(&mut state.tallies));
         let in_flight = state
             .replicas
             .iter()
             .map(|r| (r.index, r.in_flight))
             .collect();
-        (samples, in_flight)
+        (tallies, in_flight)
     }
 
     /// Calls (relayed to a replica, handed over to the Python server) since the start.
@@ -294,5 +335,6 @@ fn run(
 #[pymodule]
 fn _relay(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Relay>()?;
+    m.add_function(wrap_pyfunction!(tally_samples, m)?)?;
     Ok(())
 }

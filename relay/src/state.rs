@@ -1,20 +1,19 @@
 //! What the relay knows about replicas, pushed from Python, and what it measured, pulled back.
 //!
 //! Python's routing table stays the authority (health, sessions, placement); this is its
-//! read-mostly copy for the hot path, plus the relay's own in-flight counts and latency samples.
+//! read-mostly copy for the hot path, plus the relay's own in-flight counts and call tallies.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::names;
+use crate::tally::{Scale, Tally};
 use crate::upstream::{Tls, Upstream};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// Samples kept when Python does not drain them (it does, every health poll).
-const MAX_SAMPLES: usize = 1 << 20;
 /// Idle keep-alive connections kept per upstream.
 const MAX_IDLE: usize = 256;
 
@@ -30,9 +29,6 @@ pub struct Replica {
     pub in_flight: i64,
     pub idle: Vec<Upstream>,
 }
-
-/// One relayed call: replica index, seconds from send to answer, and whether it succeeded.
-pub type Sample = (u32, f64, bool);
 
 /// What never changes while the relay runs.
 pub struct Settings {
@@ -104,7 +100,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 pub struct State {
     pub tokens: Tokens,
     pub replicas: Vec<Replica>, // in index order
-    pub samples: Vec<Sample>,
+    /// Relayed calls per replica index since Python last drained them (bounded: a tally's
+    /// size does not grow with its calls).
+    pub tallies: BTreeMap<u32, Tally>,
+    scale: Scale,
     pub backend_idle: Vec<Upstream>,
     pub calls_relayed: u64, // calls answered by a replica through the relay
     pub calls_handed_over: u64, // calls passed to the Python server (decisions, failures)
@@ -112,11 +111,12 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(tokens: Tokens) -> Self {
+    pub fn new(tokens: Tokens, scale: Scale) -> Self {
         State {
             tokens,
             replicas: Vec::new(),
-            samples: Vec::new(),
+            tallies: BTreeMap::new(),
+            scale,
             backend_idle: Vec::new(),
             calls_relayed: 0,
             calls_handed_over: 0,
@@ -187,9 +187,11 @@ impl State {
             // calls to its old address may still finish.
             r.in_flight = (r.in_flight - 1).max(0);
         }
-        if self.samples.len() < MAX_SAMPLES {
-            self.samples.push((index, seconds, ok));
-        }
+        let scale = &self.scale;
+        self.tallies
+            .entry(index)
+            .or_default()
+            .add(scale, seconds, ok);
     }
 
     pub fn take_idle(&mut self, index: u32) -> Option<Upstream> {
@@ -243,8 +245,15 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    fn scale() -> Scale {
+        Scale {
+            sub: 8,
+            bounds: vec![0.01, 0.1],
+        }
+    }
+
     fn table(rows: &[(u32, bool, i64)]) -> State {
-        let mut state = State::new(Tokens::new(Vec::new(), None));
+        let mut state = State::new(Tokens::new(Vec::new(), None), scale());
         state.set_replicas(
             rows.iter()
                 .map(|&(i, healthy, load)| {
@@ -262,7 +271,10 @@ mod tests {
             assert_eq!(state.pick(), Some(2));
         }
         assert_eq!(table(&[(0, false, 0)]).pick(), None);
-        assert_eq!(State::new(Tokens::new(Vec::new(), None)).pick(), None);
+        assert_eq!(
+            State::new(Tokens::new(Vec::new(), None), scale()).pick(),
+            None
+        );
     }
 
     #[test]
@@ -283,7 +295,7 @@ mod tests {
         state.record(0, 0.01, true);
         state.record(0, 0.01, true); // never below zero
         assert_eq!(state.slot(0).unwrap().in_flight, 0);
-        assert_eq!(state.samples.len(), 3);
+        assert_eq!(state.tallies[&0].count, 3);
     }
 
     #[test]
