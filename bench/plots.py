@@ -243,6 +243,12 @@ def summary(results: Results) -> str:
                 "≥ 0.9x",
                 lambda r=r: _ratio(r["router_in_sessions_over_nginx_hash_rps"]),
             )
+
+            def tail(c: str = c, run: dict[str, Any] = run) -> str:
+                kf, nginx = (run["targets"][t][c]["p99_ms"] for t in ("kf-router", "nginx"))
+                return f"{_ratio(kf / nginx)} ({kf:.2f} vs {nginx:.2f} ms)"
+
+            add(f"p99: router / nginx, {c} conns{how}", "≤ 1.2x", tail)
     if "scale" in results:
         s = results["scale"]
         rows_r = s["replicas"]
@@ -252,7 +258,9 @@ def summary(results: Results) -> str:
             "flat",
             lambda: (
                 f"{rows_r['1']['router_cpu_us']:.1f} → {rows_r[last]['router_cpu_us']:.1f} "
-                f"µs ({rows_r[last]['cpu_vs_first']:.2f}x)"
+                f"µs ({rows_r[last]['cpu_vs_first']:.2f}x); net of health polling at rest "
+                f"{rows_r['1']['router_cpu_net_us']:.1f} → {rows_r[last]['router_cpu_net_us']:.1f}"
+                f" µs ({rows_r[last]['net_vs_first']:.2f}x)"
             ),
         )
         b = s["broadcast"]

@@ -116,27 +116,46 @@ def p50_ms(samples: list[float]) -> float:
 
 
 def bench_replicas(counts: list[int], duration: int) -> dict[str, Any]:
+    """Router CPU per call against the replica count, whole and net of what the router spends
+    at rest (health polling every replica 5 times a second): that part is a cost per second and
+    per replica, spread over however many calls the replicas can answer."""
     rows = {}
+    hz = os.sysconf("SC_CLK_TCK")
     with tempfile.TemporaryDirectory(prefix="kubeforge-bench-") as tmp:
         script = Path(tmp) / "call.lua"
         ro.write_lua(script, TOKEN)
         for n in counts:
             with deployment(n) as dep:
                 router = dep.router.pids[0]
+                rest = max(2, duration)
+                before, started = sum(ro.tree_cpu_ticks(router)), time.monotonic()
+                time.sleep(rest)
+                idle = (sum(ro.tree_cpu_ticks(router)) - before) / hz / (time.monotonic() - started)
                 r = ro.measure([dep.url], 16, 1, duration, script, proxy_pid=router)
                 if r.errors:
                     raise RuntimeError(f"{n} replicas: {r.errors} errors; the point is invalid")
                 cpu = (r.proxy_user_us or 0) + (r.proxy_sys_us or 0)
-                rows[n] = {"rps": r.rps, "p50_ms": r.p50_ms, "router_cpu_us": cpu}
-    base = rows[counts[0]]["router_cpu_us"]
+                rows[n] = {
+                    "rps": r.rps,
+                    "p50_ms": r.p50_ms,
+                    "router_cpu_us": cpu,
+                    "router_idle_ms_per_s": idle * 1e3,
+                    "router_cpu_net_us": cpu - idle * 1e6 / r.rps,
+                }
+    base, base_net = rows[counts[0]]["router_cpu_us"], rows[counts[0]]["router_cpu_net_us"]
     print(f"\nreplicas (router, token on, 16 connections, {duration}s each)")
-    print(f"{'replicas':>8} {'req/s':>9} {'p50 ms':>8} {'router CPU us/call':>19} {'vs 1':>6}")
+    print(
+        f"{'replicas':>8} {'req/s':>9} {'p50 ms':>8} {'router CPU us/call':>19} {'vs 1':>6}"
+        f" {'at rest ms/s':>13} {'net us/call':>12} {'vs 1':>6}"
+    )
     for n, row in rows.items():
-        ratio = row["router_cpu_us"] / base if base else float("nan")
-        row["cpu_vs_first"] = ratio
+        row["cpu_vs_first"] = row["router_cpu_us"] / base if base else float("nan")
+        row["net_vs_first"] = row["router_cpu_net_us"] / base_net if base_net else float("nan")
         print(
             f"{n:>8} {row['rps']:>9.0f} {row['p50_ms']:>8.2f} "
-            f"{row['router_cpu_us']:>19.1f} {ratio:>5.2f}x"
+            f"{row['router_cpu_us']:>19.1f} {row['cpu_vs_first']:>5.2f}x"
+            f" {row['router_idle_ms_per_s']:>13.1f} {row['router_cpu_net_us']:>12.1f}"
+            f" {row['net_vs_first']:>5.2f}x"
         )
     return rows
 
