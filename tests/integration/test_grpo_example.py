@@ -13,8 +13,8 @@ import pytest
 from tests.integration.procs import REPO
 
 pytestmark = pytest.mark.timeout(300)
-# The batch reward (chance: 0.1) was 0.80-1.00 by step 80 in four runs, but 0.40-0.84 by step
-# 50: the rollouts sample, so learning speed varies from run to run.
+# The batch reward (chance: 0.1) was 0.80-1.00 by step 80 in four runs and 0.32 in a fifth,
+# 0.40-0.84 by step 50: the rollouts sample, so learning speed varies from run to run.
 STEPS = 80
 
 
@@ -24,10 +24,12 @@ def result_of(stdout: str) -> dict:
     return json.loads(lines[0].removeprefix("RESULT "))
 
 
-def check_learned(result: dict, steps: int, rise: float = 0.3) -> None:
+def check_learned(result: dict, steps: int, rise: float = 0.15) -> None:
     """Every step trained on both ranks, every policy replica ran the new weights after each
     push, every rollout's session was freed, and the model learned the task: the batch reward
-    rose well above chance (0.1)."""
+    rose well above chance (0.1). A batch is 64 episodes, so at chance the mean of 5 batches
+    varies by about 0.017 (sigma), a difference of two such means by 0.024: a rise of 0.15 is
+    over 6 sigma. (0.3 failed one run whose reward rose slowly, 0.11 -> 0.32 by step 80.)"""
     assert result["steps"] == steps
     assert result["trainer_ranks"] == 2
     assert all(len(per_rank) == 2 for per_rank in result["losses"])
