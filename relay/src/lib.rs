@@ -91,10 +91,7 @@ fn drained(tallies: BTreeMap<u32, Tally>) -> Vec<Drained> {
 /// that folding a tally gives Python's windows what folding its samples one by one would.
 #[pyfunction]
 fn tally_samples(samples: Vec<(u32, f64, bool)>, scale: (u32, Vec<f64>)) -> Vec<Drained> {
-    let scale = Scale {
-        sub: scale.0,
-        bounds: scale.1,
-    };
+    let scale = Scale::from(scale);
     let mut tallies: BTreeMap<u32, Tally> = BTreeMap::new();
     for (index, seconds, ok) in samples {
         tallies.entry(index).or_default().add(&scale, seconds, ok);
@@ -180,13 +177,7 @@ impl Relay {
                 max_body,
                 connect_timeout,
             ),
-            state: Mutex::new(State::new(
-                Tokens::new(accept, send),
-                Scale {
-                    sub: scale.0,
-                    bounds: scale.1,
-                },
-            )),
+            state: Mutex::new(State::new(Tokens::new(accept, send), Scale::from(scale))),
             busy: AtomicUsize::new(0),
             request_timeout_us: AtomicU64::new(micros(request_timeout)),
             handed: Mutex::new(Vec::new()),

@@ -18,6 +18,13 @@ pub struct Scale {
     pub bounds: Vec<f64>,
 }
 
+impl From<(u32, Vec<f64>)> for Scale {
+    /// As Python passes it: `metrics.SCALE`.
+    fn from((sub, bounds): (u32, Vec<f64>)) -> Self {
+        Scale { sub, bounds }
+    }
+}
+
 /// One replica's relayed calls since the last drain.
 #[derive(Debug, Default, PartialEq)]
 pub struct Tally {
