@@ -60,12 +60,17 @@ def describe(hint: Any) -> str:
 
 
 def checker(
-    endpoint: str, fn: Callable[..., Any], signature: inspect.Signature, batched: bool = False
+    endpoint: str,
+    fn: Callable[..., Any],
+    signature: inspect.Signature,
+    batched: bool = False,
+    quick: bool = True,
 ) -> Check:
     """A function that binds a call's arguments to `signature` and checks each against its
     hint, raising InvalidArgumentsError (422) that names the first that does not fit. A call
     of a batched endpoint passes one element of each list the method takes: `list[X]` is
-    checked as X."""
+    checked as X. `quick=False` gives the full check alone, without the positional fast path
+    (the reference that path is tested against)."""
     hints = {k: v for k, v in type_hints(fn).items() if k != "return"}
     if batched:
         hints = {k: _element(v) for k, v in hints.items()}
@@ -100,7 +105,7 @@ def checker(
                     refuse(name, hint, item)
 
     params = list(signature.parameters.values())
-    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+    if not quick or any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
         return check
     # The common case, on every call: plain parameters passed by position. They bind as
     # `signature.bind` would bind them (a required one never follows one with a default), so

@@ -60,6 +60,13 @@ async def rotate(
     try:
         core, custom = CoreV1Api(api), CustomObjectsApi(api)
         name = token_secret_name(service)
+
+        async def status() -> Mapping[str, Any] | None:
+            body = await custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, service
+            )
+            return body.get("status")
+
         secret = await core.read_namespaced_secret(name, namespace)
         steps = tokens.rotation(_decoded(secret.data), new or secrets.token_hex(24))
         for n, step in enumerate(steps, 1):
@@ -74,13 +81,6 @@ async def rotate(
             secret = await core.replace_namespaced_secret(name, namespace, secret)
             digest = tokens.from_secret(step).digest
             say(f"step {n}/{len(steps)}: {state} (tokens {digest}); waiting for every pod")
-
-            async def status() -> Mapping[str, Any] | None:
-                body = await custom.get_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, service
-                )
-                return body.get("status")
-
             await _wait_loaded(status, digest, timeout, say)
         say(f"{namespace}/{service}: token rotated; the old token is refused from now on")
     finally:
