@@ -50,6 +50,7 @@ H_RELAY_PREFIX = _header("relay_prefix")  # headers only the native relay may se
 H_RELAY_SECRET = _header("relay_secret")
 H_RELAY_FAILED = _header("relay_failed")
 H_RELAY_PASS = _header("relay_pass")
+H_RELAY_BROADCAST = _header("relay_broadcast")  # the body is a broadcast's outcomes
 H_SHM = _header("shm")  # the sender's pid: it lends and borrows bodies in shared memory
 H_SHM_BODY = _header("shm_body")  # the body lies in the sender's segment: "pid fd seq length"
 H_SHM_FREE = _header("shm_free")  # the receiver's segments the sender views no more: "seq,seq"
@@ -64,3 +65,12 @@ READYZ: str = _DATA["paths"]["readyz"]
 
 STREAM_BODY: int = _DATA["limits"]["stream_body"]
 STREAM_MEDIA: bytes = _DATA["media"]["stream"].encode()
+JSON_MEDIA: bytes = _DATA["media"]["json"].encode()
+MSGPACK_MEDIA: bytes = _DATA["media"]["msgpack"].encode()
+BINARY_MEDIA: bytes = _DATA["media"]["binary"].encode()
+
+# kubeforge's binary format: the parts the relay writes too (a broadcast's nested replies).
+BINARY_MAGIC: bytes = _DATA["binary"]["magic"].encode()
+BINARY_VERSION: int = _DATA["binary"]["version"]
+BINARY_ALIGN: int = _DATA["binary"]["align"]
+EXT_MESSAGE: int = _DATA["binary"]["ext_message"]

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from kubeforge.contract import STREAM_MEDIA
+from kubeforge.contract import JSON_MEDIA, STREAM_MEDIA
 
 ITEM, ERROR, END = 0, 1, 2
 KINDS = (ITEM, ERROR, END)
@@ -59,7 +59,7 @@ def item_type(stream_type: bytes | None) -> bytes | None:
         name, _, value = param.partition(b"=")
         if name.strip().lower() == b"items":
             return value.strip()
-    return b"application/json"
+    return JSON_MEDIA
 
 
 class FrameReader:

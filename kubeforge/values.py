@@ -37,10 +37,12 @@ from typing import Any
 
 import msgpack
 
-MAGIC = b"KFB"
-VERSION = 1
-ALIGN = 64
-CONTENT_TYPE = b"application/x-kubeforge"
+from kubeforge import contract
+
+MAGIC = contract.BINARY_MAGIC
+VERSION = contract.BINARY_VERSION
+ALIGN = contract.BINARY_ALIGN
+CONTENT_TYPE = contract.BINARY_MEDIA
 INLINE_MAX = 256  # arrays and bytes up to this size travel inside the skeleton
 MAX_DEPTH = 64  # containers and objects nested deeper than this are refused
 MAX_NDIM = 32
@@ -60,7 +62,8 @@ EXT_FROZENSET = 7
 EXT_COMPLEX = 8  # [real, imag]
 EXT_BIGINT = 9  # decimal text of an int beyond 64 bits
 EXT_BYTES = 10  # buffer index of bytes carried out of line
-EXT_MESSAGE = 11  # buffer index of a whole message inside this one (a broadcast's replies)
+# buffer index of a whole message inside this one (a broadcast's replies)
+EXT_MESSAGE = contract.EXT_MESSAGE
 
 LIB_NUMPY, LIB_TORCH, LIB_NUMPY_SCALAR = 0, 1, 2
 OBJ_DATACLASS, OBJ_PYDANTIC, OBJ_NAMEDTUPLE = 0, 1, 2

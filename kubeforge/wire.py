@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from kubeforge import values
+from kubeforge import contract, values
 from kubeforge.contract import (  # noqa: F401  (re-exported: the wire protocol's names)
     CALL_ALL_PREFIX,
     CALL_PREFIX,
@@ -59,8 +59,8 @@ H_AUTH = b"authorization"
 H_ACCEPT = b"accept"
 H_CONTENT_TYPE = b"content-type"
 
-JSON = b"application/json"
-MSGPACK = b"application/msgpack"
+JSON = contract.JSON_MEDIA
+MSGPACK = contract.MSGPACK_MEDIA
 BINARY = values.CONTENT_TYPE
 
 # Body formats, by name.

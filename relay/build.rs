@@ -1,12 +1,12 @@
-//! Compiles kubeforge/contract.toml's `[headers]`, `[paths]`, `[media]` and `[limits]` into
-//! `names.rs`, so
-//! the relay uses the very names and sizes the Python parts read from the same file.
+//! Compiles kubeforge/contract.toml's `[headers]`, `[paths]`, `[media]`, `[limits]` and `[binary]`
+//! into `names.rs`, so the relay uses the very names and sizes the Python parts read from the
+//! same file.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 const CONTRACT: &str = "../kubeforge/contract.toml";
-const SECTIONS: [&str; 4] = ["headers", "paths", "media", "limits"];
+const SECTIONS: [&str; 5] = ["headers", "paths", "media", "limits", "binary"];
 
 fn main() {
     println!("cargo:rerun-if-changed={CONTRACT}");
@@ -24,18 +24,16 @@ fn main() {
             }
             let value = value.split('#').next().unwrap_or("").trim();
             let name = format!("{}_{}", section, key.trim()).to_uppercase();
-            if section == "limits" {
-                let number: usize = value
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{section}.{key}: expected a number of bytes"));
-                writeln!(out, "pub const {name}: usize = {number};").unwrap();
-                continue;
+            // A quoted value is a string, any other a number (a size, a code, a version).
+            match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                Some(text) => writeln!(out, "pub const {name}: &str = {text:?};").unwrap(),
+                None => {
+                    let number: usize = value.parse().unwrap_or_else(|_| {
+                        panic!("{section}.{key}: expected a quoted string or a number")
+                    });
+                    writeln!(out, "pub const {name}: usize = {number};").unwrap();
+                }
             }
-            let value = value
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .unwrap_or_else(|| panic!("{section}.{key}: expected a quoted string"));
-            writeln!(out, "pub const {name}: &str = {value:?};").unwrap();
         }
     }
     let dest = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("names.rs");

@@ -42,7 +42,7 @@ from kubeforge.http.server import HttpProtocol, Request, Response
 from kubeforge.http.shm import SharedMemory
 from kubeforge.http.stream import BodyStream
 from kubeforge.metrics import SlidingWindow
-from kubeforge.router import retry
+from kubeforge.router import fanout, retry
 from kubeforge.router.core import Placement, Replica, ReplicaState, RoutingTable
 from kubeforge.router.discovery import Discovery, split_url
 from kubeforge.router.native import NativeRelay
@@ -771,14 +771,34 @@ class Router:
         if streams.CONTENT_TYPE in asked.get(wire.H_ACCEPT, b""):
             return self._broadcast_stream(replicas, sends, fmt)
         outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        answers = [
+            (r.name, self._answer_of(r.index, self._part_of(r.index, outcome)))
+            for r, outcome in zip(replicas, outcomes, strict=True)
+        ]
+        return self._assemble(answers, fmt)
+
+    def relayed_broadcast(
+        self, outcomes: list[fanout.Relayed], asked: dict[bytes, bytes]
+    ) -> Response:
+        """A broadcast the native relay sent and did not answer itself: answered from every
+        replica's outcome as `broadcast` answers from the replies it got."""
+        answers = []
+        for part in outcomes:
+            outcome = part.outcome
+            if isinstance(outcome, str):
+                outcome = Failed(part.index, Outcome.of_report(outcome))
+            answers.append((part.name, self._answer_of(part.index, outcome)))
+        return self._assemble(answers, wire.body_format(asked.get(wire.H_CONTENT_TYPE)))
+
+    def _assemble(self, answers: list[tuple[str, _Answer]], fmt: str) -> Response:
+        """One answer from each replica's: `{"results", "replicas", "errors"}` in `fmt`."""
         results: list[Any] = []
         errors: dict[str, Any] = {}
         statuses: set[int] = set()
         replies: list[Any] = []  # binary format: each replica's reply, relayed undecoded
-        for replica, outcome in zip(replicas, outcomes, strict=True):
-            answer = self._answer_of(replica, outcome)
+        for name, answer in answers:
             if answer.error is not None:
-                errors[replica.name] = answer.error
+                errors[name] = answer.error
                 statuses.add(answer.status)
                 results.append(None)
             elif answer.message is not None:
@@ -786,32 +806,44 @@ class Router:
                 replies.append(answer.message)
             else:
                 results.append(answer.result)
-        names = [r.name for r in replicas]
-        if len(errors) == len(replicas) and len(statuses) == 1 and 400 <= min(statuses) < 500:
-            # Every replica rejected the call the same way: the caller's mistake, say it once.
+        if len(errors) == len(answers) and len(statuses) == 1 and 400 <= min(statuses) < 500:
+            # Every replica rejected the call the same way: the caller's mistake, say it once
+            # (in msgpack to a msgpack caller, else in JSON, as every error).
+            packed = fmt == wire.FMT_MSGPACK
             return Response(
                 statuses.pop(),
-                wire.encode({"error": next(iter(errors.values()))}, fmt == wire.FMT_MSGPACK),
+                wire.encode({"error": next(iter(errors.values()))}, packed),
+                wire.MSGPACK if packed else wire.JSON,
             )
+        names = [name for name, _ in answers]
         envelope = {"results": results, "replicas": names, "errors": errors}
         if fmt == wire.FMT_BINARY:
             return Response(200, values.encode(envelope, messages=replies), wire.BINARY)
         return Response(200, wire.encode_as(envelope, fmt), wire.content_type(fmt))
 
-    def _answer_of(self, replica: Replica, outcome: Any) -> _Answer:
+    @staticmethod
+    def _part_of(index: int, outcome: Any) -> fanout.Reply | Failed | BaseException:
+        """A reply or failure of the Python call path, as the relay's outcomes come too."""
+        if isinstance(outcome, UpstreamError):
+            return Failed(index, _outcome_of(outcome), str(outcome))
+        if isinstance(outcome, BaseException):
+            return outcome
+        return fanout.Reply(outcome.status, outcome.headers.get(wire.H_CONTENT_TYPE), outcome.body)
+
+    def _answer_of(self, index: int, outcome: fanout.Reply | Failed | BaseException) -> _Answer:
         """One replica's part of a broadcast: its result, its reply to nest whole (binary
         format), or its error with the status that goes with it."""
+        if isinstance(outcome, Failed):
+            self._judge(outcome, 0, {index}, {}, 0.0)  # its health, nothing more
+            err: KubeforgeError = self._error(outcome, "a broadcast is sent once")
+            return _Answer(error=err.to_wire(), status=err.status)
         if isinstance(outcome, BaseException):
-            if isinstance(outcome, UpstreamError):
-                failed = Failed(replica.index, _outcome_of(outcome), str(outcome))
-                self._judge(failed, 0, {replica.index}, {}, 0.0)  # its health, nothing more
-                err = self._error(failed, "a broadcast is sent once")
-            elif isinstance(outcome, KubeforgeError):
+            if isinstance(outcome, KubeforgeError):
                 err = outcome
             else:
                 err = ReplicaLostError(f"{type(outcome).__name__}: {outcome}")
             return _Answer(error=err.to_wire(), status=err.status)
-        reply_fmt = wire.body_format(outcome.headers.get(wire.H_CONTENT_TYPE))
+        reply_fmt = wire.body_format(outcome.content_type)
         if outcome.status < 300 and reply_fmt == wire.FMT_BINARY:
             return _Answer(message=outcome.body)  # {"result": ...}: the caller decodes it
         try:
@@ -855,7 +887,7 @@ class Router:
     def _feed_answer(
         self, out: BodyStream, replica: Replica, index: int, outcome: Any, fmt: str
     ) -> None:
-        answer = self._answer_of(replica, outcome)
+        answer = self._answer_of(replica.index, self._part_of(replica.index, outcome))
         item: dict[str, Any] = {"replica": replica.name, "index": index}
         messages = []
         if answer.error is not None:

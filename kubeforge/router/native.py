@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kubeforge import metrics
+from kubeforge.router import fanout
 from kubeforge.router.core import ReplicaState
 from kubeforge.router.discovery import split_url
 
@@ -89,7 +90,8 @@ class NativeRelay:
             healthy = r.state is ReplicaState.HEALTHY
             # The relay adds its own calls in flight to this load (everyone else's, and ours on
             # the Python path).
-            rows.append((r.index, *address, healthy, r.instance or "", r.external + r.in_flight))
+            load = r.external + r.in_flight
+            rows.append((r.index, *address, healthy, r.instance or "", r.name, load))
         self._relay.set_replicas(rows)
 
     def collect(self) -> None:
@@ -106,6 +108,11 @@ class NativeRelay:
             replica = replicas.get(index)
             if replica is not None:
                 replica.relayed = count
+
+    def take_broadcast(self, id_: int) -> list[fanout.Relayed] | None:
+        """The outcomes of a broadcast the relay sent and passed on for Python to answer."""
+        rows = self._relay.take_broadcast(id_)
+        return None if rows is None else fanout.relayed(rows)
 
     def use(self, tokens: Tokens) -> None:
         self._relay.set_tokens(list(tokens.accept), tokens.send)

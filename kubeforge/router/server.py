@@ -71,15 +71,34 @@ class RouterServer:
         await self.http.close(grace)
         await self.router.stop()
 
+    def _from_relay(self, req: Request, header: bytes) -> str | None:
+        """What the native relay says in `header`, when the request comes from it (its
+        secret); callers' own `x-kubeforge-relay-*` headers never get here with it."""
+        said = req.headers.get(header)
+        secret = req.headers.get(contract.H_RELAY_SECRET)
+        if said is None or secret is None or not hmac.compare_digest(secret, self._secret):
+            return None
+        return said.decode()
+
     def _relay_failure(self, req: Request) -> tuple[int, float, str] | None:
         """(replica index, seconds the attempt took, what happened) when the native relay
         passes on a call that failed there."""
-        failed = req.headers.get(contract.H_RELAY_FAILED)
-        secret = req.headers.get(contract.H_RELAY_SECRET)
-        if failed is None or secret is None or not hmac.compare_digest(secret, self._secret):
+        failed = self._from_relay(req, contract.H_RELAY_FAILED)
+        if failed is None:
             return None
-        index, took, report = failed.decode().split(" ", 2)
+        index, took, report = failed.split(" ", 2)
         return int(index), float(took), report
+
+    async def _broadcast(self, req: Request, endpoint: str) -> Response:
+        """A broadcast: sent here, or sent by the native relay, which passes it on with its
+        outcomes when it does not answer it itself."""
+        parked = self._from_relay(req, contract.H_RELAY_BROADCAST)
+        if parked is None or self._relay is None:
+            return await self.router.broadcast(endpoint, req.body, req.headers)
+        outcomes = self._relay.take_broadcast(int(parked))
+        if outcomes is None:  # the relay gave up waiting: the caller is gone
+            return wire.http_error(503, "the broadcast's outcomes are gone")
+        return self.router.relayed_broadcast(outcomes, req.headers)
 
     async def handle(self, req: Request) -> Response:
         path = req.path
@@ -126,11 +145,7 @@ class RouterServer:
         method = req.method
         self.router.collect()
         if path.startswith(wire.CALL_ALL_PREFIX) and method == "POST":
-            return await self.router.broadcast(
-                wire.endpoint_of(path, wire.CALL_ALL_PREFIX),
-                req.body,
-                req.headers,
-            )
+            return await self._broadcast(req, wire.endpoint_of(path, wire.CALL_ALL_PREFIX))
         if path == wire.SESSIONS_PATH and method == "POST":
             return await self.router.start_session()
         if path.startswith(wire.SESSIONS_PATH + "/") and method == "DELETE":

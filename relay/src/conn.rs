@@ -2,6 +2,7 @@
 //! write the answer, repeat. Requests on one connection are answered in order.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::broadcast::{self, Parts};
 use crate::http::{
     parse_request, parse_response, refusal, Request, RequestHead, ResponseHead, MAX_HEAD,
 };
@@ -25,14 +27,14 @@ const SERVER_SLACK: Duration = Duration::from_secs(10);
 
 /// Why a relayed call got no answer, as reported to Python, which decides what happens next.
 #[derive(Clone, Copy)]
-enum Failure {
+pub enum Failure {
     Connect, // never reached the replica
     Lost,    // the connection broke after the call was sent
     Timeout, // no answer within the request timeout
 }
 
 impl Failure {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Failure::Connect => "connect",
             Failure::Lost => "lost",
@@ -41,10 +43,55 @@ impl Failure {
     }
 }
 
-struct Answer {
+pub struct Answer {
     bytes: Vec<u8>,
+    /// What follows `bytes`: a large answer written from the buffers it was received in.
+    tail: Vec<(Vec<u8>, Range<usize>)>,
     close: bool,
     pass_on: bool, // Python's verdict: answer with the replica's answer the relay holds
+}
+
+impl Answer {
+    fn whole(bytes: Vec<u8>, close: bool) -> Self {
+        Answer {
+            bytes,
+            tail: Vec::new(),
+            close,
+            pass_on: false,
+        }
+    }
+
+    /// A head and a body of parts: one write when it is small.
+    pub fn with_parts(mut head: Vec<u8>, body: Parts) -> Self {
+        if body.len < SMALL_BODY {
+            head.reserve(body.len);
+            for (buf, range) in &body.parts {
+                head.extend_from_slice(&buf[range.clone()]);
+            }
+            return Answer::whole(head, false);
+        }
+        Answer {
+            bytes: head,
+            tail: body.parts,
+            close: false,
+            pass_on: false,
+        }
+    }
+
+    async fn write_to(&self, client: &mut TcpStream) -> std::io::Result<()> {
+        client.write_all(&self.bytes).await?;
+        for (buf, range) in &self.tail {
+            client.write_all(&buf[range.clone()]).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What the Python server gets with a request the relay passes on.
+pub enum Handed {
+    Whole,          // the request as the caller sent it: Python answers it from the start
+    Failed(String), // a call the relay relayed, and how that went (`index seconds report`)
+    Broadcast(u64), // a broadcast sent: where its outcomes wait (`Shared::park`); no body
 }
 
 pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, mut stop: watch::Receiver<bool>) {
@@ -89,7 +136,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, mut stop: watch::
         shared.busy.fetch_add(1, Ordering::SeqCst);
         let total = head.head_len + head.content_length;
         let answer = answer(&shared, &buf[..total], &head).await;
-        let written = client.write_all(&answer.bytes).await;
+        let written = answer.write_to(&mut client).await;
         shared.busy.fetch_sub(1, Ordering::SeqCst);
         buf.drain(..total);
         if written.is_err() || answer.close || !head.keep_alive || *stop.borrow() {
@@ -102,9 +149,12 @@ fn slice(buf: &[u8], range: Option<(usize, usize)>) -> Option<&[u8]> {
     range.map(|(a, b)| &buf[a..b])
 }
 
-async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
+async fn answer(shared: &Arc<Shared>, raw: &[u8], head: &RequestHead) -> Answer {
+    if head.is_broadcast && head.keep_alive {
+        return broadcast::answer(shared, raw, head).await;
+    }
     if !head.is_call || !head.keep_alive {
-        return delegate(shared, raw, head, None).await;
+        return delegate(shared, raw, head, Handed::Whole).await;
     }
     let session = slice(raw, head.session);
     let target = {
@@ -127,10 +177,11 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
         }
     };
     let Some(((index, addr, host, pooled), auth_line)) = target else {
-        return delegate(shared, raw, head, None).await;
+        return delegate(shared, raw, head, Handed::Whole).await;
     };
 
-    let request = upstream_head(&auth_line, raw, head, &host, session);
+    let path = &raw[head.path.0..head.path.1];
+    let request = upstream_head(&auth_line, raw, head, path, &host, session);
     let body = &raw[head.head_len..head.head_len + head.content_length];
     let started = Instant::now();
     let timeout = shared.request_timeout();
@@ -160,13 +211,7 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
             match refused {
                 // A replica that closes after its answer makes the caller reconnect too, so a
                 // call pipelined behind this one is never relayed after a `close`.
-                None => {
-                    return Answer {
-                        bytes,
-                        close: !resp.keep_alive,
-                        pass_on: false,
-                    }
-                }
+                None => return Answer::whole(bytes, !resp.keep_alive),
                 Some(report) => (report, Some((bytes, !resp.keep_alive))),
             }
         }
@@ -178,30 +223,27 @@ async fn answer(shared: &Shared, raw: &[u8], head: &RequestHead) -> Answer {
     }
     // Python goes on from here: which replica, how long the attempt took, what happened.
     let failed = format!("{index} {seconds:.6} {report}");
-    let answer = delegate(shared, raw, head, Some(failed)).await;
+    let answer = delegate(shared, raw, head, Handed::Failed(failed)).await;
     match held {
         // Python decided the replica's own refusal is the caller's answer.
-        Some((bytes, close)) if answer.pass_on => Answer {
-            bytes,
-            close,
-            pass_on: false,
-        },
+        Some((bytes, close)) if answer.pass_on => Answer::whole(bytes, close),
         _ => answer,
     }
 }
 
-/// The head of the call as the replica gets it (the body follows unchanged): same path;
-/// token, type, deadline, ranks asked for and session.
-fn upstream_head(
+/// The head of the call as the replica gets it at `path` (the body follows unchanged): token,
+/// type, deadline, ranks asked for and session.
+pub fn upstream_head(
     auth_line: &[u8],
     raw: &[u8],
     head: &RequestHead,
+    path: &[u8],
     host: &str,
     session: Option<&[u8]>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"POST ");
-    out.extend_from_slice(&raw[head.path.0..head.path.1]);
+    out.extend_from_slice(path);
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\ncontent-length: ");
@@ -225,15 +267,15 @@ fn upstream_head(
     out
 }
 
-struct Exchanged {
-    bytes: Vec<u8>, // the response exactly as received, nothing after it
-    head: ResponseHead,
-    conn: Upstream,
-    reusable: bool, // keep-alive, and nothing arrived beyond the response
+pub struct Exchanged {
+    pub bytes: Vec<u8>, // the response exactly as received, nothing after it
+    pub head: ResponseHead,
+    pub conn: Upstream,
+    pub reusable: bool, // keep-alive, and nothing arrived beyond the response
 }
 
 /// Send one request (its head, then its body) and read its complete response.
-async fn exchange(
+pub async fn exchange(
     pooled: Option<Upstream>,
     addr: SocketAddr,
     tls: Option<&Tls>,
@@ -294,16 +336,11 @@ async fn exchange(
     }
 }
 
-/// Pass a request to the Python server, marked as coming from this relay, with what went
-/// wrong when a relayed attempt failed. The caller's own `x-kubeforge-relay-*` headers are
-/// dropped so no one can speak for the relay.
-async fn delegate(
-    shared: &Shared,
-    raw: &[u8],
-    head: &RequestHead,
-    failed: Option<String>,
-) -> Answer {
-    if head.is_call {
+/// Pass a request to the Python server, marked as coming from this relay, with what the relay
+/// did with it (`handed`). The caller's own `x-kubeforge-relay-*` headers are dropped so no one
+/// can speak for the relay.
+pub async fn delegate(shared: &Shared, raw: &[u8], head: &RequestHead, handed: Handed) -> Answer {
+    if head.is_call || head.is_broadcast {
         shared.state.lock().unwrap().calls_handed_over += 1;
     }
     // The head is written anew, line by line, with CRLF endings whatever the caller used.
@@ -317,20 +354,35 @@ async fn delegate(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(&shared.settings.secret_line);
-    if let Some(failed) = failed {
-        let failed = format!("{}: {failed}\r\n", names::HEADERS_RELAY_FAILED);
-        out.extend_from_slice(failed.as_bytes());
+    let mut body = &raw[head.head_len..];
+    match &handed {
+        Handed::Whole => {}
+        Handed::Failed(failed) => {
+            let failed = format!("{}: {failed}\r\n", names::HEADERS_RELAY_FAILED);
+            out.extend_from_slice(failed.as_bytes());
+        }
+        Handed::Broadcast(id) => {
+            let line = format!(
+                "{}: {id}\r\ncontent-length: 0\r\n",
+                names::HEADERS_RELAY_BROADCAST
+            );
+            out.extend_from_slice(line.as_bytes());
+            body = b"";
+        }
     }
+    let new_length = matches!(handed, Handed::Broadcast(_));
     let prefix = names::HEADERS_RELAY_PREFIX.as_bytes();
     for line in lines {
-        if line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        let named =
+            |name: &[u8]| line.len() >= name.len() && line[..name.len()].eq_ignore_ascii_case(name);
+        if named(prefix) || (new_length && named(b"content-length:")) {
             continue;
         }
         out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    let request = (out.as_slice(), &raw[head.head_len..]);
+    let request = (out.as_slice(), body);
     let backend = shared.settings.backend;
     let connect = shared.settings.connect_timeout;
     let timeout = shared.request_timeout() + SERVER_SLACK;
@@ -358,16 +410,11 @@ async fn delegate(
                 }
             }
             Answer {
-                bytes: done.bytes,
-                close: !done.head.keep_alive,
                 pass_on: done.head.pass_on,
+                ..Answer::whole(done.bytes, !done.head.keep_alive)
             }
         }
-        _ => Answer {
-            bytes: server_gone(msgpack_caller(raw, head)),
-            close: true,
-            pass_on: false,
-        },
+        _ => Answer::whole(server_gone(msgpack_caller(raw, head)), true),
     }
 }
 

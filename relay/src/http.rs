@@ -19,7 +19,8 @@ const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "
 pub struct RequestHead {
     pub head_len: usize,
     pub content_length: usize,
-    pub is_call: bool, // POST /v1/call/...
+    pub is_call: bool,      // POST /v1/call/...
+    pub is_broadcast: bool, // POST /v1/call_all/...
     pub keep_alive: bool,
     pub path: (usize, usize), // byte range of the path in the buffer
     pub auth: Option<(usize, usize)>,
@@ -103,6 +104,7 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Request {
         head_len,
         content_length: 0,
         is_call: method == "POST" && path.starts_with(names::PATHS_CALL),
+        is_broadcast: method == "POST" && path.starts_with(names::PATHS_CALL_ALL),
         keep_alive: true,
         path: range(buf, path.as_bytes()),
         auth: None,
@@ -165,6 +167,7 @@ pub struct ResponseHead {
     pub status: u16,
     pub content_length: usize,
     pub keep_alive: bool,
+    pub content_type: Option<(usize, usize)>, // byte range of its value in the buffer
     pub retryable: Option<Vec<u8>>,
     /// From the Python server only: "answer with the replica's own answer you hold".
     pub pass_on: bool,
@@ -184,6 +187,7 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str> 
         status: resp.code.unwrap_or(0),
         content_length: usize::MAX,
         keep_alive: resp.version == Some(1),
+        content_type: None,
         retryable: None,
         pass_on: false,
     };
@@ -194,6 +198,8 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str> 
             if has_token(h.value, b"close") {
                 head.keep_alive = false;
             }
+        } else if h.name.eq_ignore_ascii_case("content-type") {
+            head.content_type = Some(range(buf, h.value));
         } else if h.name.eq_ignore_ascii_case(names::HEADERS_RETRYABLE) {
             head.retryable = Some(h.value.to_vec());
         } else if h.name.eq_ignore_ascii_case(names::HEADERS_RELAY_PASS) {

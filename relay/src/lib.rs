@@ -15,6 +15,7 @@
 //! One thread runs a single-threaded tokio runtime: on a two-core pod a second thread would
 //! only compete with the replicas' own work.
 
+mod broadcast;
 mod conn;
 mod http;
 mod state;
@@ -30,7 +31,7 @@ mod names {
     include!(concat!(env!("OUT_DIR"), "/names.rs"));
 }
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -42,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyString};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -59,6 +60,9 @@ pub struct Shared {
     handed: Mutex<Vec<(OwnedFd, Vec<u8>)>>,
     /// Written to when `handed` grows; Python's event loop watches the other end.
     wake: UnixStream,
+    /// Broadcasts the relay sent and Python answers: each replica's outcome, by id.
+    parked: Mutex<HashMap<u64, Vec<broadcast::Outcome>>>,
+    next_parked: AtomicU64,
 }
 
 impl Shared {
@@ -72,7 +76,30 @@ impl Shared {
         // Full means Python has wake-ups pending already: it takes every connection on each.
         let _ = (&self.wake).write(&[1]);
     }
+
+    /// Keep a broadcast's outcomes for Python to take; the id to take them by.
+    pub fn park(&self, outcomes: Vec<broadcast::Outcome>) -> u64 {
+        let id = self.next_parked.fetch_add(1, Ordering::Relaxed);
+        self.parked.lock().unwrap().insert(id, outcomes);
+        id
+    }
+
+    /// Drop what Python did not take (it answered without them, or never answered).
+    pub fn unpark(&self, id: u64) {
+        self.parked.lock().unwrap().remove(&id);
+    }
 }
+
+/// A replica's outcome as Python takes it: (index, name, seconds, status, content type, body)
+/// for an answer, (index, name, seconds, None, None, report) for none.
+type Taken<'py> = (
+    u32,
+    String,
+    f64,
+    Option<u16>,
+    Option<Bound<'py, PyBytes>>,
+    Bound<'py, PyAny>,
+);
 
 /// A replica's tally as Python receives it (`Relay.drain`).
 type Drained = (u32, u64, u64, f64, Vec<(i64, u64)>, Vec<u64>);
@@ -97,6 +124,18 @@ fn tally_samples(samples: Vec<(u32, f64, bool)>, scale: (u32, Vec<f64>)) -> Vec<
         tallies.entry(index).or_default().add(&scale, seconds, ok);
     }
     drained(tallies)
+}
+
+/// The relay's answer to a broadcast whose replies were `responses` (whole HTTP responses),
+/// or None when it would hand them to Python: for the test that it writes what Python writes.
+#[pyfunction]
+fn broadcast_envelope<'py>(
+    py: Python<'py>,
+    content_type: &[u8],
+    names: Vec<String>,
+    responses: Vec<Vec<u8>>,
+) -> Option<Bound<'py, PyBytes>> {
+    broadcast::splice(content_type, &names, responses).map(|out| PyBytes::new(py, &out))
 }
 
 fn micros(value: Duration) -> u64 {
@@ -182,6 +221,8 @@ impl Relay {
             request_timeout_us: AtomicU64::new(micros(request_timeout)),
             handed: Mutex::new(Vec::new()),
             wake,
+            parked: Mutex::new(HashMap::new()),
+            next_parked: AtomicU64::new(0),
         });
         let (stop, stopped) = watch::channel(false);
         let grace = Arc::new(Mutex::new(Duration::ZERO));
@@ -225,6 +266,31 @@ impl Relay {
             .collect()
     }
 
+    /// The outcomes of a broadcast the relay passed on (`x-kubeforge-relay-broadcast: <id>`),
+    /// in the order it sent to the replicas; None once taken, or when it gave up waiting.
+    fn take_broadcast<'py>(&self, py: Python<'py>, id: u64) -> Option<Vec<Taken<'py>>> {
+        let outcomes = self.shared.parked.lock().unwrap().remove(&id)?;
+        let taken = outcomes.into_iter().map(|o| {
+            let (status, content_type, body) = match &o.reply {
+                Ok(reply) => (
+                    Some(reply.head.status),
+                    reply.content_type().map(|ct| PyBytes::new(py, ct)),
+                    PyBytes::new(py, reply.body()).into_any(),
+                ),
+                Err(failure) => (None, None, PyString::new(py, failure.as_str()).into_any()),
+            };
+            (
+                o.index,
+                o.name.to_string(),
+                o.seconds,
+                status,
+                content_type,
+                body,
+            )
+        });
+        Some(taken.collect())
+    }
+
     /// Take the tokens a rotation brought: the ones accepted from callers, the one sent on.
     #[pyo3(signature = (accept, send))]
     fn set_tokens(&self, accept: Vec<String>, send: Option<String>) {
@@ -240,17 +306,22 @@ impl Relay {
         Ok(())
     }
 
-    /// The replicas: (index, ip, port, healthy, instance, load others put on it).
-    fn set_replicas(&self, replicas: Vec<(u32, String, u16, bool, String, i64)>) -> PyResult<()> {
+    /// The replicas: (index, ip, port, healthy, instance, name, load others put on it).
+    #[allow(clippy::type_complexity)]
+    fn set_replicas(
+        &self,
+        replicas: Vec<(u32, String, u16, bool, String, String, i64)>,
+    ) -> PyResult<()> {
         let mut update = Vec::with_capacity(replicas.len());
-        for (index, host, port, healthy, instance, external) in replicas {
-            update.push((
+        for (index, host, port, healthy, instance, name, external) in replicas {
+            update.push(state::Row {
                 index,
-                SocketAddr::new(ip(&host)?, port),
+                addr: SocketAddr::new(ip(&host)?, port),
                 healthy,
                 instance,
+                name,
                 external,
-            ));
+            });
         }
         self.shared.state.lock().unwrap().set_replicas(update);
         Ok(())
@@ -327,5 +398,6 @@ fn run(
 fn _relay(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Relay>()?;
     m.add_function(wrap_pyfunction!(tally_samples, m)?)?;
+    m.add_function(wrap_pyfunction!(broadcast_envelope, m)?)?;
     Ok(())
 }

@@ -23,11 +23,23 @@ pub struct Replica {
     pub host_header: String,
     pub healthy: bool,
     pub instance: String,
+    pub name: Arc<str>, // as a broadcast's answer names it
     /// Load others put on it, as Python last computed it (its own calls + other routers').
     pub external: i64,
     /// Calls this relay has open to it now.
     pub in_flight: i64,
     pub idle: Vec<Upstream>,
+}
+
+/// A replica as Python pushes it (`set_replicas`).
+pub struct Row {
+    pub index: u32,
+    pub addr: SocketAddr,
+    pub healthy: bool,
+    pub instance: String,
+    pub name: String,
+    /// Load others put on it (see `Replica::external`).
+    pub external: i64,
 }
 
 /// What never changes while the relay runs.
@@ -126,21 +138,22 @@ impl State {
 
     /// Replace the replica list, keeping pooled connections and in-flight counts of replicas
     /// that stay at the same address.
-    pub fn set_replicas(&mut self, update: Vec<(u32, SocketAddr, bool, String, i64)>) {
+    pub fn set_replicas(&mut self, update: Vec<Row>) {
         let mut old: HashMap<u32, Replica> =
             self.replicas.drain(..).map(|r| (r.index, r)).collect();
-        for (index, addr, healthy, instance, external) in update {
-            let (in_flight, idle) = match old.remove(&index) {
-                Some(r) if r.addr == addr => (r.in_flight, r.idle),
+        for row in update {
+            let (in_flight, idle) = match old.remove(&row.index) {
+                Some(r) if r.addr == row.addr => (r.in_flight, r.idle),
                 _ => (0, Vec::new()),
             };
             self.replicas.push(Replica {
-                index,
-                addr,
-                host_header: addr.to_string(),
-                healthy,
-                instance,
-                external,
+                index: row.index,
+                addr: row.addr,
+                host_header: row.addr.to_string(),
+                healthy: row.healthy,
+                instance: row.instance,
+                name: row.name.into(),
+                external: row.external,
                 in_flight,
                 idle,
             });
@@ -252,13 +265,22 @@ mod tests {
         }
     }
 
+    fn row(index: u32, port: u16, healthy: bool, external: i64) -> Row {
+        Row {
+            index,
+            addr: addr(port),
+            healthy,
+            instance: format!("i{index}"),
+            name: format!("r{index}"),
+            external,
+        }
+    }
+
     fn table(rows: &[(u32, bool, i64)]) -> State {
         let mut state = State::new(Tokens::new(Vec::new(), None), scale());
         state.set_replicas(
             rows.iter()
-                .map(|&(i, healthy, load)| {
-                    (i, addr(9000 + i as u16), healthy, format!("i{i}"), load)
-                })
+                .map(|&(i, healthy, load)| row(i, 9000 + i as u16, healthy, load))
                 .collect(),
         );
         state
@@ -322,8 +344,8 @@ mod tests {
         state.slot(0).unwrap().in_flight = 3;
         state.slot(1).unwrap().in_flight = 4;
         state.set_replicas(vec![
-            (0, addr(9000), false, "i0".into(), 0),
-            (1, addr(9999), true, "i1".into(), 0), // moved: starts from zero
+            row(0, 9000, false, 0),
+            row(1, 9999, true, 0), // moved: starts from zero
         ]);
         assert_eq!(state.slot(0).unwrap().in_flight, 3);
         assert!(!state.slot(0).unwrap().healthy);

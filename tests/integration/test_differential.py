@@ -516,6 +516,31 @@ CASES: list[Case] = [
     Case("unknown path", req(path=b"/nope")),
     Case("call_all, unknown endpoint", req(path=b"/v1/call_all/nope")),
     Case("call_all, not an identifier", req(path=b"/v1/call_all/a%20b")),
+    Case("call_all, endpoint with a query", req(path=b"/v1/call_all/echo?x=1")),
+    Case("call_all, empty endpoint", req(path=b"/v1/call_all/")),
+    Case(
+        "call_all, wrong token",
+        req(b"authorization: Bearer no", path=b"/v1/call_all/echo", auth=False),
+    ),
+    Case("call_all, no token", req(path=b"/v1/call_all/echo", auth=False)),
+    Case("call_all, bad JSON", req(path=b"/v1/call_all/echo", body=b"{")),
+    Case("call_all, connection: close", req(b"connection: close", path=b"/v1/call_all/echo")),
+    Case(
+        "call_all, pipelined twice",
+        req(path=b"/v1/call_all/echo") + req(path=b"/v1/call_all/echo_sync"),
+        responses=2,
+    ),
+    Case(
+        "msgpack call_all",
+        req(ctype=MSGPACK, path=b"/v1/call_all/echo", body=mp({"args": [[1, "é"]]})),
+    ),
+    Case(
+        "msgpack call_all, unknown endpoint",
+        req(ctype=MSGPACK, path=b"/v1/call_all/nope", body=mp({})),
+    ),
+    Case(
+        "msgpack call_all, bad msgpack", req(ctype=MSGPACK, path=b"/v1/call_all/echo", body=b"\xc1")
+    ),
     Case("GET /v1/metrics", req(method=b"GET", path=b"/v1/metrics", body=b"")),
     Case("GET /v1/replicas", req(method=b"GET", path=b"/v1/replicas", body=b"")),
     Case("GET /healthz", req(method=b"GET", path=b"/healthz", body=b"", auth=False)),
@@ -651,6 +676,10 @@ CASES += [
         ),
     ),
     Case("binary call, tuple and bytes", req(ctype=BINARY, body=binary_call((1, b"\x00" * 300)))),
+    Case(
+        "binary call_all, unknown endpoint",
+        req(path=b"/v1/call_all/nope", ctype=BINARY, body=binary_call(1)),
+    ),
     Case(
         "binary call_all",
         req(path=b"/v1/call_all/echo", ctype=BINARY, body=binary_call([1.5, None])),

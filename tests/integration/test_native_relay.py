@@ -2,6 +2,7 @@
 
 import aiohttp
 
+from kubeforge import values, wire
 from tests.integration.conftest import call, start_session
 from tests.integration.procs import Procs, http_get
 
@@ -57,3 +58,74 @@ async def test_python_call_path_when_asked(procs: Procs, http: aiohttp.ClientSes
     counts = [(await call(http, router.url, "incr", session=sid))[1]["result"] for _ in range(5)]
     assert counts == [1, 2, 3, 4, 5]
     assert _relay(router.url) == {"kind": "python"}
+
+
+def _counters(procs: Procs, *flags: str) -> tuple[list, object]:
+    replicas = [
+        procs.replica("examples.counter:Counter", "--kwargs", f'{{"start": {i * 100}}}')
+        for i in range(3)
+    ]
+    return replicas, procs.router(replicas, *flags)
+
+
+async def _broadcast(
+    http: aiohttp.ClientSession, url: str, endpoint: str, fmt: str = wire.FMT_JSON
+) -> tuple[int, dict]:
+    body = wire.encode_as({"args": [], "kwargs": {}}, fmt)
+    data = body.tobytes() if isinstance(body, values.Encoded) else body
+    headers = {"content-type": wire.content_type(fmt).decode()}
+    async with http.post(f"{url}/v1/call_all/{endpoint}", data=data, headers=headers) as resp:
+        # Errors come as JSON to a binary-format caller: read the answer in its own format.
+        answered = wire.body_format(resp.headers["content-type"].encode())
+        answer = wire.decode_as(bytearray(await resp.read()), answered)
+    if fmt == wire.FMT_BINARY and "results" in answer:  # replies nested whole: {"result": ...}
+        answer["results"] = [r if r is None else r["result"] for r in answer["results"]]
+    return resp.status, answer
+
+
+async def test_a_broadcast_is_answered_in_rust(procs: Procs, http: aiohttp.ClientSession) -> None:
+    _, router = _counters(procs)
+    names = ["replica-0", "replica-1", "replica-2"]
+    for n, fmt in enumerate(wire.FORMAT_NAMES, 1):
+        status, body = await _broadcast(http, router.url, "incr", fmt)
+        assert status == 200, body
+        assert body == {"results": [n, 100 + n, 200 + n], "replicas": names, "errors": {}}, fmt
+    # Three broadcasts relayed, none handed to Python; every replica's calls counted.
+    assert _relay(router.url) == {"kind": "native", "relayed": 3, "handed_over": 0}
+    metrics = http_get(router.url + "/v1/metrics")[1]
+    assert [r["total_requests"] for r in metrics["replicas"].values()] == [3, 3, 3]
+
+
+async def test_a_broadcast_a_replica_missed_is_answered_from_the_relays_outcomes(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    replicas, router = _counters(procs, "--health-poll-rate", "10s")  # the broadcast finds it
+    await _broadcast(http, router.url, "incr")  # pooled connections to each
+    replicas[1].kill9()
+    status, body = await _broadcast(http, router.url, "incr")
+    assert status == 200
+    assert body["results"] == [2, None, 202]
+    assert list(body["errors"]) == ["replica-1"]
+    assert body["errors"]["replica-1"]["type"] in ("ReplicaLostError", "NoHealthyReplicasError")
+    assert _relay(router.url)["handed_over"] == 1
+    # Python took the relay's word for the replica's health, and the call was sent once: the
+    # replicas that answered counted it once (Python sent nothing again).
+    states = [r["state"] for r in http_get(router.url + "/v1/replicas")[1]]
+    assert states == ["HEALTHY", "UNHEALTHY", "HEALTHY"]
+    status, body = await _broadcast(http, router.url, "value")
+    assert (status, body["results"], body["replicas"]) == (
+        200,
+        [2, 202],
+        ["replica-0", "replica-2"],
+    )
+
+
+async def test_a_broadcast_every_replica_refused_is_one_error(
+    procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    _, router = _counters(procs)
+    for fmt in wire.FORMAT_NAMES:
+        status, body = await _broadcast(http, router.url, "nope", fmt)
+        assert status == 404 and body["error"]["type"] == "UnknownEndpointError", fmt
+    # Sent by the relay, answered by Python from the replicas' refusals.
+    assert _relay(router.url) == {"kind": "native", "relayed": 0, "handed_over": 3}
