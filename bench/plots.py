@@ -267,7 +267,10 @@ def summary(results: Results) -> str:
         add(
             f"call_all to {b['replicas']} replicas / one call",
             "≤ 2.5x",
-            lambda: f"{b['ratio']:.2f}x ({b['call_all_p50_ms']:.2f} vs {b['one_p50_ms']:.2f} ms)",
+            lambda: (
+                f"{b['ratio']:.2f}x ({b['call_all_p50_ms']:.2f} vs {b['one_p50_ms']:.2f} ms; "
+                f"the CPU it needs, on every core: {b['cpu_bound_ratio']:.2f}x)"
+            ),
         )
         if "floor" in b:  # the same through replicas that run no code: the machine's share
             f = b["floor"]
@@ -278,7 +281,8 @@ def summary(results: Results) -> str:
                     f"{f['ratio']:.2f}x ({f['call_all_p50_ms']:.2f} vs {f['one_p50_ms']:.2f} "
                     f"ms; CPU per call_all: router {f['cpu']['all']['router_cpu_us']:.0f} µs, "
                     f"each replica {f['cpu']['all']['replicas_cpu_us'] / b['replicas']:.0f} µs "
-                    f"against {b['cpu']['all']['replicas_cpu_us'] / b['replicas']:.0f} µs)"
+                    f"against {b['cpu']['all']['replicas_cpu_us'] / b['replicas']:.0f} µs; "
+                    f"the CPU it needs, on every core: {f['cpu_bound_ratio']:.2f}x)"
                 ),
             )
         ss = s["sessions"]
