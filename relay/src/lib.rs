@@ -341,7 +341,8 @@ impl Relay {
         (tallies, in_flight)
     }
 
-    /// Calls (relayed to a replica, handed over to the Python server) since the start.
+    /// Calls and broadcasts since the start: answered through the relay, handed over to the
+    /// Python server.
     fn counts(&self) -> (u64, u64) {
         let state = self.shared.state.lock().unwrap();
         (state.calls_relayed, state.calls_handed_over)

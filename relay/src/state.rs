@@ -117,8 +117,8 @@ pub struct State {
     pub tallies: BTreeMap<u32, Tally>,
     scale: Scale,
     pub backend_idle: Vec<Upstream>,
-    pub calls_relayed: u64, // calls answered by a replica through the relay
-    pub calls_handed_over: u64, // calls passed to the Python server (decisions, failures)
+    pub calls_relayed: u64, // calls (and broadcasts) answered by replicas through the relay
+    pub calls_handed_over: u64, // those passed to the Python server (decisions, failures)
     turn: usize,
 }
 
