@@ -96,7 +96,7 @@ class RouterServer:
         if parked is None or self._relay is None:
             return await self.router.broadcast(endpoint, req.body, req.headers)
         outcomes = self._relay.take_broadcast(int(parked))
-        if outcomes is None:  # the relay gave up waiting: the caller is gone
+        if outcomes is None:  # taken already, or dropped by a relay that stopped waiting
             return wire.http_error(503, "the broadcast's outcomes are gone")
         return self.router.relayed_broadcast(outcomes, req.headers)
 
