@@ -30,14 +30,13 @@ class Relayed:
 
     index: int
     name: str
-    seconds: float
     outcome: Reply | str
 
 
-def relayed(rows: list[tuple[int, str, float, int | None, bytes | None, Any]]) -> list[Relayed]:
+def relayed(rows: list[tuple[int, str, int | None, bytes | None, Any]]) -> list[Relayed]:
     """The relay's outcomes (`Relay.take_broadcast`), in the order it sent to the replicas."""
     out = []
-    for index, name, seconds, status, content_type, body in rows:
+    for index, name, status, content_type, body in rows:
         outcome = body if status is None else Reply(status, content_type, body)
-        out.append(Relayed(index, name, seconds, outcome))
+        out.append(Relayed(index, name, outcome))
     return out

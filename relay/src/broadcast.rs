@@ -104,8 +104,9 @@ impl Parts {
         self.len += bytes.len();
     }
 
+    /// Padding between binary messages: always shorter than the alignment.
     pub fn zeros(&mut self, n: usize) {
-        self.copy(&vec![0; n]);
+        self.copy(&[0; names::BINARY_ALIGN][..n]);
     }
 
     pub fn take(&mut self, buf: Vec<u8>, range: Range<usize>) {
@@ -118,11 +119,16 @@ impl Parts {
         }
     }
 
-    pub fn concat(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.len);
+    pub fn append_to(&self, out: &mut Vec<u8>) {
+        out.reserve(self.len);
         for (buf, range) in &self.parts {
             out.extend_from_slice(&buf[range.clone()]);
         }
+    }
+
+    pub fn concat(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.append_to(&mut out);
         out
     }
 }

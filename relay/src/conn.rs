@@ -64,10 +64,7 @@ impl Answer {
     /// A head and a body of parts: one write when it is small.
     pub fn with_parts(mut head: Vec<u8>, body: Parts) -> Self {
         if body.len < SMALL_BODY {
-            head.reserve(body.len);
-            for (buf, range) in &body.parts {
-                head.extend_from_slice(&buf[range.clone()]);
-            }
+            body.append_to(&mut head);
             return Answer::whole(head, false);
         }
         Answer {

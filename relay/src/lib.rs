@@ -90,12 +90,11 @@ impl Shared {
     }
 }
 
-/// A replica's outcome as Python takes it: (index, name, seconds, status, content type, body)
-/// for an answer, (index, name, seconds, None, None, report) for none.
+/// A replica's outcome as Python takes it: (index, name, status, content type, body) for an
+/// answer, (index, name, None, None, report) for none. Its time is in the relay's tally already.
 type Taken<'py> = (
     u32,
     String,
-    f64,
     Option<u16>,
     Option<Bound<'py, PyBytes>>,
     Bound<'py, PyAny>,
@@ -279,14 +278,7 @@ impl Relay {
                 ),
                 Err(failure) => (None, None, PyString::new(py, failure.as_str()).into_any()),
             };
-            (
-                o.index,
-                o.name.to_string(),
-                o.seconds,
-                status,
-                content_type,
-                body,
-            )
+            (o.index, o.name.to_string(), status, content_type, body)
         });
         Some(taken.collect())
     }
