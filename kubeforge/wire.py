@@ -92,14 +92,15 @@ def is_msgpack(content_type: bytes | None) -> bool:
 def encode(obj: Any, msgpack_format: bool = False) -> bytes:
     if msgpack_format:
         return msgpack.packb(obj, use_bin_type=True)
-    return json.dumps(obj, separators=(",", ":"), default=_json_default).encode()
+    return _JSON_ENCODER.encode(obj).encode()
 
 
-def decode(body: bytes, msgpack_format: bool = False) -> Any:
+def decode(body: bytes | bytearray | memoryview, msgpack_format: bool = False) -> Any:
     try:
         if msgpack_format:
             return msgpack.unpackb(body, raw=False)
-        return json.loads(body if not isinstance(body, memoryview) else bytes(body))
+        # JSON on the wire is UTF-8 (RFC 8259 §8.1): decoded here, not sniffed by json.loads.
+        return _JSON_DECODER.decode(str(body, "utf-8"))
     except (ValueError, msgpack.UnpackException, msgpack.ExtraData) as exc:
         fmt = "msgpack" if msgpack_format else "JSON"
         raise BadRequestError(f"malformed {fmt} body: {exc}") from None
@@ -133,6 +134,12 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "model_dump"):  # pydantic models
         return obj.model_dump()
     raise TypeError(f"result of type {type(obj).__name__} is not JSON serializable")
+
+
+# Made once: `json.dumps` with options builds an encoder per call, which costs more than
+# encoding a small answer.
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_json_default)
+_JSON_DECODER = json.JSONDecoder()
 
 
 def parse_call_body(
