@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
@@ -168,7 +169,8 @@ LINGER = 2.0
 
 
 class HttpProtocol(asyncio.BufferedProtocol):
-    """Parses requests with llhttp and answers them in order, one handler task at a time.
+    """Parses requests with llhttp and answers them in order, one handler at a time, in a task
+    of the connection's (`_run_handlers`).
 
     The rest of a large body, once its head is parsed, is read straight into the body's own
     buffer (`get_buffer`), bypassing the parser: a byte of it is copied once, by the kernel.
@@ -224,6 +226,11 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._head_bytes = 0
         self._head_size = 0  # the head being parsed: request target and header lines
         self.read_before = b""  # an adopted connection's bytes that another reader took
+        # The connection's handler task (`_run_handlers`), the request it takes next, and the
+        # future it waits on when there is none.
+        self._worker: asyncio.Task[None] | None = None
+        self._next: Request | None = None
+        self._idle: asyncio.Future[None] | None = None
 
     # asyncio.Protocol ----------------------------------------------------------------------
 
@@ -238,6 +245,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.connections.discard(self)
         self.closing = True
         self.pending.clear()
+        self._wake_worker()  # it sees `closing` and ends
         self._can_write.set()  # a streaming answer stops waiting and sees `closing`
         if self._stream is not None:
             self._stream.fail(StreamError("the caller's connection closed during its body"))
@@ -470,11 +478,34 @@ class HttpProtocol(asyncio.BufferedProtocol):
             except Exception as exc:
                 self.crashed(req, exc)
                 return
-        asyncio.get_running_loop().create_task(self._run_handler(req))
+        self._next = req
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run_handlers())
+        else:
+            self._wake_worker()
 
-    async def _run_handler(self, req: Request) -> None:
+    def _wake_worker(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.set_result(None)
+
+    async def _run_handlers(self) -> None:
+        """Every handler of the connection, one request after another, in this one task: a
+        connection answers in order and starts a request only once the one before it is
+        answered, so a task made per request (which costs more than a small call) would
+        never run beside another. Each handler still has a context of its own."""
+        loop = asyncio.get_running_loop()
+        while not self.closing:
+            req, self._next = self._next, None
+            if req is None:
+                self._idle = loop.create_future()
+                await self._idle
+                continue
+            await self._run_handler(req, contextvars.copy_context())
+
+    async def _run_handler(self, req: Request, context: contextvars.Context) -> None:
         try:
-            resp = await self.handler(req)
+            resp = await InContext(self.handler(req), context)
         except Exception as exc:
             self.crashed(req, exc)
             return
@@ -598,6 +629,30 @@ class HttpProtocol(asyncio.BufferedProtocol):
     @property
     def idle(self) -> bool:
         return self.current is None
+
+
+class InContext:
+    """Awaits a coroutine with each of its steps run in `context`: as if it were a task of
+    its own, for its contextvars, while it runs in the enclosing task."""
+
+    __slots__ = ("context", "coro")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
+        self.coro = coro
+        self.context = context
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        run, coro = self.context.run, self.coro
+        step, arg = coro.send, None
+        while True:
+            try:
+                waiting_on = run(step, arg)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                arg, step = (yield waiting_on), coro.send
+            except BaseException as exc:  # a cancellation (a deadline), or an error thrown in
+                arg, step = exc, coro.throw
 
 
 class HttpServer:

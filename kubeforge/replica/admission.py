@@ -26,10 +26,16 @@ class Admission:
     def queued(self) -> int:
         return len(self.waiters)
 
-    async def acquire(self, timeout: float) -> float:
-        """Take a slot, waiting at most `timeout` seconds; returns the seconds spent queued."""
+    def try_acquire(self) -> bool:
+        """Take a free slot now, if one is free and nobody queues for it."""
         if self.active < self.max_active and not self.waiters:
             self.active += 1
+            return True
+        return False
+
+    async def acquire(self, timeout: float) -> float:
+        """Take a slot, waiting at most `timeout` seconds; returns the seconds spent queued."""
+        if self.try_acquire():
             return 0.0
         if len(self.waiters) >= self.max_queued:
             raise OverloadedError(

@@ -14,20 +14,14 @@ from collections.abc import Coroutine, Generator
 from typing import Any
 
 
-class Done(Exception):
-    """Raised by `first_step` when the coroutine returned: `value` is its result."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-
 def first_step(coro: Coroutine[Any, Any, Any]) -> Resumed:
-    """Step `coro` until it first waits; `Done` when it returned instead. Exceptions it
-    raises come out here as they would from `await coro`."""
+    """Step `coro` until it first waits. What comes back is done (`done`, with its `value`)
+    when the coroutine returned instead; exceptions it raises come out here as they would
+    from `await coro`. (A flag, not an exception: most endpoints return at once.)"""
     try:
         waiting_on = coro.send(None)
     except StopIteration as stop:
-        raise Done(stop.value) from None
+        return Resumed(None, None, stop.value)
     return Resumed(coro, waiting_on)
 
 
@@ -36,14 +30,23 @@ class Resumed:
     enclosing task waits on that future, then drives the coroutine on, passing cancellation
     (a deadline) and errors into it as a task would."""
 
-    __slots__ = ("coro", "waiting_on")
+    __slots__ = ("coro", "value", "waiting_on")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
+    def __init__(
+        self, coro: Coroutine[Any, Any, Any] | None, waiting_on: Any, value: Any = None
+    ) -> None:
         self.coro = coro
         self.waiting_on = waiting_on
+        self.value = value  # the coroutine's result, when its first step returned
+
+    @property
+    def done(self) -> bool:
+        return self.coro is None
 
     def __await__(self) -> Generator[Any, None, Any]:
         coro, waiting_on = self.coro, self.waiting_on
+        if coro is None:
+            return self.value
         while True:
             try:
                 yield waiting_on

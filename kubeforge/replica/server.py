@@ -139,9 +139,9 @@ class ReplicaServer:
         self.sessions = Sessions()
         self.durations = Histogram()
         self.counts: dict[tuple[str, str], int] = {}
-        self.http = HttpServer(self.handle, config.max_body, on_error=wire.http_error)
         # Large bodies lent through shared memory, with a local Service (--share-memory).
         self.shm = SharedMemory(config.max_body) if config.share_memory else None
+        self.http = HttpServer(self.handle, config.max_body, on_error=wire.http_error)
         self.tokens = config.tokens
         self._tasks: set[asyncio.Task[Any]] = set()
         self._openapi = wire.encode(openapi.document("kubeforge replica", self.endpoints, False))
@@ -368,7 +368,11 @@ class ReplicaServer:
                 self.sessions.live[sid] = now
 
     async def _call(self, req: Request, name: str) -> Response:
-        call = self._admit(req, name, streaming=False)
+        return await self._perform(req, self._admit(req, name, streaming=False))
+
+    async def _perform(self, req: Request, call: _Call) -> Response:
+        """An admitted call, run and answered: its result in the format it came in."""
+        name = call.info.name
         ok = False
         session = SESSION.set(call.sid)
         try:
@@ -501,7 +505,8 @@ class ReplicaServer:
         started: float,
     ) -> Any:
         fn = getattr(self.actor, name)
-        await self.admission.acquire(timeout)
+        if not self.admission.try_acquire():
+            await self.admission.acquire(timeout)
         if is_async:
             try:
                 coro = fn(*args, **kwargs)
@@ -511,7 +516,10 @@ class ReplicaServer:
         deadline = None
         try:
             if is_async:
-                work: Awaitable[Any] = eager.first_step(coro)  # Done: it never waited
+                step = eager.first_step(coro)
+                if step.done:  # it never waited: no deadline to arm
+                    return step.value
+                work: Awaitable[Any] = step
             else:
                 # A thread cannot be cancelled: on timeout the caller gets its error at once,
                 # while the slot stays taken until the thread really returns.
@@ -524,8 +532,6 @@ class ReplicaServer:
             deadline = asyncio.timeout(timeout - (time.monotonic() - started))
             async with deadline:
                 return await work
-        except eager.Done as done:
-            return done.value
         except TimeoutError as exc:
             if deadline is None or not deadline.expired():
                 raise remote(exc) from None  # the endpoint's own TimeoutError

@@ -13,10 +13,9 @@ from kubeforge.replica import eager
 
 async def _run(coro: Any, seconds: float = 1.0) -> Any:
     """As the replica runs an endpoint: first step now, the rest under a deadline."""
-    try:
-        rest = eager.first_step(coro)
-    except eager.Done as done:
-        return ("at once", done.value)
+    rest = eager.first_step(coro)
+    if rest.done:
+        return ("at once", rest.value)
     async with asyncio.timeout(seconds):
         return ("waited", await rest)
 
@@ -26,6 +25,15 @@ async def test_a_coroutine_that_never_waits_is_done_in_its_first_step() -> None:
         return 7
 
     assert await _run(quick()) == ("at once", 7)
+
+
+async def test_awaiting_a_finished_step_gives_its_value() -> None:
+    async def quick() -> str:
+        return "x"
+
+    step = eager.first_step(quick())
+    assert step.done
+    assert await step == "x"
 
 
 async def test_one_that_waits_goes_on_in_the_callers_task() -> None:
