@@ -21,6 +21,11 @@ from kubeforge.http.stream import BodyStream, StreamError, pipe, pipe_chunked, w
 
 log = logging.getLogger("kubeforge.http")
 
+# asyncio's own way to make a task current while code runs outside its step (Python 3.12's
+# eager tasks use them); `Handling.begin` needs just that.
+_enter_task = asyncio.tasks._enter_task
+_leave_task = asyncio.tasks._leave_task
+
 JSON_TYPE = b"application/json"
 MAX_HEAD = 64 * 1024  # bytes of one request head (request line and headers); more gets 431
 # A body larger than this is received into one buffer of its announced length, which decoded
@@ -229,7 +234,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         # The connection's handler task (`_run_handlers`), the request it takes next, and the
         # future it waits on when there is none.
         self._worker: asyncio.Task[None] | None = None
-        self._next: Request | None = None
+        self._next: Handling | None = None
         self._idle: asyncio.Future[None] | None = None
 
     # asyncio.Protocol ----------------------------------------------------------------------
@@ -478,7 +483,19 @@ class HttpProtocol(asyncio.BufferedProtocol):
             except Exception as exc:
                 self.crashed(req, exc)
                 return
-        self._next = req
+        handling = Handling(req, self.handler(req))
+        if self._idle is not None and asyncio.current_task() is None:
+            # The connection's task waits for work and no other task runs: the handler's first
+            # step runs now, as that task (most handlers finish in it), and the task takes it
+            # over only if it waits.
+            try:
+                if handling.begin(self._worker):
+                    self.answer(req, handling.result)
+                    return
+            except Exception as exc:
+                self.crashed(req, exc)
+                return
+        self._next = handling
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run_handlers())
         else:
@@ -490,26 +507,39 @@ class HttpProtocol(asyncio.BufferedProtocol):
             idle.set_result(None)
 
     async def _run_handlers(self) -> None:
-        """Every handler of the connection, one request after another, in this one task: a
+        """Every handler of the connection, one request after another, as this one task: a
         connection answers in order and starts a request only once the one before it is
         answered, so a task made per request (which costs more than a small call) would
         never run beside another. Each handler still has a context of its own."""
         loop = asyncio.get_running_loop()
-        while not self.closing:
-            req, self._next = self._next, None
-            if req is None:
+        while True:
+            handling, self._next = self._next, None
+            if handling is not None:
+                await self._run_handler(handling)
+            elif self.closing:
+                return
+            else:
                 self._idle = loop.create_future()
-                await self._idle
-                continue
-            await self._run_handler(req, contextvars.copy_context())
+                try:
+                    await self._idle
+                except asyncio.CancelledError as exc:
+                    # Meant for a handler begun in `_start` that this task had not taken
+                    # over yet (a deadline already past when its first step set it): it gets
+                    # it where it waits, as a task of its own would have.
+                    begun = self._next
+                    if begun is None or not begun.begun:
+                        raise
+                    begun.thrown = exc
+                    if isinstance(begun.waiting_on, asyncio.Future):
+                        begun.waiting_on.cancel()
 
-    async def _run_handler(self, req: Request, context: contextvars.Context) -> None:
+    async def _run_handler(self, handling: Handling) -> None:
         try:
-            resp = await InContext(self.handler(req), context)
+            resp = await handling
         except Exception as exc:
-            self.crashed(req, exc)
+            self.crashed(handling.req, exc)
             return
-        self.answer(req, resp)
+        self.answer(handling.req, resp)
 
     def crashed(self, req: Request, exc: Exception) -> None:
         """A bug in a handler: answer 500, log it, keep serving the connection."""
@@ -631,28 +661,60 @@ class HttpProtocol(asyncio.BufferedProtocol):
         return self.current is None
 
 
-class InContext:
-    """Awaits a coroutine with each of its steps run in `context`: as if it were a task of
-    its own, for its contextvars, while it runs in the enclosing task."""
+class Handling:
+    """A handler's coroutine, each of its steps run in a context of its own (as if it were a
+    task of its own, for its contextvars), while a connection's task runs it.
 
-    __slots__ = ("context", "coro")
+    `begin` runs its first step at once, with that task entered as the current one, so that
+    code which asks for the current task (`asyncio.timeout`) finds the task that goes on with
+    it; awaiting it then goes on from there (or from the start, if it was not begun).
+    """
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
+    __slots__ = ("begun", "context", "coro", "req", "result", "thrown", "waiting_on")
+
+    def __init__(self, req: Request, coro: Coroutine[Any, Any, Any]) -> None:
+        self.req = req
         self.coro = coro
-        self.context = context
+        self.context = contextvars.copy_context()
+        self.begun = False
+        self.waiting_on: Any = None  # what its first step left it waiting on
+        self.thrown: BaseException | None = None  # thrown at it before it was taken over
+        self.result: Any = None
+
+    def begin(self, task: asyncio.Task[Any] | None) -> bool:
+        """Its first step, as `task`: True when it finished (`result`); its errors come out."""
+        loop = asyncio.get_running_loop()
+        _enter_task(loop, task)
+        try:
+            self.waiting_on = self.context.run(self.coro.send, None)
+        except StopIteration as stop:
+            self.result = stop.value
+            return True
+        finally:
+            _leave_task(loop, task)
+        self.begun = True
+        return False
 
     def __await__(self) -> Generator[Any, Any, Any]:
         run, coro = self.context.run, self.coro
         step, arg = coro.send, None
+        if self.thrown is not None:
+            step, arg = coro.throw, self.thrown
+        elif self.begun:
+            try:
+                arg = yield self.waiting_on
+            except BaseException as exc:  # a cancellation (a deadline), or an error thrown in
+                step, arg = coro.throw, exc
         while True:
             try:
                 waiting_on = run(step, arg)
             except StopIteration as stop:
                 return stop.value
+            step = coro.send
             try:
-                arg, step = (yield waiting_on), coro.send
-            except BaseException as exc:  # a cancellation (a deadline), or an error thrown in
-                arg, step = exc, coro.throw
+                arg = yield waiting_on
+            except BaseException as exc:
+                step, arg = coro.throw, exc
 
 
 class HttpServer:

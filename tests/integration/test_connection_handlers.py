@@ -1,13 +1,17 @@
-"""A connection's handlers run one after another in one task of the connection's (not a task
+"""A connection's handlers run one after another as one task of the connection's (not a task
 made per request), yet each behaves as if it had a task of its own: its own contextvars, a
-current task in its first step, deadlines that cancel only it. Real server, real sockets on
-loopback."""
+current task in its first step, deadlines that cancel only it. A request that arrives while
+that task is idle has its handler's first step run at once in the protocol's callback (as the
+task), the task taking over only if it waits; pipelined requests start inside the task. Both
+ways are tested. Real server, real sockets on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -21,7 +25,8 @@ SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("SEEN", default="unse
 async def _handler(req: Request) -> Response:
     """`/mark`: reports the contextvar as it found it, then sets it (and never resets it).
     `/deadline`: a deadline that expires in the handler's own first await.
-    `/task`: which task runs it."""
+    `/expired`: a deadline already past when its first step sets it.
+    `/task`: which task runs it, before and after it waits."""
     if req.path == "/mark":
         found = SEEN.get()
         SEEN.set(req.query)
@@ -33,69 +38,107 @@ async def _handler(req: Request) -> Response:
         except TimeoutError:
             return Response(200, b'{"timed_out": true}')
         return Response(500, b'{"timed_out": false}')
+    if req.path == "/expired":
+        try:
+            async with asyncio.timeout(0):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            return Response(200, b'{"timed_out": true}')
+        return Response(500, b'{"timed_out": false}')
     if req.path == "/task":
-        return Response(200, json.dumps({"task": id(asyncio.current_task())}).encode())
+        first = asyncio.current_task()
+        await asyncio.sleep(0)
+        then = asyncio.current_task()
+        assert first is then, (first, then)
+        return Response(200, json.dumps({"task": id(first)}).encode())
     return Response(404, b"{}")
 
 
-async def _exchange(
+async def _read_answer(reader: asyncio.StreamReader) -> dict[str, object]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return json.loads(await reader.readexactly(length))  # type: ignore[no-any-return]
+
+
+def _request(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nhost: kf\r\n\r\n".encode()
+
+
+async def _pipelined(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, paths: list[str]
 ) -> list[dict[str, object]]:
-    """Send every request at once (pipelined), then read their answers in order."""
-    writer.write(b"".join(f"GET {p} HTTP/1.1\r\nhost: kf\r\n\r\n".encode() for p in paths))
+    """Send every request at once, then read their answers in order."""
+    writer.write(b"".join(_request(p) for p in paths))
     await writer.drain()
+    return [await _read_answer(reader) for _ in paths]
+
+
+async def _one_by_one(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, paths: list[str]
+) -> list[dict[str, object]]:
+    """Each request once the one before it is answered (the connection's task idle)."""
     out = []
-    for _ in paths:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        out.append(json.loads(await reader.readexactly(length)))
+    for path in paths:
+        writer.write(_request(path))
+        await writer.drain()
+        out.append(await _read_answer(reader))
     return out
 
 
-async def test_each_request_sees_its_own_contextvars_on_a_shared_connection() -> None:
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    """A server of `_handler` on loopback: its port."""
     server = HttpServer(_handler, max_body=1 << 20)
-    port = await server.start("127.0.0.1", 0)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        answers = await _exchange(reader, writer, ["/mark?a", "/mark?b", "/mark?c"])
-        # One after another, none sees what the one before it set.
-        assert [a["found"] for a in answers] == ["unset"] * 3
-        answers = await _exchange(reader, writer, ["/mark?d"])
-        assert answers == [{"found": "unset"}]
-        writer.close()
+        yield await server.start("127.0.0.1", 0)
     finally:
         await server.close()
 
 
-async def test_a_deadline_in_a_handler_cancels_that_handler_only() -> None:
-    server = HttpServer(_handler, max_body=1 << 20)
-    port = await server.start("127.0.0.1", 0)
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        answers = await _exchange(reader, writer, ["/deadline", "/mark?x", "/deadline"])
-        assert answers == [{"timed_out": True}, {"found": "unset"}, {"timed_out": True}]
-        writer.close()
-    finally:
-        await server.close()
+WAYS = pytest.mark.parametrize(
+    "exchange", [_pipelined, _one_by_one], ids=["pipelined", "one_by_one"]
+)
 
 
-async def test_one_task_per_connection_and_it_ends_with_the_connection() -> None:
-    server = HttpServer(_handler, max_body=1 << 20)
-    port = await server.start("127.0.0.1", 0)
+@WAYS
+async def test_each_request_sees_its_own_contextvars_on_a_shared_connection(
+    exchange: Any, port: int
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answers = await exchange(reader, writer, ["/mark?a", "/mark?b", "/mark?c"])
+    # One after another, none sees what the one before it set.
+    assert [a["found"] for a in answers] == ["unset"] * 3
+    answers = await exchange(reader, writer, ["/mark?d"])
+    assert answers == [{"found": "unset"}]
+    writer.close()
+
+
+@WAYS
+async def test_a_deadline_in_a_handler_cancels_that_handler_only(exchange: Any, port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    paths = ["/deadline", "/mark?x", "/expired", "/deadline", "/expired", "/mark?y"]
+    answers = await exchange(reader, writer, paths)
+    timed_out, unset = {"timed_out": True}, {"found": "unset"}
+    assert answers == [timed_out, unset, timed_out, timed_out, timed_out, unset]
+    writer.close()
+
+
+@WAYS
+async def test_one_task_per_connection_and_it_ends_with_the_connection(
+    exchange: Any, port: int
+) -> None:
     before = len(asyncio.all_tasks())
-    try:
-        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
-        tasks = [await _exchange(r, w, ["/task", "/task", "/task"]) for r, w in conns]
-        first, second = ({a["task"] for a in answers} for answers in tasks)
-        assert len(first) == 1 and len(second) == 1 and first != second
-        assert len(asyncio.all_tasks()) == before + 2  # one per connection, idle now
-        for _, w in conns:
-            w.close()
-            await w.wait_closed()
-        for _ in range(100):
-            if len(asyncio.all_tasks()) == before:
-                break
-            await asyncio.sleep(0.01)
-        assert len(asyncio.all_tasks()) == before
-    finally:
-        await server.close()
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    tasks = [await exchange(r, w, ["/task", "/task", "/task"]) for r, w in conns]
+    first, second = ({a["task"] for a in answers} for answers in tasks)
+    assert len(first) == 1 and len(second) == 1 and first != second
+    assert len(asyncio.all_tasks()) == before + 2  # one per connection, idle now
+    for _, w in conns:
+        w.close()
+        await w.wait_closed()
+    for _ in range(100):
+        if len(asyncio.all_tasks()) == before:
+            break
+        await asyncio.sleep(0.01)
+    assert len(asyncio.all_tasks()) == before
