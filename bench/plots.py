@@ -196,6 +196,12 @@ def _ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
+def _one_core(row: dict[str, Any]) -> str:
+    """A broadcast row's ratio with every process on one core (runs that measured it)."""
+    one = row.get("one_core")
+    return f"; on one core: {one['ratio']:.2f}x" if one else ""
+
+
 def _size(n: str | int) -> str:
     n = int(n)
     for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
@@ -269,7 +275,7 @@ def summary(results: Results) -> str:
             "≤ 2.5x",
             lambda: (
                 f"{b['ratio']:.2f}x ({b['call_all_p50_ms']:.2f} vs {b['one_p50_ms']:.2f} ms; "
-                f"the CPU it needs, on every core: {b['cpu_bound_ratio']:.2f}x)"
+                f"the CPU it needs, on every core: {b['cpu_bound_ratio']:.2f}x{_one_core(b)})"
             ),
         )
         if "floor" in b:  # the same through replicas that run no code: the machine's share
@@ -282,7 +288,7 @@ def summary(results: Results) -> str:
                     f"ms; CPU per call_all: router {f['cpu']['all']['router_cpu_us']:.0f} µs, "
                     f"each replica {f['cpu']['all']['replicas_cpu_us'] / b['replicas']:.0f} µs "
                     f"against {b['cpu']['all']['replicas_cpu_us'] / b['replicas']:.0f} µs; "
-                    f"the CPU it needs, on every core: {f['cpu_bound_ratio']:.2f}x)"
+                    f"the CPU it needs, on every core: {f['cpu_bound_ratio']:.2f}x{_one_core(f)})"
                 ),
             )
         ss = s["sessions"]

@@ -185,20 +185,80 @@ class FloorSet:
 CORES = len(os.sched_getaffinity(0))
 
 
-def _ticks(pids: list[int]) -> int:
-    """CPU clock ticks (user + system) used so far by these processes and their children."""
-    return sum(sum(ro.tree_cpu_ticks(pid)) for pid in pids)
+def _ticks(pids: list[int]) -> tuple[int, int]:
+    """CPU clock ticks (user, system) used so far by these processes and their children."""
+    ticks = [ro.tree_cpu_ticks(pid) for pid in pids]
+    return sum(u for u, _ in ticks), sum(s for _, s in ticks)
+
+
+def _threads(pids: list[int]) -> list[int]:
+    """Every thread of these processes and of their descendants (affinity is per thread)."""
+    tree, frontier = set(pids), set(pids)
+    while frontier:
+        children: set[int] = set()
+        for pid in frontier:
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                with contextlib.suppress(OSError):
+                    children |= {int(c) for c in task.read_text().split()}
+        frontier = children - tree
+        tree |= children
+    out = []
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            out += [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    return out
+
+
+@contextmanager
+def on_cores(pids: list[int], cores: set[int]) -> Iterator[None]:
+    """These processes (their threads, children included) and this one run on `cores` only,
+    then on every core again."""
+    every = os.sched_getaffinity(0)
+    threads = [0, *_threads(pids)]
+    for tid in threads:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, cores)
+    try:
+        yield
+    finally:
+        for tid in threads:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, every)
+
+
+def _broadcast_rounds(
+    deps: dict[str, LocalDeployment], calls: int, rounds: int
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[int]]]]:
+    """One call and `call_all`, `calls` each, through each deployment in turn, `rounds` times:
+    their latencies, and the CPU ticks (user and system apart) the router and the replicas
+    spent on them."""
+    samples: dict[str, dict[str, list[float]]] = {k: {"one": [], "all": []} for k in deps}
+    # Per kind and operation: router user and system ticks, replicas' the same, calls.
+    cpu = {k: {op: [0, 0, 0, 0, 0] for op in ("one", "all")} for k in deps}
+    for _ in range(rounds):
+        for kind, dep in deps.items():
+            router, reps = dep.router.pids, dep.replica_set.procs.pids
+            for op, path in (("one", "/v1/call/echo"), ("all", "/v1/call_all/echo")):
+                r0, p0 = _ticks(router), _ticks(reps)
+                samples[kind][op] += timed_calls(dep.url, path, calls)
+                (r1u, r1s), (p1u, p1s) = _ticks(router), _ticks(reps)
+                acc = cpu[kind][op]
+                acc[0] += r1u - r0[0]
+                acc[1] += r1s - r0[1]
+                acc[2] += p1u - p0[0]
+                acc[3] += p1s - p0[1]
+                acc[4] += calls
+    return samples, cpu
 
 
 def bench_broadcast(replicas: int, calls: int, rounds: int) -> dict[str, Any]:
     """One call and `call_all` through the router, to real echo replicas and to floor ones
     (bench/floor_replica.py), interleaved in `rounds`: the ratio each gets, and the CPU each
-    side spends per operation, which says where the time goes."""
+    side spends per operation, which says where the time goes. Then the same with every
+    process on one core: how much of the ratio the cores set."""
     env = {"KUBEFORGE_TOKEN": TOKEN, "KUBEFORGE_LOG_LEVEL": "WARNING"}
     hz = os.sysconf("SC_CLK_TCK")
     kinds = {"echo": None, "floor": FloorSet(replicas, env)}
-    samples: dict[str, dict[str, list[float]]] = {k: {"one": [], "all": []} for k in kinds}
-    cpu = {k: {op: [0, 0, 0] for op in ("one", "all")} for k in kinds}  # router, replicas, n
     with contextlib.ExitStack() as stack:
         deps = {
             kind: stack.enter_context(deployment(replicas, replica_set=floor))
@@ -207,26 +267,24 @@ def bench_broadcast(replicas: int, calls: int, rounds: int) -> dict[str, Any]:
         for dep in deps.values():
             timed_calls(dep.url, "/v1/call/echo", 50)  # warm the connections
             timed_calls(dep.url, "/v1/call_all/echo", 50)
-        for _ in range(rounds):
-            for kind, dep in deps.items():
-                router, reps = dep.router.pids, dep.replica_set.procs.pids
-                for op, path in (("one", "/v1/call/echo"), ("all", "/v1/call_all/echo")):
-                    r0, p0 = _ticks(router), _ticks(reps)
-                    samples[kind][op] += timed_calls(dep.url, path, calls)
-                    acc = cpu[kind][op]
-                    acc[0] += _ticks(router) - r0
-                    acc[1] += _ticks(reps) - p0
-                    acc[2] += calls
-    out: dict[str, Any] = {"replicas": replicas, "rounds": rounds}
+        samples, cpu = _broadcast_rounds(deps, calls, rounds)
+        everyone = [p for d in deps.values() for p in d.router.pids + d.replica_set.procs.pids]
+        with on_cores(everyone, {min(os.sched_getaffinity(0))}):
+            one_core, _ = _broadcast_rounds(deps, calls, rounds)
+    out: dict[str, Any] = {"replicas": replicas, "rounds": rounds, "cores": CORES}
     print(f"\nbroadcast to {replicas} replicas ({rounds} rounds of {calls} calls, one at a time)")
     for kind in kinds:
         one, fan = p50_ms(samples[kind]["one"]), p50_ms(samples[kind]["all"])
+        one_1, fan_1 = p50_ms(one_core[kind]["one"]), p50_ms(one_core[kind]["all"])
         us = {
             op: {
-                "router_cpu_us": acc[0] / hz / acc[2] * 1e6,
-                "replicas_cpu_us": acc[1] / hz / acc[2] * 1e6,
+                "router_cpu_us": (ru + rs) / hz / n * 1e6,
+                "replicas_cpu_us": (pu + ps) / hz / n * 1e6,
+                # The kernel's share (system time: sockets, wakeups), which no code of ours runs.
+                "router_system_us": rs / hz / n * 1e6,
+                "replicas_system_us": ps / hz / n * 1e6,
             }
-            for op, acc in cpu[kind].items()
+            for op, (ru, rs, pu, ps, n) in cpu[kind].items()
         }
         # What the machine sets: the CPU one broadcast needs (router and replicas), spread
         # over every core with nothing waiting, against one call's whole latency.
@@ -240,13 +298,17 @@ def bench_broadcast(replicas: int, calls: int, rounds: int) -> dict[str, Any]:
             "one_cdf_ms": percentiles([t * 1000 for t in samples[kind]["one"]]),
             "call_all_cdf_ms": percentiles([t * 1000 for t in samples[kind]["all"]]),
             "cpu": us,
+            "one_core": {"one_p50_ms": one_1, "call_all_p50_ms": fan_1, "ratio": fan_1 / one_1},
         }
         print(
             f"  {kind:>5}: one call p50 {one:.2f} ms, call_all p50 {fan:.2f} ms: "
             f"{fan / one:.2f}x one call; CPU per call_all: router "
-            f"{us['all']['router_cpu_us']:.0f} µs, replicas {us['all']['replicas_cpu_us']:.0f} "
-            f"µs ({us['all']['replicas_cpu_us'] / replicas:.0f} each); that CPU alone on "
-            f"{CORES} cores: {need_ms:.2f} ms, {need_ms / one:.2f}x one call"
+            f"{us['all']['router_cpu_us']:.0f} µs ({us['all']['router_system_us']:.0f} of it in "
+            f"the kernel), replicas {us['all']['replicas_cpu_us']:.0f} µs "
+            f"({us['all']['replicas_cpu_us'] / replicas:.0f} each, "
+            f"{us['all']['replicas_system_us'] / replicas:.0f} in the kernel); that CPU alone on "
+            f"{CORES} cores: {need_ms:.2f} ms, {need_ms / one:.2f}x one call; on one core: "
+            f"{one_1:.2f} and {fan_1:.2f} ms, {fan_1 / one_1:.2f}x"
         )
         if kind == "echo":
             out.update(row)  # the headline: real replicas
