@@ -189,9 +189,11 @@ class HttpProtocol(asyncio.BufferedProtocol):
         on_error: ErrorRenderer = default_error,
         fast: FastPath | None = None,
         stream_above: int | None = None,
+        starts: Starts | None = None,
     ) -> None:
         self.handler = handler
         self.fast = fast
+        self.starts = starts if starts is not None else Starts()  # shared by a server's
         # Bodies larger than this are handed to the handler as a BodyStream while they arrive
         # (the router); None receives every body whole first (the replica).
         self.stream_above = stream_above
@@ -483,21 +485,29 @@ class HttpProtocol(asyncio.BufferedProtocol):
             except Exception as exc:
                 self.crashed(req, exc)
                 return
-        handling = Handling(req, self.handler(req))
-        if self._idle is not None and asyncio.current_task() is None:
-            # The connection's task waits for work and no other task runs: the handler's first
-            # step runs now, as that task (most handlers finish in it), and the task takes it
-            # over only if it waits.
-            try:
-                if handling.begin(self._worker):
-                    self.answer(req, handling.result)
-                    return
-            except Exception as exc:
-                self.crashed(req, exc)
-                return
-        self._next = handling
-        if self._worker is None:
+        self._next = Handling(req, self.handler(req))
+        if self._idle is not None:  # the connection's task waits: begun with the others read
+            self.starts.add(self)
+        elif self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run_handlers())
+        else:
+            self._wake_worker()
+
+    def begin_next(self) -> None:
+        """Run the next handler's first step now, as the connection's task (most handlers
+        finish in it); the task takes it over only if it waits."""
+        handling = self._next
+        if handling is None or self._idle is None:
+            return  # the task took it over meanwhile (the connection closed)
+        try:
+            finished = handling.begin(self._worker)
+        except Exception as exc:
+            self._next = None
+            self.crashed(handling.req, exc)
+            return
+        if finished:
+            self._next = None
+            self.answer(handling.req, handling.result)
         else:
             self._wake_worker()
 
@@ -661,6 +671,28 @@ class HttpProtocol(asyncio.BufferedProtocol):
         return self.current is None
 
 
+class Starts:
+    """The handlers to begin, gathered while the loop reads its connections and begun together
+    right after (`HttpProtocol.begin_next`): the answers then go out in one burst after the
+    reads, as they would from tasks, which the peer reads in fewer wakeups than answers written
+    between reads; and no task is woken for a handler that finishes in its first step."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        self.queue: list[HttpProtocol] = []
+
+    def add(self, conn: HttpProtocol) -> None:
+        if not self.queue:
+            asyncio.get_running_loop().call_soon(self.run)
+        self.queue.append(conn)
+
+    def run(self) -> None:
+        queue, self.queue = self.queue, []
+        for conn in queue:
+            conn.begin_next()
+
+
 class Handling:
     """A handler's coroutine, each of its steps run in a context of its own (as if it were a
     task of its own, for its contextvars), while a connection's task runs it.
@@ -734,6 +766,7 @@ class HttpServer:
         self.max_body = max_body
         self.on_error = on_error
         self.connections: set[HttpProtocol] = set()
+        self.starts = Starts()
         self.server: asyncio.AbstractServer | None = None
         self._adopting: set[asyncio.Task[Any]] = set()
 
@@ -745,6 +778,7 @@ class HttpServer:
             self.on_error,
             self.fast,
             self.stream_above,
+            self.starts,
         )
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:

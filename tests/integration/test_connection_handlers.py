@@ -1,8 +1,8 @@
 """A connection's handlers run one after another as one task of the connection's (not a task
 made per request), yet each behaves as if it had a task of its own: its own contextvars, a
 current task in its first step, deadlines that cancel only it. A request that arrives while
-that task is idle has its handler's first step run at once in the protocol's callback (as the
-task), the task taking over only if it waits; pipelined requests start inside the task. Both
+that task is idle has its handler's first step run right after the loop's reads, as the task,
+which takes over only if the handler waits; pipelined requests start inside the task. Both
 ways are tested. Real server, real sockets on loopback."""
 
 from __future__ import annotations
