@@ -139,9 +139,9 @@ class ReplicaServer:
         self.sessions = Sessions()
         self.durations = Histogram()
         self.counts: dict[tuple[str, str], int] = {}
+        self.http = HttpServer(self.handle, config.max_body, on_error=wire.http_error)
         # Large bodies lent through shared memory, with a local Service (--share-memory).
         self.shm = SharedMemory(config.max_body) if config.share_memory else None
-        self.http = HttpServer(self.handle, config.max_body, on_error=wire.http_error)
         self.tokens = config.tokens
         self._tasks: set[asyncio.Task[Any]] = set()
         self._openapi = wire.encode(openapi.document("kubeforge replica", self.endpoints, False))
@@ -368,11 +368,7 @@ class ReplicaServer:
                 self.sessions.live[sid] = now
 
     async def _call(self, req: Request, name: str) -> Response:
-        return await self._perform(req, self._admit(req, name, streaming=False))
-
-    async def _perform(self, req: Request, call: _Call) -> Response:
-        """An admitted call, run and answered: its result in the format it came in."""
-        name = call.info.name
+        call = self._admit(req, name, streaming=False)
         ok = False
         session = SESSION.set(call.sid)
         try:
