@@ -10,7 +10,9 @@ Every figure is printed beside a baseline measured in the same run:
                 router, one at a time on a keep-alive connection: p50 of each and their ratio,
                 and the router's and the replicas' CPU per operation; then the same through
                 16 floor replicas (bench/floor_replica.py: a canned answer, no code), in
-                interleaved rounds: the ratio the machine and the router allow.
+                interleaved rounds: the ratio the machine and the router allow. CPU is
+                split into the kernel's share and the rest; then both again with every
+                process on one core: what the cores' number does to the ratio.
 * sessions   -- 100k sessions created through the router: the creation rate, the router's and
                 the replicas' resident memory before and after, and the p50 of calls in a session
                 with 100k live sessions against none.
