@@ -8,7 +8,7 @@ import logging
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
@@ -102,7 +102,7 @@ class Response:
         self.headers = headers
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]  # stepped by `Handling`
 ErrorRenderer = Callable[[int, str], Response]
 # A synchronous first look at each request. It returns True when it has taken the request and
 # will answer later through `conn.answer(req, ...)`; False hands the request to `Handler`.
@@ -233,7 +233,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._head_bytes = 0
         self._head_size = 0  # the head being parsed: request target and header lines
         self.read_before = b""  # an adopted connection's bytes that another reader took
-        # The connection's handler task (`_run_handlers`), the request it takes next, and the
+        # The connection's handler task (`_run_handlers`), the handler it runs next, and the
         # future it waits on when there is none.
         self._worker: asyncio.Task[None] | None = None
         self._next: Handling | None = None
@@ -533,7 +533,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 try:
                     await self._idle
                 except asyncio.CancelledError as exc:
-                    # Meant for a handler begun in `_start` that this task had not taken
+                    # Meant for a handler begun in `begin_next` that this task had not taken
                     # over yet (a deadline already past when its first step set it): it gets
                     # it where it waits, as a task of its own would have.
                     begun = self._next
