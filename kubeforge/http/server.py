@@ -123,24 +123,20 @@ def render(resp: Response, keep_alive: bool) -> bytes:
 
 def render_parts(resp: Response, keep_alive: bool) -> list[Any]:
     """The answer as the pieces to write: its head joined, then the body's own buffers."""
-    head = [
+    body = resp.body
+    parts = getattr(body, "parts", None)  # a message as parts (kubeforge.values.Encoded)
+    length = body.nbytes if parts is not None else len(body)
+    extra = b"".join(b"%s: %s\r\n" % pair for pair in resp.headers) if resp.headers else b""
+    head = b"%scontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n" % (
         status_line(resp.status),
-        b"content-type: ",
         resp.content_type,
-        b"\r\ncontent-length: ",
-        str(body_length(resp.body)).encode(),
-        b"\r\n",
-    ]
-    if resp.headers:
-        for name, value in resp.headers:
-            head += (name, b": ", value, b"\r\n")
-    if not keep_alive:
-        head.append(b"connection: close\r\n")
-    head.append(b"\r\n")
-    parts = body_parts(resp.body)
-    if body_length(resp.body) < ONE_BUFFER:  # small: one write, one segment
-        return [b"".join((*head, *parts))]
-    return [b"".join(head), *parts]
+        length,
+        extra,
+        b"" if keep_alive else b"connection: close\r\n",
+    )
+    if length >= ONE_BUFFER:
+        return [head, *(parts if parts is not None else [body])]
+    return [head + body if parts is None else b"".join((head, *parts))]  # one write, one segment
 
 
 def _with_length(head: bytes, length: int | None, keep_alive: bool) -> bytes:
@@ -419,8 +415,11 @@ class HttpProtocol(asyncio.BufferedProtocol):
             return
         if not self.parser.should_keep_alive():
             self._finishing = True  # its answer closes the connection: nothing after it counts
-        body = self._big.buf if self._big is not None else b"".join(self._body)
-        req = self._request(body if len(self._body) != 1 else self._body[0])
+        if self._big is not None:
+            body: bytes | bytearray = self._big.buf
+        else:
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        req = self._request(body)
         self._reset()
         self._deliver(req)
 
@@ -429,7 +428,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         return Request(
             self.parser.get_method().decode("latin-1"),
             unquote(path.decode("latin-1")) if b"%" in path else path.decode("latin-1"),
-            query.decode("latin-1"),
+            query.decode("latin-1") if query else "",
             self._headers,
             body,
             self.parser.should_keep_alive(),
@@ -546,12 +545,18 @@ class HttpProtocol(asyncio.BufferedProtocol):
     async def _run_handler(self, handling: Handling) -> None:
         try:
             resp = await handling
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the connection's task itself is cancelled: the server stops
+            self.crashed(handling.req, exc)  # something the handler awaited was cancelled
+            return
         except Exception as exc:
             self.crashed(handling.req, exc)
             return
         self.answer(handling.req, resp)
 
-    def crashed(self, req: Request, exc: Exception) -> None:
+    def crashed(self, req: Request, exc: BaseException) -> None:
         """A bug in a handler: answer 500, log it, keep serving the connection."""
         log.error("handler failed for %s %s", req.method, req.path, exc_info=exc)
         self.answer(req, self.on_error(500, f"internal error: {type(exc).__name__}: {exc}"))

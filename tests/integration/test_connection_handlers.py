@@ -26,7 +26,8 @@ async def _handler(req: Request) -> Response:
     """`/mark`: reports the contextvar as it found it, then sets it (and never resets it).
     `/deadline`: a deadline that expires in the handler's own first await.
     `/expired`: a deadline already past when its first step sets it.
-    `/task`: which task runs it, before and after it waits."""
+    `/task`: which task runs it, before and after it waits.
+    `/cancelled`: awaits a future that something else cancels."""
     if req.path == "/mark":
         found = SEEN.get()
         SEEN.set(req.query)
@@ -45,6 +46,10 @@ async def _handler(req: Request) -> Response:
         except TimeoutError:
             return Response(200, b'{"timed_out": true}')
         return Response(500, b'{"timed_out": false}')
+    if req.path == "/cancelled":
+        waited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(waited.cancel)
+        await waited
     if req.path == "/task":
         first = asyncio.current_task()
         await asyncio.sleep(0)
@@ -56,9 +61,9 @@ async def _handler(req: Request) -> Response:
 
 async def _read_answer(reader: asyncio.StreamReader) -> dict[str, object]:
     head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    return json.loads(await reader.readexactly(length))  # type: ignore[no-any-return]
+    answer = json.loads(await reader.readexactly(length))
+    return {**answer, "status": int(head.split()[1])}
 
 
 def _request(path: str) -> bytes:
@@ -110,7 +115,7 @@ async def test_each_request_sees_its_own_contextvars_on_a_shared_connection(
     # One after another, none sees what the one before it set.
     assert [a["found"] for a in answers] == ["unset"] * 3
     answers = await exchange(reader, writer, ["/mark?d"])
-    assert answers == [{"found": "unset"}]
+    assert answers == [{"found": "unset", "status": 200}]
     writer.close()
 
 
@@ -119,8 +124,21 @@ async def test_a_deadline_in_a_handler_cancels_that_handler_only(exchange: Any, 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     paths = ["/deadline", "/mark?x", "/expired", "/deadline", "/expired", "/mark?y"]
     answers = await exchange(reader, writer, paths)
-    timed_out, unset = {"timed_out": True}, {"found": "unset"}
+    timed_out, unset = {"timed_out": True, "status": 200}, {"found": "unset", "status": 200}
     assert answers == [timed_out, unset, timed_out, timed_out, timed_out, unset]
+    writer.close()
+
+
+@WAYS
+async def test_a_handler_whose_await_is_cancelled_gets_a_500_and_the_connection_goes_on(
+    exchange: Any, port: int
+) -> None:
+    """With a task per request, such a request went unanswered; the connection's task must
+    neither end with it nor leave the requests after it waiting."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answers = await exchange(reader, writer, ["/cancelled", "/mark?z", "/cancelled", "/mark?w"])
+    assert [a["status"] for a in answers] == [500, 200, 500, 200]
+    assert "CancelledError" in str(answers[0]["error"])
     writer.close()
 
 
