@@ -123,9 +123,7 @@ def render(resp: Response, keep_alive: bool) -> bytes:
 
 def render_parts(resp: Response, keep_alive: bool) -> list[Any]:
     """The answer as the pieces to write: its head joined, then the body's own buffers."""
-    body = resp.body
-    parts = getattr(body, "parts", None)  # a message as parts (kubeforge.values.Encoded)
-    length = body.nbytes if parts is not None else len(body)
+    length = body_length(resp.body)
     extra = b"".join(b"%s: %s\r\n" % pair for pair in resp.headers) if resp.headers else b""
     head = b"%scontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n" % (
         status_line(resp.status),
@@ -135,8 +133,8 @@ def render_parts(resp: Response, keep_alive: bool) -> list[Any]:
         b"" if keep_alive else b"connection: close\r\n",
     )
     if length >= ONE_BUFFER:
-        return [head, *(parts if parts is not None else [body])]
-    return [head + body if parts is None else b"".join((head, *parts))]  # one write, one segment
+        return [head, *body_parts(resp.body)]
+    return [b"".join((head, *body_parts(resp.body)))]  # small: one write, one segment
 
 
 def _with_length(head: bytes, length: int | None, keep_alive: bool) -> bytes:
@@ -189,7 +187,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
     ) -> None:
         self.handler = handler
         self.fast = fast
-        self.starts = starts if starts is not None else Starts()  # shared by a server's
+        self.starts = starts if starts is not None else Starts()  # one per server, shared
         # Bodies larger than this are handed to the handler as a BodyStream while they arrive
         # (the router); None receives every body whole first (the replica).
         self.stream_above = stream_above

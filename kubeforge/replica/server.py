@@ -501,7 +501,7 @@ class ReplicaServer:
         started: float,
     ) -> Any:
         fn = getattr(self.actor, name)
-        if not self.admission.try_acquire():
+        if not self.admission.try_acquire():  # a free slot is taken with no coroutine made
             await self.admission.acquire(timeout)
         if is_async:
             try:
